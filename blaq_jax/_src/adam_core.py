@@ -1,0 +1,119 @@
+"""Adam-moment arithmetic shared by the LAQ and BLAQ transforms.
+
+Kept in one place so that BLAQ with ``a = 1`` runs exactly LAQ's operations.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from blaq_jax._src import tree as tree_lib
+
+
+def check_hyperparams(where: str, b1, b2, eps, clip, **extra) -> None:
+  """Range checks on concrete hyperparameters (traced ones are skipped)."""
+
+  def concrete(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+  checks = {"b1": (b1, 0, 1, True), "b2": (b2, 0, 1, True)}
+  for name, (val, lo, hi, open_hi) in checks.items():
+    if concrete(val) and not (lo <= val < hi if open_hi else lo <= val <= hi):
+      raise ValueError(f"{where}: {name} must be in [{lo}, {hi}), got {val}")
+  if concrete(eps) and eps < 0:
+    raise ValueError(f"{where}: eps must be >= 0, got {eps}")
+  if clip is not None and concrete(clip) and clip <= 0:
+    raise ValueError(f"{where}: clip must be > 0 or None, got {clip}")
+  for name, val in extra.items():
+    if concrete(val) and not 0 <= val <= 1:
+      raise ValueError(f"{where}: {name} must be in [0, 1], got {val}")
+
+
+def learning_rate_at(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def init_slots(params, spec, where: str):
+  """Returns ``(mu, nu, curvature)``: zeros, zeros and ones for quantized leaves.
+
+  ``curvature`` holds ``D`` only for quantized leaves (None elsewhere).
+  """
+  tree_lib.check_float_params(params, where)
+  tree_lib.check_spec_matches(spec, params, where)
+  mu = otu.tree_zeros_like(params)
+  nu = otu.tree_zeros_like(params)
+  curv = tree_lib.map_with_spec(
+      lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
+  return mu, nu, curv
+
+
+def moment(old, g, decay):
+  """EMA ``decay old + (1-decay) g``, written ``old + (1-decay)(g - old)``.
+
+  This form has a single multiply-add, so the compiler's FMA contraction of it
+  does not depend on the surrounding graph: LAQ and BLAQ get the same bits.
+  """
+  return jax.tree.map(lambda o, x: o + (1 - decay) * (x - o), old, g)
+
+
+def second_moment(old, g, decay):
+  return jax.tree.map(lambda o, x: o + (1 - decay) * (x * x - o), old, g)
+
+
+def denominator(nu, count, b2, eps):
+  """``D = sqrt(nu / (1 - b2^count)) + eps`` (Adam's bias-corrected scale)."""
+  bc = 1 - b2 ** count
+  return jax.tree.map(lambda v: jnp.sqrt(v / bc.astype(v.dtype)) + eps, nu)
+
+
+def step_latent(spec, params, mu, den, count, lr, b1, clip):
+  """``w - lr * (mu / (1 - b1^count)) / den``, clipped to ``[-clip, clip]`` for
+  quantized leaves; returns the new params."""
+  bc = 1 - b1 ** count
+
+  def fn(s, w, m, d):
+    new = w - lr * (m / bc.astype(m.dtype)) / d
+    if s is not None and clip is not None:
+      new = jnp.clip(new, -clip, clip)
+    return new.astype(w.dtype)
+
+  return tree_lib.map_with_spec(fn, spec, params, mu, den)
+
+
+def quantized_curvature(spec, den):
+  """Keeps ``den`` for quantized leaves, None elsewhere."""
+  return tree_lib.map_with_spec(lambda s, d: None if s is None else d, spec, den)
+
+
+def mix(a, x, y):
+  """``a x + (1 - a) y`` leafwise (exactly ``x`` when ``a = 1``)."""
+  return jax.tree.map(lambda u, v: a * u + (1 - a) * v, x, y)
+
+
+def all_finite(*trees):
+  leaves = [l for t in trees for l in jax.tree.leaves(t)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
+
+
+def select(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def updates_from(new_params, params):
+  return jax.tree.map(lambda n, w: n - w, new_params, params)
+
+
+def check_not_masked(params, where: str) -> None:
+  leaves = jax.tree.leaves(params, is_leaf=tree_lib.is_masked)
+  if any(tree_lib.is_masked(l) for l in leaves):
+    raise ValueError(
+        f"{where}: got params with optax.MaskedNode leaves; the lookahead gradient "
+        "needs the whole model, so do not wrap this transform in optax.masked / "
+        "multi_transform (leaves with spec None already take the full-precision step)")

@@ -1,0 +1,99 @@
+"""LAQ: loss-aware weight quantization trained with Adam.
+
+One step, for a quantized leaf (``ŵ_t = Q_{D_t}(w_t)`` is what the caller's
+forward/backward pass used, with ``D_t = curvature(state)``):
+
+    g_t     = ∇ℓ(ŵ_t)                                  (given as ``updates``)
+    m, v    ← b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
+    D_{t+1} = sqrt(v / (1 - b2^t)) + eps
+    w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_{t+1}, -c, c)
+
+and the next forward pass uses ``ŵ_{t+1} = Q_{D_{t+1}}(w_{t+1})`` (see
+:func:`blaq_jax.quantize_params`). ``D`` is Adam's denominator, the diagonal
+curvature estimate of the proximal Newton derivation. Leaves whose spec is None
+take the same Adam step without clipping. Steps whose gradient is not finite
+are skipped: params, moments and the step count stay, ``skipped`` grows by 1.
+
+References:
+  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import adam_core as core
+
+
+class LAQState(NamedTuple):
+  """State of :func:`laq`.
+
+  Attributes:
+    count: number of applied (finite) steps.
+    mu: Adam first moment.
+    nu: Adam second moment.
+    curvature: ``D`` for quantized leaves (None elsewhere); ones at init.
+    skipped: number of steps skipped for non-finite gradients.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  curvature: Any
+  skipped: jax.Array
+
+
+def laq(
+    learning_rate: optax.ScalarOrSchedule,
+    spec,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip: Optional[float] = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Loss-aware quantization (LAQ) as an optax transform.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    spec: the tree from :func:`blaq_jax.quant_spec` (QuantSpec or None per leaf).
+    b1, b2, eps: Adam's decay rates and epsilon.
+    clip: the latent weights of quantized leaves are clipped to ``[-clip,
+      clip]`` (None disables).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and ignores extra keyword arguments. The gradient passed to ``update`` must
+    be taken at ``quantize_params(params, spec, curvature(state))``.
+  """
+  core.check_hyperparams("laq", b1, b2, eps, clip)
+
+  def init_fn(params):
+    mu, nu, curv = core.init_slots(params, spec, "laq.init")
+    zero = jnp.zeros([], jnp.int32)
+    return LAQState(count=zero, mu=mu, nu=nu, curvature=curv, skipped=zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("laq.update: params are required (pass params=...)")
+    count = optax.safe_increment(state.count)
+    lr = core.learning_rate_at(learning_rate, state.count)
+    mu = core.moment(state.mu, updates, b1)
+    nu = core.second_moment(state.nu, updates, b2)
+    den = core.denominator(nu, count, b2, eps)
+    new_params = core.step_latent(spec, params, mu, den, count, lr, b1, clip)
+    new_state = LAQState(count, mu, nu, core.quantized_curvature(spec, den), state.skipped)
+    ok = core.all_finite(updates)
+    new_state = core.select(ok, new_state, state)._replace(
+        skipped=state.skipped + (~ok).astype(jnp.int32))
+    new_updates = core.select(ok, core.updates_from(new_params, params),
+                              jax.tree.map(jnp.zeros_like, updates))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,117 @@
+"""Building quantization specs for a parameter pytree and applying them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import QuantSpec, quantize
+
+Override = Union[int, QuantSpec, None]
+
+
+def _default_include(path: str, leaf) -> bool:
+  del path
+  return getattr(leaf, "ndim", 0) >= 2
+
+
+def quant_spec(
+    params,
+    bits: int,
+    *,
+    scheme: str = "linear",
+    per_channel: bool = False,
+    iters: int = 5,
+    include: Union[None, str, Callable[[str, Any], bool]] = None,
+    overrides: Optional[Mapping[str, Override]] = None,
+):
+  """Returns a pytree like ``params`` with a :class:`QuantSpec` or None per leaf.
+
+  Args:
+    params: the parameter pytree (dicts, Flax NNX ``State``, ...).
+    bits: default bit width (1..8).
+    scheme, per_channel, iters: defaults for :class:`QuantSpec`.
+    include: which leaves are quantized by default. None quantizes every
+      floating leaf with ``ndim >= 2`` (kernels) and leaves biases and norm
+      scales in full precision; a string is a regular expression searched in
+      the leaf's path (``"layers/0/kernel"``); a callable gets ``(path, leaf)``.
+    overrides: ``{path_regex: bits | QuantSpec | None}``, applied after
+      ``include``; the first pattern that ``re.search``-matches a path wins. An
+      int keeps the other defaults (a ``"ternary"`` default becomes
+      ``"linear"`` at other widths), None keeps the leaf in full precision.
+      A pattern that matches no leaf is an error (it is almost always a typo).
+
+  Example::
+
+    spec = quant_spec(params, bits=1, overrides={"conv_init": 8, "head": 8})
+  """
+  default = QuantSpec(bits, scheme, per_channel, iters)
+  if include is None:
+    include_fn = _default_include
+  elif isinstance(include, str):
+    pattern = re.compile(include)
+    include_fn = lambda path, leaf: bool(pattern.search(path))
+  elif callable(include):
+    include_fn = include
+  else:
+    raise TypeError(f"quant_spec: include must be None, a regex or a callable, got {include!r}")
+
+  compiled = []
+  for pat, value in (overrides or {}).items():
+    if isinstance(value, bool) or not (value is None or isinstance(value, (int, QuantSpec))):
+      raise TypeError(
+          f"quant_spec: override {pat!r} must be bits (int), a QuantSpec or None, "
+          f"got {value!r}")
+    if isinstance(value, int):
+      scheme_k = default.scheme
+      if scheme_k == "ternary" and value != 2:
+        scheme_k = "linear"
+      if scheme_k == "log" and value < 2:
+        scheme_k = "linear"
+      value = QuantSpec(value, scheme_k, default.per_channel, default.iters)
+    compiled.append((pat, re.compile(pat), value))
+  used = set()
+
+  def leaf_spec(path, leaf):
+    p = tree_lib.path_str(path)
+    for pat, rx, value in compiled:
+      if rx.search(p):
+        used.add(pat)
+        return value
+    return default if include_fn(p, leaf) else None
+
+  spec = jax.tree_util.tree_map_with_path(leaf_spec, params)
+  unused = [pat for pat, _, _ in compiled if pat not in used]
+  if unused:
+    paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise ValueError(
+        f"quant_spec: override pattern(s) {unused} match no parameter path; "
+        f"paths are e.g. {paths[:6]}")
+  return spec
+
+
+def quantize_params(params, spec, curvature=None):
+  """Maps latent weights to the quantized weights ``ŵ`` the forward pass uses.
+
+  A pure pytree map: leaves whose spec is None are returned unchanged, the
+  others are replaced by ``quantize(w, spec, D)``.
+
+  Args:
+    params: the latent (full-precision) parameters.
+    spec: the tree from :func:`quant_spec`.
+    curvature: None for ``D = 1`` (plain projection), or the tree returned by
+      :func:`blaq_jax.curvature` (None entries mean ``D = 1`` for that leaf).
+  """
+  tree_lib.check_spec_matches(spec, params, "quantize_params")
+
+  def fn(s, w, d=None):
+    if s is None:
+      return w
+    return quantize(w, s, d)
+
+  if curvature is None:
+    return tree_lib.map_with_spec(fn, spec, params)
+  return tree_lib.map_with_spec(fn, spec, params, curvature)
