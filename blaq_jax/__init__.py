@@ -1,7 +1,18 @@
 """blaq_jax: training neural networks with 1- to 8-bit weights in JAX/Optax."""
 
+from blaq_jax._src.activations import quantize_activation
+from blaq_jax._src.activations import sign_activation
+from blaq_jax._src.alpha_blending import alpha_blend_params
+from blaq_jax._src.alpha_blending import alpha_blending_schedule
 from blaq_jax._src.blaq import BLAQState
 from blaq_jax._src.blaq import blaq
+from blaq_jax._src.dampening import DampeningState
+from blaq_jax._src.dampening import add_oscillation_dampening
+from blaq_jax._src.diagnostics import OscillationState
+from blaq_jax._src.diagnostics import oscillation_stats
+from blaq_jax._src.diagnostics import track_oscillations
+from blaq_jax._src.freezing import FreezingState
+from blaq_jax._src.freezing import freeze_oscillations
 from blaq_jax._src.laq import LAQState
 from blaq_jax._src.laq import laq
 from blaq_jax._src.parallel import DataParallel
@@ -11,19 +22,38 @@ from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
 from blaq_jax._src.state import curvature
+from blaq_jax._src.ste import STEState
+from blaq_jax._src.ste import ste
+from blaq_jax._src.ste import ste_quantize
+from blaq_jax._src.ste import ste_quantize_params
 
 __version__ = "0.1.0"
 
 __all__ = (
     "BLAQState",
+    "DampeningState",
     "DataParallel",
+    "FreezingState",
     "LAQState",
+    "OscillationState",
     "QuantSpec",
+    "STEState",
+    "add_oscillation_dampening",
+    "alpha_blend_params",
+    "alpha_blending_schedule",
     "blaq",
     "curvature",
     "data_parallel",
+    "freeze_oscillations",
     "laq",
+    "oscillation_stats",
     "quant_spec",
     "quantize",
+    "quantize_activation",
     "quantize_params",
+    "sign_activation",
+    "ste",
+    "ste_quantize",
+    "ste_quantize_params",
+    "track_oscillations",
 )

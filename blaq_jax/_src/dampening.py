@@ -1,0 +1,84 @@
+"""Oscillation dampening: a regulariser that pulls weights to their grid point.
+
+Adds to the gradient of every quantized leaf the gradient of
+
+    λ(t) · || sg(Q(w)) - w ||²      i.e.   g ← g + 2 λ(t) (w - Q(w))
+
+where ``Q`` is the plain STE quantizer of the leaf (see
+:func:`blaq_jax.ste_quantize`) and ``sg`` stops the gradient, so only the
+latent weight is pulled toward its quantized value; leaves whose spec is None
+are untouched. ``λ`` may be a schedule of the step count (Nagel et al. anneal
+it, e.g. ``optax.cosine_decay_schedule`` reversed). Put it before the
+optimizer, like ``optax.add_decayed_weights``::
+
+    tx = bq.ste(optax.chain(bq.add_oscillation_dampening(1e-3, spec),
+                            optax.adam(1e-3)), spec)
+
+References:
+  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+  Quantization-Aware Training", ICML 2022.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.ste import check_scale, plain_quantize
+
+
+class DampeningState(NamedTuple):
+  """State of :func:`add_oscillation_dampening`: the step count for ``λ(t)``."""
+
+  count: jax.Array
+
+
+def add_oscillation_dampening(
+    weight: optax.ScalarOrSchedule,
+    spec,
+    *,
+    scale: str = "fit",
+) -> optax.GradientTransformationExtraArgs:
+  """Adds ``2 λ(t) (w - Q(w))`` to the updates of quantized leaves.
+
+  Args:
+    weight: ``λ``, a float ``>= 0`` or a schedule of the step count.
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    scale: the STE quantizer's scale, ``"fit"`` or ``"none"`` (see
+      :func:`blaq_jax.ste_quantize`); use the one of the forward pass.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+  """
+  check_scale(scale, "add_oscillation_dampening")
+  if isinstance(weight, numbers.Real) and not weight >= 0:
+    raise ValueError(f"add_oscillation_dampening: weight must be >= 0, got {weight}")
+  if not (isinstance(weight, numbers.Real) or callable(weight)):
+    raise TypeError(
+        f"add_oscillation_dampening: weight must be a number or a schedule, got {weight!r}")
+
+  def init_fn(params):
+    tree_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
+    return DampeningState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("add_oscillation_dampening.update: params are required")
+    lam = weight(state.count) if callable(weight) else weight
+
+    def add(s, g, w):
+      if s is None:
+        return g
+      q = jax.lax.stop_gradient(plain_quantize(w, s, scale))
+      return (g + 2 * lam * (w - q)).astype(g.dtype)
+
+    updates = tree_lib.map_with_spec(add, spec, updates, params)
+    return updates, DampeningState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

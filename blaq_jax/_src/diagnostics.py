@@ -1,0 +1,259 @@
+"""Zig-zag / oscillation diagnostics: an identity transform that measures them.
+
+:func:`track_oscillations` returns the updates unchanged and records, for
+every quantized leaf, with ``w_{t+1} = w_t + u_t`` the post-update latent
+weights and ``z_t`` the integer codes of their plain (``D = 1``) projection
+(:func:`blaq_jax.ste_quantize`'s quantizer)::
+
+    flips      number of (weight, step) pairs with z_{t+1} ≠ z_t, since init
+    per window (tumbling windows of ``window`` steps):
+      flips of each weight, and their frequency  flips / window
+      amplitude of each weight                   max_t w - min_t w  (peak to peak,
+                                                 over the window's ``window + 1`` positions)
+    cosine     cos(u_t, u_{t-1}) of the leaf's successive updates (and its mean
+               over the window); near -1 means zig-zag
+
+These are the quantities of Table 1 of Ma et al. (the amplitude of the latent
+weight and the number of flips of its quantized value over a window).
+:func:`oscillation_stats` turns the state into a flat dict of scalars. With
+bits=1 the codes are ``sign(w)`` whatever the curvature ``D``, so they are
+exactly the codes LAQ/BLAQ use; for more bits LAQ/BLAQ's ``Q_D`` may round a
+weight near a boundary differently.
+
+Chain it last, so that it sees the final updates::
+
+    tx = optax.chain(bq.blaq(1e-3, spec), bq.track_oscillations(spec))
+    ...
+    logs = bq.oscillation_stats(opt_state)
+
+Memory: seven arrays of each quantized leaf's shape.
+
+References:
+  Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+  Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
+  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+  Quantization-Aware Training", ICML 2022.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.ste import check_scale, integer_codes
+
+
+class OscillationState(NamedTuple):
+  """State of :func:`track_oscillations` (per-leaf trees, None if not quantized).
+
+  Attributes:
+    count: steps seen.
+    window: the window length (a constant, kept for :func:`oscillation_stats`).
+    codes: each weight's integer code after the last step.
+    flips: total code flips of the leaf since init (float32 scalar).
+    window_flips, window_min, window_max, window_cosine: accumulators of the
+      current window (per weight; the cosine sum per leaf).
+    last_flips, last_amplitude, last_cosine: the same over the last completed
+      window (flips and peak-to-peak amplitude per weight, mean cosine).
+    prev_updates: the previous update of the leaf.
+    cosine: ``cos(u_t, u_{t-1})`` of the last step, per leaf.
+    cosine_all: the same over all quantized leaves together.
+  """
+
+  count: jax.Array
+  window: jax.Array
+  codes: Any
+  flips: Any
+  window_flips: Any
+  window_min: Any
+  window_max: Any
+  window_cosine: Any
+  last_flips: Any
+  last_amplitude: Any
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  cosine_all: jax.Array
+
+
+class _Leaf:
+  """Per-leaf results (not a pytree node, so a tree of them maps leafwise)."""
+
+  def __init__(self, values):
+    self.values = values
+
+
+def _cosine(dot, n1, n2):
+  den = jnp.sqrt(n1 * n2)
+  return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1), 0.0)
+
+
+def track_oscillations(spec, *, window: int = 100,
+                       scale: str = "fit") -> optax.GradientTransformationExtraArgs:
+  """Identity on updates; its state records code flips, amplitudes and cosines.
+
+  Flips are counted on the codes of the plain (``D = 1``) projection of the
+  post-update weights ``params + updates``.
+
+  Args:
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    window: length (in steps) of the tumbling window for per-weight flip
+      counts and amplitudes.
+    scale: the STE quantizer's scale used for the codes, ``"fit"`` or
+      ``"none"`` (only matters for ``bits >= 2``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and ignores extra keyword arguments (``grad_fn`` passes through a chain).
+  """
+  check_scale(scale, "track_oscillations")
+  if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+    raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
+
+  def per_leaf(fn, *trees):
+    return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
+                                  spec, *trees)
+
+  def init_fn(params):
+    tree_lib.check_float_params(params, "track_oscillations.init")
+    tree_lib.check_spec_matches(spec, params, "track_oscillations.init")
+    zeros_i = lambda s, w: jnp.zeros(w.shape, jnp.int32)
+    scalar = lambda s, w: jnp.zeros([], jnp.float32)
+    return OscillationState(
+        count=jnp.zeros([], jnp.int32),
+        window=jnp.asarray(window, jnp.int32),
+        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
+        flips=per_leaf(scalar, params),
+        window_flips=per_leaf(zeros_i, params),
+        window_min=per_leaf(lambda s, w: w, params),
+        window_max=per_leaf(lambda s, w: w, params),
+        window_cosine=per_leaf(scalar, params),
+        last_flips=per_leaf(zeros_i, params),
+        last_amplitude=per_leaf(lambda s, w: jnp.zeros_like(w), params),
+        last_cosine=per_leaf(scalar, params),
+        prev_updates=per_leaf(lambda s, w: jnp.zeros_like(w), params),
+        cosine=per_leaf(scalar, params),
+        cosine_all=jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("track_oscillations.update: params are required")
+    count = optax.safe_increment(state.count)
+    roll = count % window == 0
+
+    def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
+      if s is None:
+        return _Leaf((None,) * 14)
+      new_w = w + u
+      new_codes = integer_codes(new_w, s, scale)
+      flipped = (new_codes != codes).astype(jnp.int32)
+      u32, p32 = u.astype(jnp.float32), prev.astype(jnp.float32)
+      dot, nu, np_ = jnp.vdot(u32, p32), jnp.vdot(u32, u32), jnp.vdot(p32, p32)
+      cos = _cosine(dot, nu, np_)
+      wflips = wflips + flipped
+      wmin, wmax = jnp.minimum(wmin, new_w), jnp.maximum(wmax, new_w)
+      wcos = wcos + cos
+      lflips = jnp.where(roll, wflips, lflips)
+      lamp = jnp.where(roll, wmax - wmin, lamp)
+      lcos = jnp.where(roll, wcos / window, lcos)
+      return _Leaf((new_codes, flips + jnp.sum(flipped).astype(jnp.float32),
+                    jnp.where(roll, 0, wflips), jnp.where(roll, new_w, wmin),
+                    jnp.where(roll, new_w, wmax), jnp.where(roll, 0.0, wcos),
+                    lflips, lamp, lcos, u, cos, dot, nu, np_))
+
+    out = tree_lib.map_with_spec(
+        leaf, spec, updates, params, state.codes, state.flips, state.window_flips,
+        state.window_min, state.window_max, state.window_cosine, state.last_flips,
+        state.last_amplitude, state.last_cosine, state.prev_updates)
+    pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
+    total = lambda i: sum(jax.tree.leaves(pick(i)), jnp.zeros([], jnp.float32))
+    new_state = OscillationState(
+        count, state.window, *(pick(i) for i in range(11)),
+        _cosine(total(11), total(12), total(13)))
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_state(opt_state) -> OscillationState:
+  found = [
+      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OscillationState))
+      if isinstance(s, OscillationState)
+  ]
+  if not found:
+    raise ValueError(
+        "oscillation_stats: opt_state holds no OscillationState; add "
+        "blaq_jax.track_oscillations(spec) to the optimizer chain")
+  if len(found) > 1:
+    raise ValueError(
+        f"oscillation_stats: opt_state holds {len(found)} OscillationStates; pass "
+        "the one you mean")
+  return found[0]
+
+
+def oscillation_stats(opt_state) -> dict[str, jax.Array]:
+  """Summarises the :func:`track_oscillations` state inside ``opt_state``.
+
+  The window is the last completed one, or the current partial window before
+  the first one completes. Returns a flat dict of scalar arrays (works under
+  ``jit``; ``jax.device_get`` it for logging), for each quantized leaf
+  ``path`` and for all quantized leaves together (``path = "all"``):
+
+  * ``path/flips``: total code flips since init;
+  * ``path/window_flips``: code flips in the window;
+  * ``path/flip_frequency``: window flips per weight per step;
+  * ``path/max_weight_flips``: the most flips of a single weight in the window;
+  * ``path/amplitude_max``, ``path/amplitude_mean``: the largest and the mean
+    peak-to-peak amplitude of the latent weights over the window;
+  * ``path/cosine``: cosine between the last two updates;
+  * ``path/cosine_mean``: its mean over the window (per leaf only);
+
+  plus ``window_steps``, the number of steps the window covers.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no (or more than one) tracker state.
+  """
+  st = _find_state(opt_state)
+  complete = st.count >= st.window
+  steps = jnp.where(complete, st.window, st.count)
+  steps_f = jnp.maximum(steps, 1).astype(jnp.float32)
+
+  leaves = jax.tree_util.tree_flatten_with_path(st.codes)[0]
+  paths = [tree_lib.path_str(p) for p, _ in leaves]
+  get = lambda tree: jax.tree.leaves(tree)
+  wf = [jnp.where(complete, l, c) for l, c in zip(get(st.last_flips), get(st.window_flips))]
+  amp = [jnp.where(complete, l, mx - mn) for l, mx, mn in
+         zip(get(st.last_amplitude), get(st.window_max), get(st.window_min))]
+  cmean = [jnp.where(complete, l, c / steps_f) for l, c in
+           zip(get(st.last_cosine), get(st.window_cosine))]
+
+  stats = {"window_steps": steps}
+  for path, flips, f, a, cos, cm in zip(paths, get(st.flips), wf, amp, get(st.cosine), cmean):
+    n = max(f.size, 1)
+    stats[f"{path}/flips"] = flips
+    stats[f"{path}/window_flips"] = jnp.sum(f).astype(jnp.float32)
+    stats[f"{path}/flip_frequency"] = jnp.sum(f) / (n * steps_f)
+    stats[f"{path}/max_weight_flips"] = jnp.max(f) if f.size else jnp.zeros([], jnp.int32)
+    stats[f"{path}/amplitude_max"] = jnp.max(a).astype(jnp.float32) if a.size else 0.0
+    stats[f"{path}/amplitude_mean"] = jnp.mean(a).astype(jnp.float32) if a.size else 0.0
+    stats[f"{path}/cosine"] = cos
+    stats[f"{path}/cosine_mean"] = cm
+  n_all = sum(f.size for f in wf)
+  zero = jnp.zeros([], jnp.float32)
+  stats["all/flips"] = sum(get(st.flips), zero)
+  stats["all/window_flips"] = sum((jnp.sum(f).astype(jnp.float32) for f in wf), zero)
+  stats["all/flip_frequency"] = stats["all/window_flips"] / (max(n_all, 1) * steps_f)
+  stats["all/max_weight_flips"] = jnp.max(jnp.stack(
+      [jnp.zeros([], jnp.int32)] + [jnp.max(f) for f in wf if f.size]))
+  stats["all/amplitude_max"] = jnp.max(jnp.stack(
+      [zero] + [jnp.max(a).astype(jnp.float32) for a in amp if a.size]))
+  stats["all/amplitude_mean"] = (
+      sum((jnp.sum(a).astype(jnp.float32) for a in amp), zero) / max(n_all, 1))
+  stats["all/cosine"] = st.cosine_all
+  return stats

@@ -1,0 +1,138 @@
+"""Iterative weight freezing: stop the weights that keep oscillating.
+
+For every weight of a quantized leaf, with ``z_t`` its integer code (the index
+of its code under the plain STE quantizer ``Q``, see
+:func:`blaq_jax.ste_quantize`) after step ``t``::
+
+    o_t = 1  if z_t ≠ z_{t-1} and sign(z_t - z_{t-1}) = -(direction of the
+             weight's previous code change), else 0       (an oscillation)
+    f_t = (1 - m) f_{t-1} + m o_t                          (EMA, m = momentum)
+
+A weight whose ``f_t > threshold(t)`` is frozen at its code: its latent value
+is set to ``Q(w)`` (the centre of its code cell) in that step, and every later
+update of it is zero, so its latent value no longer moves and its code stays
+put. A frozen weight stays frozen. Leaves whose spec is None pass through.
+
+The transform edits updates, so it goes AFTER the optimizer (and after the
+STE clipping, if any)::
+
+    tx = optax.chain(bq.ste(optax.adam(1e-3), spec),
+                     bq.freeze_oscillations(0.02, spec))
+
+With a fitted per-tensor scale (``scale="fit"``, ``bits >= 2``) the scale is
+still refitted every step from all weights of the tensor, so a frozen
+weight's quantized value ``alpha · b`` follows ``alpha``; its code ``b`` stays
+while ``alpha`` moves less than half a code step. With ``bits=1`` or
+``scale="none"`` the code depends on the frozen latent value alone.
+
+References:
+  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+  Quantization-Aware Training", ICML 2022.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.ste import check_scale, integer_codes, plain_quantize
+
+
+class _Leaf:
+  """Per-leaf results (not a pytree node, so a tree of them maps leafwise)."""
+
+  def __init__(self, values):
+    self.values = values
+
+
+class FreezingState(NamedTuple):
+  """State of :func:`freeze_oscillations` (per-leaf trees, None if not quantized).
+
+  Attributes:
+    count: the step count (argument of a ``threshold`` schedule).
+    codes: each weight's integer code after the last step.
+    direction: sign (-1, 0, +1) of each weight's last code change.
+    frequency: EMA of each weight's oscillations.
+    frozen: boolean mask of the frozen weights.
+  """
+
+  count: jax.Array
+  codes: Any
+  direction: Any
+  frequency: Any
+  frozen: Any
+
+
+def freeze_oscillations(
+    threshold: optax.ScalarOrSchedule,
+    spec,
+    *,
+    momentum: float = 0.01,
+    scale: str = "fit",
+) -> optax.GradientTransformationExtraArgs:
+  """Freezes weights whose oscillation frequency (EMA) exceeds ``threshold(t)``.
+
+  Args:
+    threshold: a float or a schedule of the step count; weights with
+      ``frequency > threshold`` freeze (a threshold ``>= 1`` freezes nothing).
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    momentum: ``m`` of the frequency EMA, in ``(0, 1]``.
+    scale: the STE quantizer's scale, ``"fit"`` or ``"none"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and returns updates that keep frozen weights in place.
+  """
+  check_scale(scale, "freeze_oscillations")
+  if not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
+    raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
+  if not (isinstance(threshold, numbers.Real) or callable(threshold)):
+    raise TypeError(
+        f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
+
+  def per_leaf(fn, *trees):
+    return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
+                                  spec, *trees)
+
+  def init_fn(params):
+    tree_lib.check_float_params(params, "freeze_oscillations.init")
+    tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
+    return FreezingState(
+        count=jnp.zeros([], jnp.int32),
+        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
+        direction=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.int32), params),
+        frequency=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.float32), params),
+        frozen=per_leaf(lambda s, w: jnp.zeros(w.shape, bool), params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("freeze_oscillations.update: params are required")
+    thr = threshold(state.count) if callable(threshold) else threshold
+
+    def leaf(s, u, w, codes, direction, freq, frozen):
+      if s is None:
+        return _Leaf((u, None, None, None, None))
+      new_w = jnp.where(frozen, w, w + u)
+      new_codes = integer_codes(new_w, s, scale)
+      step = jnp.sign(new_codes - codes)
+      oscillated = (step != 0) & (step == -direction)
+      direction = jnp.where(step != 0, step, direction)
+      freq = freq + momentum * (oscillated.astype(freq.dtype) - freq)
+      newly = (freq > thr) & ~frozen
+      new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
+      return _Leaf(((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly))
+
+    out = tree_lib.map_with_spec(leaf, spec, updates, params, state.codes,
+                                 state.direction, state.frequency, state.frozen)
+    pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
+    new_state = FreezingState(optax.safe_increment(state.count), pick(1), pick(2),
+                              pick(3), pick(4))
+    return pick(0), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

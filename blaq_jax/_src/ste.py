@@ -1,0 +1,189 @@
+"""Straight-through (STE) quantization: BinaryConnect, BWN and k-bit uniform.
+
+The STE family trains the latent weights ``w`` with any optimizer, using the
+"coarse gradient" of Long et al.: the gradient of the loss taken AT the
+quantized weights ``ŵ = Q(w)`` and applied to ``w`` as if ``Q`` were the
+identity, followed by clipping the latent weights of quantized leaves::
+
+    ŵ_t     = Q(w_t)
+    g_t     = ∇ℓ(ŵ_t)                       (the straight-through gradient)
+    w_{t+1} = clip(w_t + optimizer_update(g_t), -c, c)
+
+The quantizer ``Q`` is the plain (``D = 1``) projection of
+:func:`blaq_jax.quantize` onto the code set of the leaf's :class:`QuantSpec`,
+with one STE-side choice, ``scale``:
+
+* ``scale="fit"`` (default): ``Q(w) = alpha · b`` with the least-squares scale.
+  With ``bits=1`` this is BWN, ``alpha = mean|w|`` (per tensor, or per output
+  channel with ``QuantSpec(per_channel=True)``); with ``bits=k`` it is k-bit
+  uniform quantization with a fitted scale (``iters`` rounds of alternation).
+* ``scale="none"``: ``alpha = 1``, ``Q(w)`` = the nearest code of ``w`` itself.
+  With ``bits=1`` this is BinaryConnect, ``Q(w) = sign(w)``; with ``bits=k`` the
+  fixed uniform grid ``round(clip(w, -1, 1) · n) / n``, ``n = 2^(k-1) - 1``.
+
+So a user swaps methods by changing one argument: ``quant_spec(params,
+bits=1)`` with ``scale="none"`` is BinaryConnect, with ``scale="fit"`` BWN;
+``bits=4`` gives 4-bit uniform.
+
+References:
+  Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
+  with binary weights during propagations", NeurIPS 2015.
+  Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
+  Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
+  Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
+  Quantized Networks", 2020 (coarse gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import QuantSpec, nearest_code, solve
+
+SCALES = ("fit", "none")
+
+
+def check_scale(scale, where: str) -> None:
+  if scale not in SCALES:
+    raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
+
+
+def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
+  """Returns ``(alpha, b)`` of the plain projection (``alpha = 1`` if ``scale="none"``)."""
+  if scale == "none":
+    w = jnp.asarray(w)
+    return jnp.ones([], w.dtype), nearest_code(w, spec)
+  return solve(w, spec, None)
+
+
+def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
+  """``Q(w)`` of the STE family, without a straight-through derivative."""
+  alpha, b = scale_and_codes(w, spec, scale)
+  return alpha * b
+
+
+def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
+  """Index (int32) of each weight's code in ``spec.codebook()`` (ascending).
+
+  Neighbouring codes have neighbouring indices, so the sign of a change of
+  index is the direction in which the quantized weight moved.
+  """
+  _, b = scale_and_codes(w, spec, scale)
+  b = b.astype(jnp.float32)
+  if spec.is_binary:
+    return (b > 0).astype(jnp.int32)
+  if spec.scheme == "log":
+    depth = spec.log_depth
+    mag = jnp.abs(b)
+    j = jnp.round(-jnp.log2(jnp.where(mag > 0, mag, 1.0)))
+    level = jnp.where(mag > 0, jnp.sign(b) * (depth + 1 - j), 0.0)
+    return (level + depth + 1).astype(jnp.int32)
+  n = spec.levels
+  return (jnp.round(b * n) + n).astype(jnp.int32)
+
+
+def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
+  """``Q(w)`` in the forward pass, identity in the backward pass.
+
+  Computed as ``w + stop_gradient(Q(w) - w)``, so ``jax.grad`` through it
+  returns the coarse gradient ``∇ℓ(ŵ)`` unchanged.
+
+  Args:
+    w: a floating array.
+    spec: the :class:`QuantSpec` of ``w``.
+    scale: ``"fit"`` (BWN / fitted uniform) or ``"none"`` (BinaryConnect /
+      fixed grid); see the module docstring.
+  """
+  if not isinstance(spec, QuantSpec):
+    raise TypeError(f"ste_quantize: spec must be a QuantSpec, got {type(spec).__name__}")
+  check_scale(scale, "ste_quantize")
+  w = jnp.asarray(w)
+  return w + jax.lax.stop_gradient(plain_quantize(w, spec, scale) - w)
+
+
+def ste_quantize_params(params, spec, *, scale: str = "fit"):
+  """Maps the latent weights to ``ŵ`` with a straight-through derivative.
+
+  Leaves whose spec is None are returned unchanged. ``jax.grad`` of a loss of
+  ``ste_quantize_params(params, spec)`` with respect to ``params`` is the
+  gradient at the quantized weights (the coarse gradient).
+
+  Args:
+    params: the latent parameters.
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    scale: ``"fit"`` (BWN for 1 bit) or ``"none"`` (BinaryConnect for 1 bit).
+  """
+  check_scale(scale, "ste_quantize_params")
+  tree_lib.check_spec_matches(spec, params, "ste_quantize_params")
+  return tree_lib.map_with_spec(
+      lambda s, w: w if s is None else ste_quantize(w, s, scale=scale), spec, params)
+
+
+class STEState(NamedTuple):
+  """State of :func:`ste`: the wrapped optimizer's state."""
+
+  inner_state: Any
+
+
+def ste(
+    optimizer: optax.GradientTransformation,
+    spec,
+    *,
+    clip: Optional[float] = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Trains latent weights with ``optimizer`` and clips the quantized leaves.
+
+  One step: ``w ← clip(w + optimizer.update(g, ...), -clip, clip)`` for leaves
+  whose spec is a :class:`QuantSpec`; other leaves take the optimizer's update
+  unchanged. ``g`` must be the gradient at the quantized weights, e.g.
+  ``jax.grad(loss)(ste_quantize_params(params, spec))`` (the same values as
+  ``jax.grad(lambda p: loss(ste_quantize_params(p, spec)))(params)``).
+
+  Example (BWN trained with Adam)::
+
+    spec = bq.quant_spec(params, bits=1)
+    tx = bq.ste(optax.adam(1e-3), spec)
+    grads = jax.grad(lambda p: loss(bq.ste_quantize_params(p, spec)))(params)
+    updates, state = tx.update(grads, state, params)
+
+  Args:
+    optimizer: any optax transform (extra keyword arguments of ``update`` are
+      passed through to it).
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    clip: latent weights of quantized leaves stay in ``[-clip, clip]`` (None
+      disables clipping).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+  """
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+        f"ste: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+  if clip is not None and not clip > 0:
+    raise ValueError(f"ste: clip must be > 0 or None, got {clip}")
+  inner = optax.with_extra_args_support(optimizer)
+
+  def init_fn(params):
+    tree_lib.check_spec_matches(spec, params, "ste.init")
+    return STEState(inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("ste.update: params are required (pass params=...)")
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    if clip is not None:
+
+      def clip_leaf(s, u, w):
+        if s is None:
+          return u
+        return (jnp.clip(w + u, -clip, clip) - w).astype(u.dtype)
+
+      updates = tree_lib.map_with_spec(clip_leaf, spec, updates, params)
+    return updates, STEState(inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
