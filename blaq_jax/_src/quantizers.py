@@ -125,10 +125,9 @@ def _nearest_log(x, depth):
   lower = jnp.ldexp(jnp.ones_like(mag), expo - 1)
   # mag in [lower, 2 lower): the midpoint of the two powers is 1.5 lower.
   p = jnp.where(mant < 0.75, lower, 2 * lower)
-  p = jnp.minimum(p, 1)
   smallest = 2.0 ** -depth
-  p = jnp.where(p < smallest, jnp.where(mag < smallest / 2, 0, smallest), p)
-  p = p.astype(x.dtype)
+  p = jnp.clip(p, smallest, 1)
+  p = jnp.where(mag <= smallest / 2, 0, p).astype(x.dtype)
   return jnp.where(x < 0, -p, p)
 
 

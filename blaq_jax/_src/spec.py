@@ -77,10 +77,10 @@ def quant_spec(
 
   def leaf_spec(path, leaf):
     p = tree_lib.path_str(path)
-    for pat, rx, value in compiled:
-      if rx.search(p):
-        used.add(pat)
-        return value
+    matches = [(pat, value) for pat, rx, value in compiled if rx.search(p)]
+    used.update(pat for pat, _ in matches)
+    if matches:
+      return matches[0][1]
     return default if include_fn(p, leaf) else None
 
   spec = jax.tree_util.tree_map_with_path(leaf_spec, params)

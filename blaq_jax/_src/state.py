@@ -12,7 +12,8 @@ _STATES = (LAQState, BLAQState)
 
 
 def _merge(trees):
-  """Leafwise, the first array among the trees (None where there is none)."""
+  """Leafwise, the first array among the trees (None where there is none,
+  e.g. at leaves masked out by ``optax.multi_transform``)."""
 
   def is_leaf(x):
     return x is None or tree_lib.is_masked(x)
@@ -46,6 +47,4 @@ def curvature(opt_state):
     raise ValueError(
         "curvature: opt_state holds no LAQState/BLAQState; build the optimizer "
         "with blaq_jax.laq or blaq_jax.blaq")
-  if len(found) == 1:
-    return found[0].curvature
   return _merge([s.curvature for s in found])
