@@ -117,3 +117,12 @@ def check_not_masked(params, where: str) -> None:
         f"{where}: got params with optax.MaskedNode leaves; the lookahead gradient "
         "needs the whole model, so do not wrap this transform in optax.masked / "
         "multi_transform (leaves with spec None already take the full-precision step)")
+
+
+def commit(ok, state, new_state, params, new_params, updates):
+  """Applies the step if ``ok`` (all gradients finite), else skips and counts it."""
+  new_state = select(ok, new_state, state)._replace(
+      skipped=state.skipped + (~ok).astype(jnp.int32))
+  new_updates = select(ok, updates_from(new_params, params),
+                       jax.tree.map(jnp.zeros_like, updates))
+  return new_updates, new_state

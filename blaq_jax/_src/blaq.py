@@ -127,37 +127,63 @@ def blaq(
           "params -> gradient of the loss on the current batch, e.g. "
           "grad_fn=lambda p: jax.grad(loss)(p, batch)")
     core.check_not_masked(params, "blaq.update")
-    g = updates
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
-
-    # Stage 1: one step forward from w_t.
-    mu1 = core.moment(state.mu, g, b1)
-    nu1 = core.second_moment(state.nu, g, b2)
-    den1 = core.denominator(nu1, count, b2, eps)
-    w_trial = core.step_latent(spec, params, mu1, den1, count, lr, b1, clip)
-    trial = tree_lib.map_with_spec(
-        lambda s, w, d: w if s is None else quantize(w, s, d), spec, w_trial, den1)
-    g_trial = grad_fn(trial)
+    hyper = Hyper(b1, b2, eps, clip)
+    stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+    g_trial = grad_fn(stage1.trial)
     if batch_axis_name is not None:
       g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-
-    # Stage 2: backtrack to w_t with the mixed gradient and curvature.
-    # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
-    # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
-    mu = core.mix(a, mu1, core.moment(state.mu, g_trial, b1))
-    nu_trial = core.second_moment(state.nu, g_trial, b2)
-    nu = core.mix(a, nu1, nu_trial)
-    den_mix = core.mix(a, den1, core.denominator(nu_trial, count, b2, eps))
-    new_params = core.step_latent(spec, params, mu, den_mix, count, lr, b1, clip)
-    new_state = BLAQState(count, mu, nu, core.quantized_curvature(spec, den_mix),
-                          state.skipped)
-
-    ok = core.all_finite(g, g_trial)
-    new_state = core.select(ok, new_state, state)._replace(
-        skipped=state.skipped + (~ok).astype(jnp.int32))
-    new_updates = core.select(ok, core.updates_from(new_params, params),
-                              jax.tree.map(jnp.zeros_like, updates))
-    return new_updates, new_state
+    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
+                                      count)
+    ok = core.all_finite(updates, g_trial)
+    return core.commit(ok, state, new_state, params, new_params, updates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class Hyper(NamedTuple):
+  b1: Any
+  b2: Any
+  eps: Any
+  clip: Any
+
+
+class ForwardStep(NamedTuple):
+  """Stage 1 of BLAQ: moments with ``g_t`` and the trial weights ``ŵ*``."""
+  mu: Any
+  nu: Any
+  den: Any
+  trial: Any
+
+
+def forward_step(spec, hyper: Hyper, state, g, params, lr, count) -> ForwardStep:
+  """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
+  mu1 = core.moment(state.mu, g, hyper.b1)
+  nu1 = core.second_moment(state.nu, g, hyper.b2)
+  den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
+  w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
+  trial = tree_lib.map_with_spec(
+      lambda s, w, d: w if s is None else quantize(w, s, d), spec, w_trial, den1)
+  return ForwardStep(mu1, nu1, den1, trial)
+
+
+def backtrack(spec, hyper: Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
+              count):
+  """Eq. 8-10: the step from ``w_t`` with the mixed gradient and curvature.
+
+  Returns ``(new_params, new_state)``; ``new_state`` keeps ``state``'s type and
+  ``skipped`` field and replaces ``count, mu, nu, curvature``.
+  """
+  b1, b2 = hyper.b1, hyper.b2
+  # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
+  # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
+  mu = core.mix(a, stage1.mu, core.moment(state.mu, g_trial, b1))
+  nu_trial = core.second_moment(state.nu, g_trial, b2)
+  nu = core.mix(a, stage1.nu, nu_trial)
+  den_mix = core.mix(a, stage1.den, core.denominator(nu_trial, count, b2, hyper.eps))
+  new_params = core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip)
+  new_state = state._replace(count=count, mu=mu, nu=nu,
+                             curvature=core.quantized_curvature(spec, den_mix))
+  return new_params, new_state
+

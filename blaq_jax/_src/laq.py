@@ -89,11 +89,7 @@ def laq(
     den = core.denominator(nu, count, b2, eps)
     new_params = core.step_latent(spec, params, mu, den, count, lr, b1, clip)
     new_state = LAQState(count, mu, nu, core.quantized_curvature(spec, den), state.skipped)
-    ok = core.all_finite(updates)
-    new_state = core.select(ok, new_state, state)._replace(
-        skipped=state.skipped + (~ok).astype(jnp.int32))
-    new_updates = core.select(ok, core.updates_from(new_params, params),
-                              jax.tree.map(jnp.zeros_like, updates))
-    return new_updates, new_state
+    return core.commit(core.all_finite(updates), state, new_state, params, new_params,
+                       updates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
