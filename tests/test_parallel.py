@@ -74,8 +74,11 @@ def _parallel_run(algo, mode, lookahead_axis="same"):
   step = dp.parallelize(_step_fn(tx, spec, dp.pmean), batch_argnums=(2, 3))
   params, state = dp.replicate((params, state))
   xs, ys = dp.shard_batch((x, y))
+  placed = jax.tree.leaves(params)[0].sharding
   for _ in range(STEPS):
     params, state, loss = step(params, state, xs, ys)
+  # Outputs come back placed as inputs go in: the next call does not recompile.
+  assert jax.tree.leaves(params)[0].sharding == placed
   return dp.unreplicate(params), dp.unreplicate(state), dp.unreplicate(loss)
 
 
@@ -151,3 +154,13 @@ def test_bad_arguments():
     bq.data_parallel("jit").shard_batch(np.zeros((4,)))
   with pytest.raises(TypeError, match="batch_argnums"):
     bq.data_parallel("jit").parallelize(lambda a: a, batch_argnums=(-1,))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "jit"])
+def test_pmean_psum_give_global_reductions(mode):
+  dp = bq.data_parallel(mode)
+  x = np.arange(16, dtype=np.float32)
+  step = dp.parallelize(lambda x: (dp.psum(jnp.sum(x)), dp.pmean(jnp.mean(x))),
+                        batch_argnums=0)
+  total, mean = dp.unreplicate(step(dp.shard_batch(x)))
+  assert float(total) == x.sum() and float(mean) == x.mean()

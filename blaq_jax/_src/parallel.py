@@ -60,7 +60,9 @@ class DataParallel(NamedTuple):
     shard_batch: splits this process's batch (leading axis) over its devices.
     unreplicate: the inverse of ``replicate``: one copy, on one local device.
     pmean: inside the step, ``jax.lax.pmean`` over ``axis_name`` under
-      ``"pmap"``; the identity under ``"jit"``.
+      ``"pmap"``; the identity under ``"jit"`` (a mean over the batch is
+      already global there).
+    psum: likewise ``jax.lax.psum`` (e.g. for counts in an eval step).
   """
 
   mode: str
@@ -71,6 +73,7 @@ class DataParallel(NamedTuple):
   shard_batch: Callable[[Any], Any]
   unreplicate: Callable[[Any], Any]
   pmean: Callable[[Any], Any]
+  psum: Callable[[Any], Any]
 
 
 def _argnums(name: str, value: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -137,7 +140,7 @@ def _pmap_mode(axis_name: str) -> DataParallel:
   devices = jax.local_devices()
   n = len(devices)
   # Arrays laid out as pmap lays out its own outputs: axis 0 over the devices.
-  stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), P("devices"))
+  stacked = NamedSharding(Mesh(np.array(devices), (axis_name,)), P(axis_name))
 
   def parallelize(step_fn, *, batch_argnums, donate_argnums=()):
     _argnums("batch_argnums", batch_argnums)
@@ -164,8 +167,11 @@ def _pmap_mode(axis_name: str) -> DataParallel:
   def pmean(tree):
     return jax.lax.pmean(tree, axis_name)
 
+  def psum(tree):
+    return jax.lax.psum(tree, axis_name)
+
   return DataParallel("pmap", axis_name, None, parallelize, replicate,
-                      shard_batch, unreplicate, pmean)
+                      shard_batch, unreplicate, pmean, psum)
 
 
 def _jit_mode(mesh: Mesh, data_axis: str) -> DataParallel:
@@ -217,8 +223,8 @@ def _jit_mode(mesh: Mesh, data_axis: str) -> DataParallel:
       return x
     return jax.tree.map(one, tree)
 
-  def pmean(tree):
+  def identity(tree):
     return tree
 
   return DataParallel("jit", None, mesh, parallelize, replicate, shard_batch,
-                      unreplicate, pmean)
+                      unreplicate, identity, identity)

@@ -1,0 +1,89 @@
+"""Command line of the ImageNet ResNet18 example.
+
+    python -m examples.imagenet_resnet18.main --workdir runs/r18_blaq_1bit \\
+        --config default --data-dir /data/imagenet [--parallel jit] \\
+        [--optimizer laq] [--bits 2] [--set batch_size=512 ...] [--multihost]
+
+``--config`` names a module in ``configs/`` (``default``, ``resnet18_2bit``,
+``synthetic``). Flags override that config, and ``--set field=value``
+(repeatable) overrides any field of :class:`train.Config` (values parsed as
+Python literals). A run resumes from the latest checkpoint in ``--workdir``.
+``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
+multi-node GPU clusters); every process runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import logging
+
+import jax
+
+from examples.imagenet_resnet18 import train
+
+CONFIGS = ("default", "resnet18_2bit", "synthetic")
+
+# flag -> Config field type
+FLAGS = {"data_dir": str, "parallel": str, "optimizer": str, "bits": int, "a": float,
+         "batch_size": int, "num_train_steps": int, "learning_rate": float, "seed": int}
+
+
+def get_config(name: str) -> train.Config:
+  if name not in CONFIGS:
+    raise ValueError(f"--config must be one of {CONFIGS}, got {name!r}")
+  return importlib.import_module(f"examples.imagenet_resnet18.configs.{name}").get_config()
+
+
+def set_field(config: train.Config, item: str) -> None:
+  key, sep, value = item.partition("=")
+  fields = {f.name for f in dataclasses.fields(config)}
+  if not sep or key not in fields:
+    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  setattr(config, key, parsed)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
+  parser.add_argument("--config", default="default", choices=CONFIGS)
+  parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
+  for flag, typ in FLAGS.items():
+    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None)
+  parser.add_argument("--synthetic", action="store_true", help="random batches, no data")
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() (one process per host)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  if args.multihost:
+    jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  config = get_config(args.config)
+  for flag in FLAGS:
+    value = getattr(args, flag)
+    if value is not None:
+      setattr(config, flag, value)
+  if args.synthetic:
+    config.synthetic = True
+  for item in args.set:
+    set_field(config, item)
+  logging.info("config %s", config)
+  summary = train.train_and_evaluate(config, args.workdir)
+  summary.pop("state")
+  print(summary)
+
+
+if __name__ == "__main__":
+  main()

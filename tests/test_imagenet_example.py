@@ -1,0 +1,134 @@
+"""The ImageNet ResNet18 example on a tiny generated ImageFolder, 8 CPU devices."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from PIL import Image
+
+import blaq_jax as bq
+
+from examples.imagenet_resnet18 import input_pipeline
+from examples.imagenet_resnet18 import main
+from examples.imagenet_resnet18 import models
+from examples.imagenet_resnet18 import train
+
+CLASSES = ("n01440764", "n01443537")
+N_TRAIN, N_VAL = 8, 3
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imagefolder")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+    for label, name in enumerate(CLASSES):
+      os.makedirs(root / split / name)
+      for i in range(n):
+        # Class 0 dark, class 1 bright; sizes vary around 64 px.
+        shape = (64, 48 + 8 * (i % 4), 3)
+        pixels = rng.integers(0, 128, shape) + 127 * label
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.JPEG")
+  (root / "train" / CLASSES[0] / "notes.txt").write_text("not an image")
+  return str(root)
+
+
+def tiny_config(data_dir, parallel, **kw):
+  config = main.get_config("default")
+  return dataclasses.replace(
+      config, data_dir=data_dir, parallel=parallel, model="ResNet1", num_filters=8,
+      image_size=32, resize_size=36, batch_size=8, num_train_steps=2, log_every_steps=1,
+      checkpoint_every_steps=2, num_data_threads=2, warmup_epochs=0.5, **kw)
+
+
+def test_resnet18_parameter_count():
+  model = nnx.eval_shape(lambda: models.ResNet18(num_classes=1000, rngs=nnx.Rngs(0)))
+  assert models.param_count(model) == 11_689_512          # 11.7 M, as torchvision
+  params = nnx.state(model, nnx.Param)
+  spec = train.create_optimizer(main.get_config("default"), params, 10, 1)[0]
+  by_path = {jax.tree_util.keystr(path, simple=True, separator="/"): s for path, s in
+             jax.tree_util.tree_flatten_with_path(
+                 spec, is_leaf=lambda x: x is None or isinstance(x, bq.QuantSpec))[0]}
+  assert by_path["conv_init/kernel/value"].bits == 8
+  assert by_path["head/kernel/value"].bits == 8
+  assert by_path["head/bias/value"] is None
+  assert by_path["blocks/3/conv2/kernel/value"].bits == 1
+  assert by_path["blocks/3/conv2/kernel/value"].iters == 10
+
+
+def test_input_pipeline(image_folder):
+  classes = input_pipeline.find_classes(image_folder)
+  assert classes == list(CLASSES)
+  records = input_pipeline.list_images(image_folder, "train", classes)
+  assert len(records) == 2 * N_TRAIN                       # notes.txt is skipped
+  batches = input_pipeline.train_dataset(image_folder, classes, 8, image_size=32, seed=0,
+                                         num_threads=1)
+  first = [next(batches) for _ in range(3)]              # 3 batches > 1 epoch of 16
+  for b in first:
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["label"].dtype == np.int32 and set(b["label"]) <= {0, 1}
+  # Resuming at batch 2 replays the same stream.
+  again = next(input_pipeline.train_dataset(image_folder, classes, 8, image_size=32, seed=0,
+                                            start_step=2, num_threads=1))
+  np.testing.assert_array_equal(again["image"], first[2]["image"])
+  steps = input_pipeline.eval_steps(image_folder, classes, 4)
+  evals = list(input_pipeline.eval_dataset(image_folder, classes, 4, steps, image_size=32,
+                                           resize_size=36, num_threads=1))
+  labels = np.concatenate([b["label"] for b in evals])
+  assert len(evals) == 2 and list(labels) == [0, 0, 0, 1, 1, 1, -1, -1]
+  # Centre crop of the short-side resize: the class brightness survives.
+  assert evals[0]["image"].mean() < 100 < evals[1]["image"][:2].mean()
+
+
+def test_crops():
+  rng = np.random.default_rng(0)
+  image = Image.fromarray(np.zeros((40, 90, 3), np.uint8))
+  assert input_pipeline.random_resized_crop(image, 24, rng).size == (24, 24)
+  assert input_pipeline.center_crop(image, 24, 28).size == (24, 24)
+  with pytest.raises(FileNotFoundError, match="ImageFolder"):
+    input_pipeline.find_classes("/nonexistent")
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "jit"])
+def test_train_eval_checkpoint_resume(image_folder, tmp_path, parallel):
+  workdir = str(tmp_path / parallel)
+  config = tiny_config(image_folder, parallel)
+  first = train.train_and_evaluate(config, workdir)
+  assert (first["start_step"], first["step"]) == (0, 2)
+  assert np.isfinite(first["loss"]) and first["eval_images"] == 2 * N_VAL
+  assert 0.0 <= first["eval_accuracy"] <= 1.0
+  assert int(first["state"]["opt_state"].count) == 2
+  saved = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  assert saved.latest_step() == 2
+  restored = saved.restore(2, args=ocp.args.StandardRestore(first["state"]))
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(first["state"])):
+    np.testing.assert_array_equal(a, b)
+  saved.close()
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+  # Resume: one more step from the checkpoint; the step count carries on.
+  second = train.train_and_evaluate(dataclasses.replace(config, num_train_steps=3), workdir)
+  assert (second["start_step"], second["step"]) == (2, 3)
+  assert int(second["state"]["opt_state"].count) == 3
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(second["state"]["params"]),
+                                               jax.tree.leaves(first["state"]["params"]))]
+  assert max(moved) > 0
+
+
+def test_synthetic_mode_and_cli(tmp_path, capsys):
+  main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
+             "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
+             "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
+             "--set", "num_classes=10", "--set", "log_every_steps=1"])
+  out = capsys.readouterr().out
+  summary = eval(out.strip().splitlines()[-1])  # the printed summary dict
+  assert summary["step"] == 2 and np.isfinite(summary["loss"])
+  assert summary["images_per_sec"] > 0 and "eval_accuracy" not in summary
+  with pytest.raises(ValueError, match="--set expects"):
+    main.set_field(main.get_config("default"), "no_such_field=1")
