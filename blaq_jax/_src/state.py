@@ -6,9 +6,10 @@ import jax
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState
+from blaq_jax._src.cheap_lookahead import BLAQReuseState
 from blaq_jax._src.laq import LAQState
 
-_STATES = (LAQState, BLAQState)
+_STATES = (LAQState, BLAQState, BLAQReuseState)
 
 
 def _merge(trees):

@@ -1,0 +1,214 @@
+"""BLAQ's forward-and-backtrack at (about) the cost of one gradient per step.
+
+BLAQ (``blaq_jax.blaq``) evaluates two gradients per step: ``g_t`` at the
+current quantized weights ``ŵ_t`` and ``g*`` at the trial weights ``ŵ*``
+(Eq. 4-10 of Ma et al. 2024). The variants here keep its stage 1 / stage 2
+structure (``blaq.forward_step`` and ``blaq.backtrack``) and change only where
+``g_t`` and ``g*`` come from:
+
+* :func:`blaq_periodic` -- the lookahead every ``every`` steps, plain LAQ
+  (``g* = g_t``, which makes stage 2 exactly the LAQ update up to rounding) in
+  between. Average cost ``1 + 1/every`` gradients per step.
+* :func:`blaq_reuse` -- one gradient per step, at the trial point. The trial
+  gradient of step ``t`` stands in for the current-point gradient of step
+  ``t+1`` (``g_{t+1} := g*_t``), in the spirit of Popov's past-extragradient /
+  optimistic methods: ``ŵ*_t`` and ``ŵ_{t+1}`` are two projections of nearly
+  the same latent weights and mostly share their codes. The caller's
+  ``updates`` are ignored; on the first step ``a`` is taken as 0 (there is no
+  earlier trial gradient, and the trial point then equals ``ŵ_0``).
+* :func:`blaq_model` -- no second gradient: ``g*`` is predicted by the local
+  quadratic model that LAQ itself assumes (Eq. 1-4), with the curvature that
+  the Adam step implies, ``H = D1 / lr``:
+  ``g* ≈ g_t + (D1 / lr) ⊙ (ŵ* - ŵ_t)``. Where no code changes the
+  correction is small; where the trial step flips a code it adds a restoring
+  gradient of the size of the flip. Leaves that are not quantized take
+  ``g* = g_t``.
+
+Departures from Eq. 4-10: ``blaq_periodic`` applies Eq. 9-10 only on every
+``every``-th step; ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
+previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
+by a first-order Taylor estimate (and ``D*`` in Eq. 10 by its moment).
+
+References:
+  Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
+  Loss-Aware Quantization Training", AAAI 2024.
+  Popov, "A modification of the Arrow-Hurwicz method for search of saddle
+  points", Mathematical Notes 1980 (past extragradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax._src import adam_core as core
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.blaq import BLAQState, Hyper, backtrack, forward_step
+from blaq_jax._src.quantizers import quantize
+
+
+def _check(where, a, every=None):
+  if isinstance(a, (int, float)) and not isinstance(a, bool) and not 0 <= a <= 1:
+    raise ValueError(f"{where}: a must be in [0, 1], got {a}")
+  if every is not None and (not isinstance(every, int) or every < 1):
+    raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
+
+
+def _require_grad_fn(where, grad_fn):
+  if grad_fn is None or not callable(grad_fn):
+    raise ValueError(f"{where}: the keyword argument grad_fn is required "
+                     "(params -> gradient of the loss on the current batch)")
+
+
+def _blaq_init(spec, where):
+
+  def init_fn(params):
+    mu, nu, curv = core.init_slots(params, spec, where)
+    zero = jnp.zeros([], jnp.int32)
+    return BLAQState(count=zero, mu=mu, nu=nu, curvature=curv, skipped=zero)
+
+  return init_fn
+
+
+def blaq_periodic(
+    learning_rate: optax.ScalarOrSchedule,
+    spec,
+    *,
+    every: int = 10,
+    a: float = 0.6,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip: Optional[float] = 1.0,
+    batch_axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """BLAQ's lookahead on steps ``0, every, 2 every, ...``; LAQ in between.
+
+  Same arguments as :func:`blaq_jax.blaq` plus ``every``. ``grad_fn`` is
+  required but called (under ``lax.cond``) only on lookahead steps.
+  """
+  _check("blaq_periodic", a, every)
+  core.check_hyperparams("blaq_periodic", b1, b2, eps, clip)
+  hyper = Hyper(b1, b2, eps, clip)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+    del extra
+    _require_grad_fn("blaq_periodic.update", grad_fn)
+    count = optax.safe_increment(state.count)
+    lr = core.learning_rate_at(learning_rate, state.count)
+    stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+
+    def lookahead():
+      g = grad_fn(stage1.trial)
+      return jax.lax.pmean(g, batch_axis_name) if batch_axis_name else g
+
+    g_trial = jax.lax.cond(state.count % every == 0, lookahead, lambda: updates)
+    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
+                                      count)
+    ok = core.all_finite(updates, g_trial)
+    return core.commit(ok, state, new_state, params, new_params, updates)
+
+  return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_periodic.init"),
+                                               update_fn)
+
+
+class BLAQReuseState(NamedTuple):
+  """State of :func:`blaq_reuse`: BLAQ's fields plus the last trial gradient."""
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  curvature: Any
+  skipped: jax.Array
+  trial_grad: optax.Updates
+
+
+def blaq_reuse(
+    learning_rate: optax.ScalarOrSchedule,
+    spec,
+    *,
+    a: float = 0.6,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip: Optional[float] = 1.0,
+    batch_axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """One gradient per step: the trial gradient is reused as the next ``g_t``.
+
+  ``update(updates, state, params, *, grad_fn)`` ignores ``updates`` (pass
+  e.g. ``optax.tree.zeros_like(params)``; do not spend a gradient on it) and
+  calls ``grad_fn`` once, at the trial weights.
+  """
+  _check("blaq_reuse", a)
+  core.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
+  hyper = Hyper(b1, b2, eps, clip)
+
+  def init_fn(params):
+    state = _blaq_init(spec, "blaq_reuse.init")(params)
+    return BLAQReuseState(*state, trial_grad=optax.tree.zeros_like(params))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+    del extra
+    _require_grad_fn("blaq_reuse.update", grad_fn)
+    count = optax.safe_increment(state.count)
+    lr = core.learning_rate_at(learning_rate, state.count)
+    g_prev = state.trial_grad
+    stage1 = forward_step(spec, hyper, state, g_prev, params, lr, count)
+    g_trial = grad_fn(stage1.trial)
+    if batch_axis_name:
+      g_trial = jax.lax.pmean(g_trial, batch_axis_name)
+    a_t = jnp.where(state.count == 0, 0.0, a)
+    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t, lr,
+                                      count)
+    new_state = new_state._replace(trial_grad=g_trial)
+    ok = core.all_finite(g_trial)
+    return core.commit(ok, state, new_state, params, new_params, g_trial)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def blaq_model(
+    learning_rate: optax.ScalarOrSchedule,
+    spec,
+    *,
+    a: float = 0.6,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip: Optional[float] = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """BLAQ with ``g*`` predicted by the quadratic model: no second gradient.
+
+  ``update(grads, state, params)``; ``grads`` taken at
+  ``quantize_params(params, spec, curvature(state))`` as for LAQ.
+  """
+  _check("blaq_model", a)
+  core.check_hyperparams("blaq_model", b1, b2, eps, clip)
+  hyper = Hyper(b1, b2, eps, clip)
+
+  def update_fn(updates, state, params=None, **extra):
+    del extra
+    count = optax.safe_increment(state.count)
+    lr = core.learning_rate_at(learning_rate, state.count)
+    stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+    inv_lr = jnp.where(lr > 0, 1.0 / jnp.where(lr > 0, lr, 1.0), 0.0)
+
+    def predict(s, g, w, d_now, d1, trial):
+      if s is None:
+        return g
+      current = quantize(w, s, d_now)
+      return g + (d1 * inv_lr).astype(g.dtype) * (trial - current)
+
+    g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.curvature,
+                                     stage1.den, stage1.trial)
+    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
+                                      count)
+    ok = core.all_finite(updates)
+    return core.commit(ok, state, new_state, params, new_params, updates)
+
+  return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
+                                               update_fn)
