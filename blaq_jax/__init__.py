@@ -11,6 +11,11 @@ from blaq_jax._src.dampening import add_oscillation_dampening
 from blaq_jax._src.diagnostics import OscillationState
 from blaq_jax._src.diagnostics import oscillation_stats
 from blaq_jax._src.diagnostics import track_oscillations
+from blaq_jax._src.export import load_packed
+from blaq_jax._src.export import pack
+from blaq_jax._src.export import save_packed
+from blaq_jax._src.export import size_report
+from blaq_jax._src.export import unpack
 from blaq_jax._src.freezing import FreezingState
 from blaq_jax._src.freezing import freeze_oscillations
 from blaq_jax._src.laq import LAQState
@@ -46,14 +51,19 @@ __all__ = (
     "data_parallel",
     "freeze_oscillations",
     "laq",
+    "load_packed",
     "oscillation_stats",
+    "pack",
     "quant_spec",
     "quantize",
     "quantize_activation",
     "quantize_params",
+    "save_packed",
     "sign_activation",
+    "size_report",
     "ste",
     "ste_quantize",
     "ste_quantize_params",
     "track_oscillations",
+    "unpack",
 )

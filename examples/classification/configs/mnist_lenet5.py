@@ -1,0 +1,8 @@
+"""MNIST, LeNet5 32C5-MP2-64C5-MP2-512FC-10 of Qu et al. 2020 (BLAQ Table 4)."""
+
+from examples.classification.train import Config
+
+
+def get_config() -> Config:
+  return Config(dataset="mnist", model="lenet5", bits=1, learning_rate=1e-2,
+                num_epochs=50, batch_size=100)

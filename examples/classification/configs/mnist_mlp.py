@@ -1,0 +1,8 @@
+"""MNIST, the 4-layer MLP 784-2048-2048-2048-10 of Hou et al. (BLAQ Table 3)."""
+
+from examples.classification.train import Config
+
+
+def get_config() -> Config:
+  return Config(dataset="mnist", model="mlp", model_kwargs={"hidden": (2048, 2048, 2048)},
+                bits=1, learning_rate=1e-2, num_epochs=50, batch_size=100)

@@ -1,0 +1,87 @@
+"""Command line of the classification examples.
+
+    python -m examples.classification.main --config mnist_mlp --method blaq \\
+        --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --iters 5 --seed 0 \\
+        --num-epochs 10 --data-dir DIR --download --resume]
+
+``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
+``fashion_lenet5``, ``cifar10_vgg``); every flag overrides that config, and
+``--set field=value`` (repeatable) overrides any other field of
+:class:`examples.classification.train.Config` (values are parsed as Python
+literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+
+from examples.classification import train
+
+CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg")
+
+# flag -> Config field
+FLAGS = {
+    "method": str, "bits": int, "scheme": str, "a": float, "iters": int, "seed": int,
+    "num_epochs": int, "learning_rate": float, "batch_size": int, "train_subset": int,
+    "test_subset": int, "data_dir": str, "stop_after_epoch": int,
+}
+
+
+def get_config(name: str) -> train.Config:
+  if name not in CONFIGS:
+    raise ValueError(f"--config must be one of {CONFIGS}, got {name!r}")
+  return importlib.import_module(f"examples.classification.configs.{name}").get_config()
+
+
+def _parse_set(config: train.Config, item: str) -> None:
+  key, sep, value = item.partition("=")
+  fields = {f.name for f in dataclasses.fields(config)}
+  if not sep or key not in fields:
+    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  setattr(config, key, parsed)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description="Train a low-bit classifier (blaq_jax).")
+  parser.add_argument("--config", required=True, choices=CONFIGS)
+  parser.add_argument("--workdir", required=True, help="metrics, checkpoints, packed model")
+  for flag, typ in FLAGS.items():
+    kw = {"choices": train.METHODS} if flag == "method" else {}
+    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, **kw)
+  parser.add_argument("--download", action="store_true",
+                      help="fetch the canonical files into --data-dir (md5-checked)")
+  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no-export", action="store_true")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config = get_config(args.config)
+  for flag in FLAGS:
+    value = getattr(args, flag)
+    if value is not None:
+      setattr(config, flag, value)
+  if args.download:
+    config.download = True
+  if args.no_progress:
+    config.progress = False
+  if args.no_export:
+    config.export = False
+  for item in args.set:
+    _parse_set(config, item)
+  result = train.train_and_evaluate(config, args.workdir, resume=args.resume)
+  print({k: v for k, v in result["metrics"].items()})
+
+
+if __name__ == "__main__":
+  main()
