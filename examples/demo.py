@@ -79,7 +79,7 @@ def make_optimizer(method: str, spec, learning_rate, window: int):
 
 
 class Trainer:
-  """One method's jitted training epoch and evaluation (compiled once, reused
+  """One method's jitted training epoch with evaluation (compiled once, reused
   for every seed)."""
 
   def __init__(self, method: str, *, epochs: int, steps_per_epoch: int, lr: float):
@@ -113,18 +113,16 @@ class Trainer:
       return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 
     @jax.jit
-    def epoch(params, rest, opt_state, x, y):
-      """``x``, ``y``: (steps, batch, ...) arrays of the epoch's batches."""
+    def epoch(params, rest, opt_state, x, y, x_test, y_test):
+      """Trains on the epoch's batches ``x``, ``y`` (steps, batch, ...) and
+      evaluates the quantized model on the test set (one compiled function)."""
       (params, rest, opt_state), losses = jax.lax.scan(
           step, (params, rest, opt_state), (x, y))
-      return params, rest, opt_state, jnp.mean(losses), bq.oscillation_stats(opt_state)
-
-    @jax.jit
-    def accuracy(params, rest, opt_state, x, y):
       m = nnx.merge(graphdef, forward_params(params, opt_state), rest, copy=True)
-      return jnp.mean(jnp.argmax(m(x, train=False), -1) == y)
+      acc = jnp.mean(jnp.argmax(m(x_test, train=False), -1) == y_test)
+      return params, rest, opt_state, jnp.mean(losses), acc, bq.oscillation_stats(opt_state)
 
-    self.epoch, self.accuracy = epoch, accuracy
+    self.epoch = epoch
 
   def train(self, seed: int, data, *, epochs: int, batch_size: int):
     """Trains from seed ``seed``; returns per-epoch curves, accuracy and flips."""
@@ -136,11 +134,11 @@ class Trainer:
     curves = {"loss": [], "acc": [], "flips": []}
     for _ in range(epochs):
       idx = rng.permutation(len(x_train))[:steps * batch_size].reshape(steps, batch_size)
-      params, rest, opt_state, loss, stats = self.epoch(
-          params, rest, opt_state, x_train[idx], y_train[idx])
+      params, rest, opt_state, loss, acc, stats = self.epoch(
+          params, rest, opt_state, x_train[idx], y_train[idx], x_test, y_test)
       curves["loss"].append(float(loss))
+      curves["acc"].append(float(acc))
       curves["flips"].append(float(stats["all/window_flips"]))
-      curves["acc"].append(float(self.accuracy(params, rest, opt_state, x_test, y_test)))
     return {"curves": curves, "acc": curves["acc"][-1], "flips_total": float(stats["all/flips"])}
 
 
@@ -227,7 +225,7 @@ def main(argv=None):
 
   t0 = time.perf_counter()
   print("== Part 1: the 2-D toy of Fig. 1 ==")
-  toy_main.main(["--steps", str(args.toy_steps), "--outdir", args.outdir])
+  toy = toy_main.main(["--steps", str(args.toy_steps), "--outdir", args.outdir])
   print("\n== Part 2: scikit-learn digits ==")
   data, results = run_digits(epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
                              lr=args.lr, train_limit=args.train_limit)
@@ -238,7 +236,7 @@ def main(argv=None):
   plot(results, path)
   print(f"wrote {path}")
   print(f"demo finished in {time.perf_counter() - t0:.0f} s")
-  return results
+  return {"toy": toy, "digits": results}
 
 
 if __name__ == "__main__":
