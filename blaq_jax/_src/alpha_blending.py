@@ -15,9 +15,10 @@ trains ``w``::
     alpha = bq.alpha_blending_schedule(0, 2000)
     grads = jax.grad(lambda p: loss(bq.alpha_blend_params(p, spec, alpha(step))))(params)
 
-At ``α = 1`` the model is exactly ``quantize_params``-style ``Q(w)`` (and the
-gradient vanishes), so train the last steps at ``α = 1`` only to settle
-non-quantized leaves, or stop there.
+At ``α = 1`` the forward pass uses exactly ``Q(w)`` (for ``scale="fit"`` the
+same values as ``quantize_params(params, spec)``) and the gradient of the
+quantized leaves vanishes: they stop moving while the other leaves (biases,
+norms) can still be trained.
 
 References:
   Liu & Mattina, "Learning low-precision neural networks without
