@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   if args.multihost:
     jax.distributed.initialize()
   logging.info("process %d of %d, %d local / %d global devices (%s)", jax.process_index(),

@@ -58,7 +58,7 @@ class Config:
   num_epochs: float = 100.0
   batch_size: int = 256                # global, over all devices and processes
   # Parallelism.
-  parallel: str = "pmap"               # "pmap" or "jit"
+  parallel: str = "jit"                # "jit" (over a Mesh) or "pmap"
   # Loop.
   num_train_steps: int = -1            # -1: num_epochs worth of steps
   eval_every_steps: int = -1           # -1: once per epoch (and at the end)
