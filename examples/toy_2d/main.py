@@ -82,6 +82,9 @@ def format_table(results, steps) -> str:
           f"| {label}, w0={w0} | {m.upper()} | {tr.loss[-1]:.3g} | {tr.window_flips:.0f} | "
           f"{train.count_flips(tr.quantized)} | {tr.loss[len(tr.loss) // 2:].max():.3g} | "
           f"{'not settled' if settle is None else settle} |")
+  lines.append("(steps to settle: first step after which the signs of ŵ never change and its "
+               "loss stays within 1e-4 of the total loss decrease of its final value; 'not "
+               f"settled' if that is within the last {window} steps)")
   return "\n".join(lines)
 
 
