@@ -28,14 +28,14 @@ done
 for seed in 0 1 2; do
   for method in fp bwn-ste laq blaq; do
     if [[ $what == lenet_mnist || $what == all ]]; then
-      run mnist_lenet5 $method $seed 4 --train-subset 10000
+      run mnist_lenet5 $method $seed 3 --train-subset 10000
     fi
   done
 done
 for seed in 0 1 2; do
   for method in fp bwn-ste laq blaq; do
     if [[ $what == lenet_fashion || $what == all ]]; then
-      run fashion_lenet5 $method $seed 4 --train-subset 10000
+      run fashion_lenet5 $method $seed 3 --train-subset 10000
     fi
   done
 done

@@ -177,7 +177,9 @@ class Trainer:
     }
     self.train_step = jax.jit(self._train_step)
     self.eval_step = jax.jit(self._eval_step)
-    self.quantized = jax.jit(self._quantized)
+    # Eager (once per epoch): op-by-op evaluation gives exactly the values of
+    # bq.quantize_params, which the packed export reproduces bit for bit.
+    self.quantized = self._quantized
 
   def curvature(self, opt_state):
     """``D`` for laq/blaq; None (``D = 1``) otherwise."""
@@ -190,7 +192,9 @@ class Trainer:
     if self.config.method == "fp":
       return params
     if self.config.method == "bwn-ste":
-      return bq.ste_quantize_params(params, self.spec)  # mean|w| sign(w)
+      # BWN: the plain projection (mean|w| sign(w) at 1 bit), exactly; the
+      # gradient is taken at these values, so no straight-through wrapper.
+      return bq.quantize_params(params, self.spec)
     return bq.quantize_params(params, self.spec, self.curvature(opt_state))
 
   def _loss(self, params, batch_stats, x, y):

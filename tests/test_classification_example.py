@@ -1,0 +1,153 @@
+"""The classification example: one short epoch per model, resume, CLI, export."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import blaq_jax as bq
+from examples.classification import input_pipeline as ip
+from examples.classification import main as main_lib
+from examples.classification import models
+from examples.classification import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Tiny MNIST-format and CIFAR-format data sets (learnable: class = brightness)."""
+  d = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+
+  def images(n, shape):
+    y = rng.integers(0, 10, n)
+    x = rng.integers(0, 40, (n, *shape)) + (y * 20).reshape(-1, *[1] * len(shape))
+    return x.astype(np.uint8), y
+
+  (d / "mnist").mkdir()
+  for n, prefix in ((64, "train"), (20, "t10k")):
+    x, y = images(n, (28, 28))
+    ip.write_idx(d / "mnist" / f"{prefix}-images-idx3-ubyte.gz", x)
+    ip.write_idx(d / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", y.astype(np.uint8))
+  cifar = d / ip.CIFAR10_DIR
+  cifar.mkdir()
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    x, y = images(8, (32, 32, 3))
+    ip.write_cifar_batch(cifar / name, x, y)
+  return d
+
+
+def _config(data_dir, **kw):
+  base = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": (16, 16)}, method="blaq",
+              num_epochs=2, batch_size=16, eval_batch_size=8, learning_rate=1e-2,
+              data_dir=str(data_dir), progress=False, plot=False)
+  base.update(kw)
+  return train.Config(**base)
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_mlp_one_epoch_each_method(tmp_path, data_dir, method):
+  config = _config(data_dir, method=method, num_epochs=1)
+  out = train.train_and_evaluate(config, tmp_path)
+  (row,) = _rows(tmp_path)
+  assert row["epoch"] == 1 and row["step"] == 4
+  assert row["grad_evals"] == (8 if method == "blaq" else 4)
+  assert 0 <= row["test_acc"] <= 1 and np.isfinite(row["train_loss"])
+  for key in ("osc_flip_frequency", "osc_amplitude_mean", "osc_cosine", "train_s"):
+    assert key in row
+  assert 0 <= row["osc_flip_frequency"] <= 1
+  # Evaluation uses the weights of the method (ŵ for the quantized ones).
+  trainer, state = out["trainer"], out["state"]
+  q = trainer.quantized(state["params"], state["opt_state"])
+  kernel = np.asarray(q["dense"][0]["kernel"][...])
+  distinct = len(np.unique(kernel))
+  assert (distinct == 2) if method != "fp" else (distinct > 100)
+  # The packed model holds exactly the weights that were evaluated.
+  packed = tmp_path / "model_packed.npz"
+  restored = bq.unpack(packed, like=state["params"])
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(q)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert "total" in (tmp_path / "size_report.txt").read_text()
+
+
+def test_lenet5_one_epoch(tmp_path, data_dir):
+  config = _config(data_dir, model="lenet5", model_kwargs={}, method="laq", num_epochs=1,
+                   checkpoint=False, export=False)
+  train.train_and_evaluate(config, tmp_path)
+  (row,) = _rows(tmp_path)
+  assert row["step"] == 4 and 0 <= row["test_acc"] <= 1
+
+
+def test_vgg_small_one_epoch(tmp_path, data_dir):
+  config = _config(data_dir, dataset="cifar10", model="vgg_small",
+                   model_kwargs={"width": 1 / 32}, method="laq", batch_size=8, num_epochs=1,
+                   augment="crop_flip", checkpoint=False, export=False, train_subset=8)
+  train.train_and_evaluate(config, tmp_path)
+  (row,) = _rows(tmp_path)
+  assert row["step"] == 1 and row["grad_evals"] == 1 and 0 <= row["test_acc"] <= 1
+
+
+def test_resume_is_bit_exact(tmp_path, data_dir):
+  full, split = tmp_path / "full", tmp_path / "split"
+  a = train.train_and_evaluate(_config(data_dir, export=False), full)
+  train.train_and_evaluate(_config(data_dir, export=False, stop_after_epoch=1), split)
+  assert [r["epoch"] for r in _rows(split)] == [1]
+  assert train.latest_checkpoint(split) == 1
+  b = train.train_and_evaluate(_config(data_dir, export=False), split, resume=True)
+  la, lb = jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  drop = lambda r: {k: v for k, v in r.items() if k != "train_s"}
+  assert [drop(r) for r in _rows(full)] == [drop(r) for r in _rows(split)]
+  rows = _rows(full)
+  assert rows[1]["train_loss"] < rows[0]["train_loss"]  # BLAQ learns
+
+
+def test_main_cli(tmp_path, data_dir, capsys):
+  main_lib.main(["--config", "mnist_mlp", "--method", "laq", "--workdir", str(tmp_path),
+                 "--data-dir", str(data_dir), "--num-epochs", "1", "--batch-size", "32",
+                 "--no-progress", "--no-export", "--set", "model_kwargs={'hidden': (8,)}",
+                 "--set", "plot=False", "--set", "eval_batch_size=20"])
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["method"] == "laq" and config["model_kwargs"] == {"hidden": [8]}
+  assert config["learning_rate"] == 1e-2 and config["num_epochs"] == 1
+  assert _rows(tmp_path)[0]["step"] == 2
+  with pytest.raises(ValueError, match="--set expects"):
+    main_lib.main(["--config", "mnist_mlp", "--workdir", str(tmp_path), "--set", "nope=1"])
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="config.method"):
+    train.Config(method="sgd").validate()
+  with pytest.raises(ValueError, match="config.a"):
+    train.Config(a=1.5).validate()
+  with pytest.raises(ValueError, match="config.dataset"):
+    train.Config(dataset="svhn").validate()
+  for name in main_lib.CONFIGS:
+    main_lib.get_config(name).validate()
+
+
+def test_paper_architectures():
+  """Layer shapes of the paper's models (abstract init, no compute)."""
+  mlp = nnx.eval_shape(lambda: models.MLP(rngs=nnx.Rngs(0)))
+  assert [l.kernel.shape for l in mlp.dense] == [(784, 2048), (2048, 2048), (2048, 2048)]
+  assert mlp.head.kernel.shape == (2048, 10)
+  lenet = nnx.eval_shape(lambda: models.LeNet5(rngs=nnx.Rngs(0)))
+  assert lenet.conv1.kernel.shape == (5, 5, 1, 32)
+  assert lenet.conv2.kernel.shape == (5, 5, 32, 64)
+  assert lenet.fc.kernel.shape == (4 * 4 * 64, 512)
+  vgg = nnx.eval_shape(lambda: models.VGGSmall(rngs=nnx.Rngs(0)))
+  assert [c.kernel.shape[-1] for c in vgg.convs] == [128, 128, 256, 256, 512, 512]
+  assert [f.kernel.shape for f in vgg.fcs] == [(4 * 4 * 512, 1024), (1024, 1024)]
+  for m in (mlp, lenet, vgg):
+    assert len(jax.tree.leaves(nnx.state(m, nnx.BatchStat))) > 0
+  out = models.LeNet5(rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28, 1)))
+  assert out.shape == (2, 10)
