@@ -94,11 +94,20 @@ def test_crops():
     input_pipeline.find_classes("/nonexistent")
 
 
+@pytest.fixture(scope="module")
+def first_runs(image_folder, tmp_path_factory):
+  """2 training steps (then eval and a checkpoint) in each mode."""
+  runs = {}
+  for parallel in ("pmap", "jit"):
+    workdir = str(tmp_path_factory.mktemp(parallel))
+    config = tiny_config(image_folder, parallel)
+    runs[parallel] = (config, workdir, train.train_and_evaluate(config, workdir))
+  return runs
+
+
 @pytest.mark.parametrize("parallel", ["pmap", "jit"])
-def test_train_eval_checkpoint_resume(image_folder, tmp_path, parallel):
-  workdir = str(tmp_path / parallel)
-  config = tiny_config(image_folder, parallel)
-  first = train.train_and_evaluate(config, workdir)
+def test_train_eval_checkpoint_resume(first_runs, parallel):
+  config, workdir, first = first_runs[parallel]
   assert (first["start_step"], first["step"]) == (0, 2)
   assert np.isfinite(first["loss"]) and first["eval_images"] == 2 * N_VAL
   assert 0.0 <= first["eval_accuracy"] <= 1.0
@@ -119,6 +128,20 @@ def test_train_eval_checkpoint_resume(image_folder, tmp_path, parallel):
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(second["state"]["params"]),
                                                jax.tree.leaves(first["state"]["params"]))]
   assert max(moved) > 0
+
+
+def test_pmap_and_jit_take_the_same_steps(first_runs):
+  """Same data, same init: BatchNorm statistics and both BLAQ gradients are
+  averaged over all devices under pmap, global under jit."""
+  losses = {}
+  for parallel, (_, workdir, _) in first_runs.items():
+    records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    losses[parallel] = [r["loss"] for r in records if "loss" in r]
+  np.testing.assert_allclose(losses["pmap"], losses["jit"], rtol=1e-5)
+  pmap_state, jit_state = first_runs["pmap"][2]["state"], first_runs["jit"][2]["state"]
+  for key in ("params", "batch_stats"):
+    for a, b in zip(jax.tree.leaves(pmap_state[key]), jax.tree.leaves(jit_state[key])):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_synthetic_mode_and_cli(tmp_path, capsys):

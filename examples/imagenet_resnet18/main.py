@@ -65,6 +65,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's chatter
   if args.multihost:
     jax.distributed.initialize()
   logging.info("process %d of %d, %d local / %d global devices (%s)", jax.process_index(),

@@ -116,8 +116,8 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         q, batch_stats, images, labels)
     grads = dp.pmean(grads)
-    grad_fn = lambda p: dp.pmean(  # BLAQ's lookahead; blaq also pmeans it
-        jax.grad(lambda p: loss_fn(p, batch_stats, images, labels)[0])(p))
+    # BLAQ's lookahead gradient g*; blaq pmeans it itself (batch_axis_name).
+    grad_fn = jax.grad(lambda p: loss_fn(p, batch_stats, images, labels)[0])
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
