@@ -165,7 +165,7 @@ def track_oscillations(spec, *, window: int = 100,
       return _Leaf((new_codes, flips + jnp.sum(flipped).astype(jnp.float32),
                     jnp.where(roll, 0, wflips), jnp.where(roll, new_w, wmin),
                     jnp.where(roll, new_w, wmax), jnp.where(roll, 0.0, wcos),
-                    lflips, lamp, lcos, u, cos, dot, nu, np_))
+                    lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
 
     out = tree_lib.map_with_spec(
         leaf, spec, updates, params, state.codes, state.flips, state.window_flips,

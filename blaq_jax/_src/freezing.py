@@ -19,6 +19,10 @@ STE clipping, if any)::
     tx = optax.chain(bq.ste(optax.adam(1e-3), spec),
                      bq.freeze_oscillations(0.02, spec))
 
+It also chains after :func:`blaq_jax.laq` / :func:`blaq_jax.blaq`; the codes
+are always those of the plain (``D = 1``) projection, which for ``bits=1``
+are the signs that LAQ/BLAQ's ``Q_D`` uses too.
+
 With a fitted per-tensor scale (``scale="fit"``, ``bits >= 2``) the scale is
 still refitted every step from all weights of the tensor, so a frozen
 weight's quantized value ``alpha · b`` follows ``alpha``; its code ``b`` stays
