@@ -93,7 +93,7 @@ def _check_divisible(tree, n: int, what: str) -> None:
 
 
 def data_parallel(
-    mode: str = "pmap",
+    mode: str = "jit",
     *,
     axis_name: str = "batch",
     mesh: Optional[Mesh] = None,
@@ -105,10 +105,11 @@ def data_parallel(
     mode: ``"pmap"`` (``jax.pmap`` over this process's devices, state with a
       leading device axis, gradients ``pmean``-ed over ``axis_name``) or
       ``"jit"`` (``jax.jit`` over a mesh, batch sharded on ``data_axis``,
-      state replicated, no collective written by hand). ``"pmap"`` needs the
-      ``pmean`` calls in the step and mirrors single-device memory use per
-      device; ``"jit"`` runs the single-device step unchanged and is the
-      mode to grow from (other mesh axes can shard the model later).
+      state replicated, no collective written by hand). Prefer ``"jit"``: it
+      runs the single-device step as it is, and a mesh with more axes can
+      shard the model later; ``"pmap"`` suits existing pmap code and needs the
+      ``dp.pmean`` calls in the step (they are no-ops under ``"jit"``, so one
+      step serves both).
     axis_name: the ``pmap`` axis name (``"pmap"`` only).
     mesh: the mesh for ``"jit"``; default: all devices (of all processes) on
       one ``data_axis`` axis.
