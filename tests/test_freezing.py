@@ -104,3 +104,28 @@ def test_bad_input():
   tx = bq.freeze_oscillations(0.1, SPEC)
   with pytest.raises(ValueError, match="params are required"):
     tx.update(W0, tx.init(W0))
+
+
+def test_chains_after_laq_under_jit():
+  x = jax.random.normal(jax.random.key(0), (16, 3))
+  y = x @ jnp.array([[0.3], [-0.01], [0.1]])
+  params = {"k": jnp.array([[0.2], [0.002], [0.1]])}
+  spec = bq.quant_spec(params, bits=1)
+  # A high learning rate makes the weight with target -0.01 cross zero back and forth.
+  tx = optax.chain(bq.laq(0.05, spec), bq.freeze_oscillations(0.2, spec, momentum=0.5))
+  loss = lambda p: jnp.mean((x @ p["k"] - y) ** 2)
+
+  @jax.jit
+  def step(params, state):
+    g = jax.grad(loss)(bq.quantize_params(params, spec, bq.curvature(state)))
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state, u
+
+  state = tx.init(params)
+  was_frozen = np.zeros((3, 1), bool)
+  for _ in range(20):
+    params, state, u = step(params, state)
+    # Weights frozen before this step did not move in it.
+    assert np.all(np.asarray(u["k"])[was_frozen] == 0)
+    was_frozen = np.asarray(state[1].frozen["k"])
+  assert was_frozen.any() and not was_frozen.all()
