@@ -18,6 +18,17 @@ Methods (``config.method``):
 * ``laq``: :func:`blaq_jax.laq`; ``ŵ = Q_D(w)`` with Adam's curvature.
 * ``blaq``: :func:`blaq_jax.blaq` with ``config.a`` (two gradient evaluations
   per step).
+* ``ste-dampen``, ``ste-freeze``, ``ste-alpha-blend``: BWN-STE with
+  oscillation dampening (``config.dampen_weight``), iterative weight freezing
+  (``config.freeze_threshold``) or alpha-blending (α from 0 to 1 over the
+  first ``config.blend_end`` of training), Nagel et al. 2022 / Liu & Mattina
+  2019; evaluated with the plain projection like ``bwn-ste``.
+* ``blaq-periodic``, ``blaq-reuse``, ``blaq-model``: the cheaper lookahead
+  forms of ``blaq_jax._src.cheap_lookahead`` (lookahead every ``config.every``
+  steps; the trial gradient reused as the next step's gradient; the trial
+  gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
+  gradient (and the batch-norm statistics and loss it logs) at the trial
+  weights.
 
 Oscillation statistics (the analogue of the BLAQ paper's Table 1) come from
 :func:`blaq_jax.track_oscillations` chained after the optimizer with a window
@@ -45,10 +56,14 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
+from blaq_jax._src import cheap_lookahead
 from examples.classification import input_pipeline
 from examples.classification import models
 
-METHODS = ("fp", "bwn-ste", "laq", "blaq")
+METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-periodic", "blaq-reuse", "blaq-model",
+           "ste-dampen", "ste-freeze", "ste-alpha-blend")
+STE_FAMILY = ("bwn-ste", "ste-dampen", "ste-freeze", "ste-alpha-blend")
+LOSS_AWARE = ("laq", "blaq", "blaq-periodic", "blaq-reuse", "blaq-model")
 
 
 @dataclasses.dataclass
@@ -64,6 +79,10 @@ class Config:
   per_channel: bool = False
   iters: int = 5            # BLAQ/LAQ alternation rounds (the paper's m)
   a: float = 0.6            # BLAQ's mixing weight
+  every: int = 10           # blaq-periodic: lookahead every this many steps
+  dampen_weight: float = 1e-2     # ste-dampen: lambda of Nagel et al.'s regulariser
+  freeze_threshold: float = 0.02  # ste-freeze: EMA flip frequency above which weights freeze
+  blend_end: float = 0.5          # ste-alpha-blend: alpha reaches 1 at this fraction of training
   learning_rate: float = 1e-3
   lr_schedule: str = "cosine"   # "cosine" (to 0 over num_epochs) or "constant"
   num_epochs: int = 10
@@ -148,15 +167,34 @@ def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
     tx = optax.adam(schedule)
   elif config.method == "bwn-ste":
     tx = bq.ste(optax.adam(schedule), spec)
+  elif config.method == "ste-dampen":
+    tx = optax.chain(bq.add_oscillation_dampening(config.dampen_weight, spec),
+                     bq.ste(optax.adam(schedule), spec))
+  elif config.method == "ste-freeze":
+    tx = optax.chain(bq.ste(optax.adam(schedule), spec),
+                     bq.freeze_oscillations(config.freeze_threshold, spec))
+  elif config.method == "ste-alpha-blend":
+    tx = bq.ste(optax.adam(schedule), spec)
   elif config.method == "laq":
     tx = bq.laq(schedule, spec)
-  else:
+  elif config.method == "blaq":
     tx = bq.blaq(schedule, spec, a=config.a)
+  elif config.method == "blaq-periodic":
+    tx = cheap_lookahead.blaq_periodic(schedule, spec, a=config.a, every=config.every)
+  elif config.method == "blaq-reuse":
+    tx = cheap_lookahead.blaq_reuse(schedule, spec, a=config.a)
+  else:
+    tx = cheap_lookahead.blaq_model(schedule, spec, a=config.a)
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
 
 
-def grad_evals_per_step(config: Config) -> int:
-  return 2 if config.method == "blaq" else 1
+def grad_evals(config: Config, steps: int) -> int:
+  """Gradient evaluations spent by ``steps`` training steps."""
+  if config.method == "blaq":
+    return 2 * steps
+  if config.method == "blaq-periodic":  # lookahead on steps 0, every, 2 every, ...
+    return steps + -(-steps // config.every)
+  return steps
 
 
 class Trainer:
@@ -169,6 +207,8 @@ class Trainer:
     self.spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme,
                               per_channel=config.per_channel, iters=config.iters)
     self.schedule = make_schedule(config, steps_per_epoch)
+    self.blend_schedule = bq.alpha_blending_schedule(
+        0, max(1, int(config.blend_end * config.num_epochs * steps_per_epoch)))
     self.tx = make_optimizer(config, self.spec, self.schedule, steps_per_epoch)
     self.init_state = {
         "params": params,
@@ -183,7 +223,7 @@ class Trainer:
 
   def curvature(self, opt_state):
     """``D`` for laq/blaq; None (``D = 1``) otherwise."""
-    if self.config.method in ("laq", "blaq"):
+    if self.config.method in LOSS_AWARE:
       return bq.curvature(opt_state)
     return None
 
@@ -191,7 +231,7 @@ class Trainer:
     """The weights the forward pass uses (``ŵ``; ``w`` itself for fp)."""
     if self.config.method == "fp":
       return params
-    if self.config.method == "bwn-ste":
+    if self.config.method in STE_FAMILY:
       # BWN: the plain projection (mean|w| sign(w) at 1 bit), exactly; the
       # gradient is taken at these values, so no straight-through wrapper.
       return bq.quantize_params(params, self.spec)
@@ -202,13 +242,32 @@ class Trainer:
     logits = model(x, train=True)
     return _cross_entropy(logits, y), (nnx.state(model, nnx.BatchStat), logits)
 
-  def _train_step(self, state, x, y):
+  def _train_step(self, state, x, y, step):
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
-    q = self._quantized(params, opt_state)
-    (loss, (new_stats, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-        q, batch_stats, x, y)
-    grad_fn = lambda p: jax.grad(self._loss, has_aux=True)(p, batch_stats, x, y)[0]
-    updates, opt_state = self.tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    if self.config.method == "blaq-reuse":
+      # One gradient, at the trial weights; its loss and statistics are logged.
+      trial = []
+
+      def grad_fn(p):
+        (loss, aux), g = jax.value_and_grad(self._loss, has_aux=True)(p, batch_stats, x, y)
+        trial.append((loss, aux))
+        return g
+
+      updates, opt_state = self.tx.update(optax.tree.zeros_like(params), opt_state, params,
+                                          grad_fn=grad_fn)
+      loss, (new_stats, logits) = trial[0]
+    elif self.config.method == "ste-alpha-blend":
+      # Forward (1-α) w + α sg(Q(w)); the gradient flows to w through (1-α) w.
+      alpha = self.blend_schedule(step)
+      blended = lambda p: self._loss(bq.alpha_blend_params(p, self.spec, alpha), batch_stats, x, y)
+      (loss, (new_stats, logits)), grads = jax.value_and_grad(blended, has_aux=True)(params)
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+    else:
+      q = self._quantized(params, opt_state)
+      (loss, (new_stats, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+          q, batch_stats, x, y)
+      grad_fn = lambda p: jax.grad(self._loss, has_aux=True)(p, batch_stats, x, y)[0]
+      updates, opt_state = self.tx.update(grads, opt_state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == y)
     new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state}
@@ -320,7 +379,6 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
   end_epoch = config.num_epochs
   if config.stop_after_epoch is not None:
     end_epoch = min(end_epoch, config.stop_after_epoch)
-  per_step = grad_evals_per_step(config)
   row = rows[-1] if rows else {}
   for epoch in range(start_epoch + 1, end_epoch + 1):
     batches = input_pipeline.train_batches(train_x, train_y, config.batch_size,
@@ -332,7 +390,7 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
     t0 = time.perf_counter()
     losses, corrects = [], []
     for x, y in batches:
-      state, loss, correct = trainer.train_step(state, x, y)
+      state, loss, correct = trainer.train_step(state, x, y, step)
       losses.append(loss)
       corrects.append(correct)
       step += 1
@@ -343,7 +401,7 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
     test_loss, test_acc = trainer.evaluate(state, test_x, test_y)
     lr = trainer.schedule(step) if callable(trainer.schedule) else trainer.schedule
     row = {
-        "epoch": epoch, "step": step, "grad_evals": step * per_step,
+        "epoch": epoch, "step": step, "grad_evals": grad_evals(config, step),
         "train_s": round(train_s, 3), "train_loss": train_loss, "train_acc": train_acc,
         "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
         **trainer.osc_stats(state),
@@ -373,7 +431,7 @@ def export_model(trainer: Trainer, state, workdir: Path) -> None:
     curv = None
   else:
     spec, curv = trainer.spec, trainer.curvature(state["opt_state"])
-    if cfg.method == "bwn-ste":
+    if cfg.method in STE_FAMILY:
       curv = None
   packed = bq.pack(params, spec, curv)
   bq.save_packed(workdir / "model_packed.npz", packed)
