@@ -4,6 +4,8 @@ The equivalence tests run in float64: in float32 the sign quantizer turns
 reduction-order rounding into code flips and the runs drift apart.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +66,8 @@ def _single_device_run(algo):
   return params, state
 
 
-def _parallel_run(algo, mode, lookahead_axis="same"):
-  params, x, y = _problem()
+def _parallel_run(algo, mode, lookahead_axis="same", data=None):
+  params, x, y = data if data is not None else _problem()
   dp = bq.data_parallel(mode)
   spec = bq.quant_spec(params, bits=1)
   axis = dp.axis_name if lookahead_axis == "same" else lookahead_axis
@@ -164,3 +166,53 @@ def test_pmean_psum_give_global_reductions(mode):
                         batch_argnums=0)
   total, mean = dp.unreplicate(step(dp.shard_batch(x)))
   assert float(total) == x.sum() and float(mean) == x.mean()
+
+
+_TWO_PROCESS_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize("127.0.0.1:" + port, num_processes=2, process_id=pid)
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+sys.path.insert(0, {tests_dir!r})
+import test_parallel as t
+for mode in ("jit", "pmap"):
+  params, x, y = t._problem()
+  mine = slice(16 * pid, 16 * pid + 16)          # this process's half of the batch
+  p, _, _ = t._parallel_run("blaq", mode, data=(params, x[mine], y[mine]))
+  np.save(f"{{out}}/{{mode}}_{{pid}}.npy", np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)]))
+"""
+
+
+def test_two_processes_match_single_device(x64, tmp_path):
+  """jax.distributed with 2 processes x 4 CPU devices, each feeding its half."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  script = tmp_path / "worker.py"
+  script.write_text(_TWO_PROCESS_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    for proc in procs:
+      out, _ = proc.communicate(timeout=240)
+      assert proc.returncode == 0, out.decode()[-3000:]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  ref_params, _ = _single_device_run("blaq")
+  ref = np.concatenate([np.ravel(v) for v in jax.tree.leaves(ref_params)])
+  for mode in ("jit", "pmap"):
+    for pid in range(2):
+      got = np.load(tmp_path / f"{mode}_{pid}.npy")
+      assert np.abs(got - ref).max() < 1e-12, (mode, pid)
