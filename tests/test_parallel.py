@@ -18,12 +18,6 @@ N_DEV = 8
 STEPS = 4
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _problem():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 4))
