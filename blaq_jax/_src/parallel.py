@@ -3,13 +3,13 @@
 A step written for one device, ``step(params, opt_state, ..., batch)``, becomes
 data-parallel in one of two modes, chosen once::
 
-    dp = bq.data_parallel("pmap")            # or "jit"
+    dp = bq.data_parallel("jit")             # or "pmap"
     tx = bq.blaq(lr, spec, batch_axis_name=dp.axis_name)
 
     def step(params, opt_state, x, y):
       q = bq.quantize_params(params, spec, bq.curvature(opt_state))
       loss, g = jax.value_and_grad(loss_fn)(q, x, y)
-      g = dp.pmean(g)                          # identity under "jit"
+      g = dp.pmean(g)                          # pmap: pmean; jit: identity
       updates, opt_state = tx.update(
           g, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
       return optax.apply_updates(params, updates), opt_state, dp.pmean(loss)
@@ -24,8 +24,8 @@ over ``axis_name`` (``dp.pmean`` for ``g_t``, ``blaq(batch_axis_name=...)``
 for the lookahead gradient ``g*``). ``"jit"``: the step sees the global batch,
 sharded over the ``data`` axis of a :class:`jax.sharding.Mesh`; params and
 optimizer state are replicated, a mean over the batch is already global, and
-XLA inserts the all-reduce (``dp.axis_name`` is None, ``dp.pmean`` the
-identity). Both run multi-host after ``jax.distributed.initialize()``: each
+XLA inserts the all-reduce (``dp.axis_name`` is None, ``dp.pmean`` and
+``dp.psum`` the identity). Both run multi-host after ``jax.distributed.initialize()``: each
 process passes its own slice of the global batch to ``shard_batch``.
 """
 
