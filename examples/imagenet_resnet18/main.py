@@ -53,8 +53,10 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
   parser.add_argument("--config", default="default", choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
+  choices = {"parallel": ("jit", "pmap"), "optimizer": ("blaq", "laq")}
   for flag, typ in FLAGS.items():
-    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None)
+    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None,
+                        choices=choices.get(flag))
   parser.add_argument("--synthetic", action="store_true", help="random batches, no data")
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
