@@ -1,0 +1,519 @@
+"""Jit step time and memory of Adam, BWN-STE, LAQ and BLAQ, side by side.
+
+All methods run in one process on the same synthetic batch. Each step is
+jit-compiled (params, batch statistics and optimizer state donated), warmed
+up, then timed one call at a time with ``block_until_ready``, round-robin over
+the methods for several rounds (the starting method rotates every round), so
+that background load on a shared machine hits every method alike. A method's
+time is the median over all its timed steps; ratios are ratios of medians.
+
+Methods (the 2-bit ones with ``iters=10`` rounds of alternation)::
+
+  adam             optax.adam on full-precision weights (the reference)
+  bwn_ste_{k}bit   bq.ste(optax.adam): gradient at the plain projection Q(w)
+  laq_{k}bit       bq.laq: gradient at the loss-aware projection Q_D(w)
+  blaq_{k}bit      bq.blaq: two gradient evaluations per step
+
+Components (on unless ``--no-components``): ``grad_eval`` is one
+``value_and_grad`` of the loss at fixed weights; ``<method>:update`` is the
+rest of the step: projection, ``tx.update`` and ``apply_updates``, with BLAQ's
+lookahead gradient replaced by an elementwise stand-in. They show what a step
+costs beyond its gradient evaluations.
+
+Memory: the optimizer state in bytes, XLA's memory analysis of each compiled
+step (arguments + outputs - aliased + temporaries: the step's peak), and the
+device's ``peak_bytes_in_use`` where the backend reports it (GPU/TPU; a
+process-wide running maximum, recorded after each method's warm-up).
+
+Usage::
+
+  python -m benchmarks.step_time --model mlp
+  python -m benchmarks.step_time --model resnet18_cifar
+  python -m benchmarks.step_time --model resnet18_imagenet --batch 256 --dtype bfloat16  # GPU
+  python -m benchmarks.step_time --quick          # seconds on CPU (the test runs it)
+
+Results go to ``outputs/step_time/<model>_<dtype>_b<batch>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import blaq_jax as bq
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# name -> image shape, classes, batch on an accelerator, batch on CPU.
+MODELS = {
+    "mlp": dict(shape=(28, 28, 1), classes=10, batch=100, cpu_batch=100,
+                about="MNIST MLP 784-2048-2048-2048-10 (examples/classification)"),
+    "resnet18_cifar": dict(shape=(32, 32, 3), classes=10, batch=256, cpu_batch=32,
+                           about="ResNet18 at CIFAR shape 32x32, 10 classes "
+                                 "(examples/imagenet_resnet18)"),
+    "resnet18_imagenet": dict(shape=(224, 224, 3), classes=1000, batch=256, cpu_batch=4,
+                              about="ResNet18 at ImageNet shape 224x224, 1000 classes "
+                                    "(examples/imagenet_resnet18)"),
+    "mlp_tiny": dict(shape=(28, 28, 1), classes=10, batch=16, cpu_batch=16,
+                     about="MNIST MLP 784-32-10 (--quick)"),
+}
+
+ALL_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "blaq_1bit",
+               "bwn_ste_2bit", "laq_2bit", "blaq_2bit")
+
+# (numerator, denominator, target): the issue's targets on one H100.
+TARGETS = (
+    ("laq_1bit", "adam", 1.03),
+    ("laq_2bit", "adam", 1.10),
+    ("blaq_1bit", "laq_1bit", 1.90),
+    ("blaq_2bit", "laq_2bit", None),
+    ("bwn_ste_1bit", "adam", None),
+)
+
+
+@dataclasses.dataclass
+class Method:
+  name: str
+  kind: str                # "adam" | "ste" | "laq" | "blaq"
+  grad_evals: int
+  tx: optax.GradientTransformation
+  spec: Any = None
+
+
+# ----------------------------------------------------------------------------
+# Model, loss and methods
+
+
+def build_model(name: str, dtype, seed: int = 0):
+  """Returns ``(model, apply)`` with ``apply(model, x) -> logits`` (training mode)."""
+  info = MODELS[name]
+  if name in ("mlp", "mlp_tiny"):
+    if dtype != jnp.float32:
+      raise ValueError(f"--dtype: the MLP runs in float32 only, got {jnp.dtype(dtype).name}")
+    from examples.classification import models as cls_models
+    hidden = (2048, 2048, 2048) if name == "mlp" else (32,)
+    model = cls_models.MLP(in_features=int(np.prod(info["shape"])), hidden=hidden,
+                           num_classes=info["classes"], rngs=nnx.Rngs(seed))
+    return model, lambda m, x: m(x, train=True)
+  from examples.imagenet_resnet18 import models as resnet_models
+  model = resnet_models.ResNet18(num_classes=info["classes"], dtype=dtype,
+                                 rngs=nnx.Rngs(seed))
+  model.train()
+  return model, lambda m, x: m(x)
+
+
+def make_methods(names, params, *, lr: float, first_last_bits: Optional[int],
+                 a: float, is_resnet: bool) -> list[Method]:
+  def spec_for(bits):
+    iters = 10 if bits > 1 else 5
+    overrides = {}
+    if is_resnet and first_last_bits != bits:
+      overrides = {r"^conv_init/kernel": first_last_bits, r"^head/kernel": first_last_bits}
+    return bq.quant_spec(params, bits=bits, iters=iters, overrides=overrides)
+
+  out = []
+  for name in names:
+    if name == "adam":
+      out.append(Method(name, "adam", 1, optax.adam(lr)))
+      continue
+    kind, bits = name.rsplit("_", 1)
+    spec = spec_for(int(bits.removesuffix("bit")))
+    if kind == "bwn_ste":
+      out.append(Method(name, "ste", 1, bq.ste(optax.adam(lr), spec), spec))
+    elif kind == "laq":
+      out.append(Method(name, "laq", 1, bq.laq(lr, spec), spec))
+    elif kind == "blaq":
+      out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a), spec))
+    else:
+      raise ValueError(f"--methods: unknown method {name!r}; expected {ALL_METHODS}")
+  return out
+
+
+def make_loss(graphdef, apply):
+  def loss_fn(params, stats, x, y):
+    model = nnx.merge(graphdef, params, stats, copy=True)
+    logits = apply(model, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, nnx.state(model, nnx.BatchStat)
+
+  return loss_fn
+
+
+def make_step(method: Method, loss_fn):
+  """The canonical training step of ``method`` (see /README and DESIGN)."""
+  tx, spec, kind = method.tx, method.spec, method.kind
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(params, stats, opt_state, x, y):
+    if kind == "adam":
+      (loss, new_stats), g = value_and_grad(params, stats, x, y)
+      updates, opt_state = tx.update(g, opt_state, params)
+    elif kind == "ste":
+      ste_loss = lambda p, *args: loss_fn(bq.ste_quantize_params(p, spec), *args)
+      (loss, new_stats), g = jax.value_and_grad(ste_loss, has_aux=True)(params, stats, x, y)
+      updates, opt_state = tx.update(g, opt_state, params)
+    else:
+      q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+      (loss, new_stats), g = value_and_grad(q, stats, x, y)
+      grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, stats, x, y)[0]
+      updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  return step
+
+
+def make_update_only(method: Method):
+  """The step without its gradient evaluations (given ``g``)."""
+  tx, spec, kind = method.tx, method.spec, method.kind
+
+  def update_only(params, opt_state, g):
+    if kind in ("laq", "blaq"):
+      q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+    elif kind == "ste":
+      q = bq.ste_quantize_params(params, spec)
+    else:
+      q = None
+    # Elementwise stand-in for BLAQ's lookahead gradient; it reads its argument,
+    # so the trial projection is not dead code.
+    grad_fn = lambda p: jax.tree.map(lambda w, gw: gw + 1e-12 * w, p, g)
+    updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state, q
+
+  return update_only
+
+
+# ----------------------------------------------------------------------------
+# Timing
+
+
+class Runner:
+  """One compiled function and its arguments; ``carry`` threads the state."""
+
+  def __init__(self, name, compiled, args, carry: int = 0):
+    self.name, self.compiled, self.args, self.carry = name, compiled, list(args), carry
+
+  def __call__(self) -> float:
+    t0 = time.perf_counter()
+    out = self.compiled(*self.args)
+    jax.block_until_ready(out)
+    dt = time.perf_counter() - t0
+    if self.carry:
+      self.args[:self.carry] = out[:self.carry]
+    return dt
+
+
+def compile_fn(fn, args, donate=()):
+  t0 = time.perf_counter()
+  lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - t0
+  mem = {}
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    ma = None
+  if ma is not None:
+    for key in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                "temp_size_in_bytes", "generated_code_size_in_bytes"):
+      mem[key.removesuffix("_in_bytes")] = int(getattr(ma, key, 0) or 0)
+    mem["peak_estimate"] = (mem["argument_size"] + mem["output_size"] - mem["alias_size"]
+                            + mem["temp_size"])
+  return compiled, seconds, mem
+
+
+def device_peak_bytes() -> Optional[int]:
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001
+    return None
+  if not stats:
+    return None
+  return int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def round_robin(runners: list[Runner], rounds: int, steps: int) -> dict[str, list[list[float]]]:
+  """Per runner, per round, the seconds of each timed call."""
+  times = {r.name: [] for r in runners}
+  for i in range(rounds):
+    order = runners[i % len(runners):] + runners[:i % len(runners)]
+    for r in order:
+      times[r.name].append([r() for _ in range(steps)])
+  return times
+
+
+def summarize(samples: list[list[float]]) -> dict:
+  flat = [t for rnd in samples for t in rnd]
+  q10, q90 = np.percentile(flat, [10, 90])
+  return {"median_ms": 1e3 * statistics.median(flat), "p10_ms": 1e3 * float(q10),
+          "p90_ms": 1e3 * float(q90), "min_ms": 1e3 * min(flat), "n": len(flat),
+          "round_medians_ms": [1e3 * statistics.median(r) for r in samples]}
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------
+# Environment and output
+
+
+def git_commit() -> str:
+  try:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "blaq_jax", "benchmarks"],
+                           cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    return sha + ("+dirty" if dirty else "")
+  except Exception:  # noqa: BLE001
+    return "unknown"
+
+
+def environment() -> dict:
+  import flax
+  dev = jax.devices()[0]
+  return {
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+      "commit": git_commit(),
+      "backend": jax.default_backend(),
+      "device": getattr(dev, "device_kind", str(dev)),
+      "cpu": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+      "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+      "python": platform.python_version(),
+      "command": "python -m benchmarks.step_time " + " ".join(sys.argv[1:]),
+  }
+
+
+def ratios(results: dict, rounds: int) -> list[dict]:
+  out = []
+  for num, den, target in TARGETS:
+    if num not in results or den not in results:
+      continue
+    a, b = results[num]["time"], results[den]["time"]
+    per_round = [x / y for x, y in zip(a["round_medians_ms"], b["round_medians_ms"])]
+    value = a["median_ms"] / b["median_ms"]
+    out.append({"ratio": f"{num}/{den}", "value": value, "round_min": min(per_round),
+                "round_max": max(per_round), "target": target,
+                "meets_target": None if target is None else bool(value <= target)})
+  return out
+
+
+def markdown(report: dict) -> str:
+  env, cfg = report["env"], report["config"]
+  mb = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
+  lines = [
+      f"**{cfg['model']}** ({MODELS[cfg['model']]['about']}), batch {cfg['batch']}, "
+      f"{cfg['dtype']}; {env['backend']} ({env['device']}, {env['cpu_count']} cores), "
+      f"jax {env['jax']}, commit {env['commit']}, {env['date_utc']} UTC; "
+      f"{cfg['rounds']} rounds x {cfg['steps']} steps per method after {cfg['warmup']} "
+      f"warm-up steps; load average at start {env['load_avg_1min']:.1f}.",
+      "",
+      "| method | grad evals | median ms | p10–p90 ms | × adam | opt state MB "
+      "| XLA peak MB | device peak MB | compile s |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  adam = report["results"].get("adam")
+  for name, r in report["results"].items():
+    t = r["time"]
+    rel = f"{t['median_ms'] / adam['time']['median_ms']:.3f}" if adam else "–"
+    lines.append(
+        f"| {name} | {r['grad_evals']} | {t['median_ms']:.2f} | {t['p10_ms']:.2f}–"
+        f"{t['p90_ms']:.2f} | {rel} | {mb(r['opt_state_bytes'])} | "
+        f"{mb(r['memory'].get('peak_estimate'))} | {mb(r['device_peak_bytes'])} | "
+        f"{r['compile_s']:.1f} |")
+  if report.get("components"):
+    comp = report["components"]
+    g = comp["grad_eval"]["median_ms"]
+    lines += ["", f"Components: one `value_and_grad` at fixed weights = {g:.2f} ms.", "",
+              "| method | step ms | update-only ms (% of step) | step − n·grad_eval ms "
+              "(% of step) |", "|---|---|---|---|"]
+    for name, r in report["results"].items():
+      u = comp.get(f"{name}:update")
+      if u is None:
+        continue
+      step = r["time"]["median_ms"]
+      rest = step - r["grad_evals"] * g
+      lines.append(f"| {name} | {step:.2f} | {u['median_ms']:.2f} "
+                   f"({100 * u['median_ms'] / step:.1f}%) | {rest:.2f} "
+                   f"({100 * rest / step:.1f}%) |")
+  if report["ratios"]:
+    lines += ["", "| ratio | measured | range over rounds | target (H100) |",
+              "|---|---|---|---|"]
+    for r in report["ratios"]:
+      tgt = "–" if r["target"] is None else f"≤ {r['target']:.2f}"
+      lines.append(f"| {r['ratio']} | {r['value']:.3f} | {r['round_min']:.3f}–"
+                   f"{r['round_max']:.3f} | {tgt} |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+
+
+def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
+        methods=ALL_METHODS, warmup: int = 3, rounds: int = 5, steps: Optional[int] = None,
+        components: bool = True, first_last_bits: Optional[int] = 8, a: float = 0.6,
+        lr: float = 1e-3, dump_hlo: Optional[str] = None, profile_dir: Optional[str] = None,
+        seed: int = 0) -> dict:
+  """Builds, compiles, warms up and times every method; returns the report dict."""
+  if model_name not in MODELS:
+    raise ValueError(f"--model must be one of {sorted(MODELS)}, got {model_name!r}")
+  info = MODELS[model_name]
+  on_cpu = jax.default_backend() == "cpu"
+  if batch is None:
+    batch = info["cpu_batch"] if on_cpu else info["batch"]
+  if steps is None:
+    steps = 10 if not on_cpu else (2 if model_name == "resnet18_imagenet" else 5)
+  jdtype = jnp.dtype(dtype).type
+  is_resnet = model_name.startswith("resnet")
+
+  model, apply = build_model(model_name, jdtype, seed)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  loss_fn = make_loss(graphdef, apply)
+  key_x, key_y = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(key_x, (batch, *info["shape"]), jnp.float32)
+  y = jax.random.randint(key_y, (batch,), 0, info["classes"])
+  all_methods = make_methods(methods, params, lr=lr, first_last_bits=first_last_bits, a=a,
+                             is_resnet=is_resnet)
+
+  results, runners, hlo = {}, [], {}
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  for m in all_methods:
+    p, s = copy(params), copy(stats)
+    # Fresh buffers: laq/blaq init shares one zero scalar between `count` and
+    # `skipped`, which XLA refuses to donate twice.
+    opt_state = copy(m.tx.init(p))
+    opt_bytes = tree_bytes(opt_state)
+    compiled, compile_s, mem = compile_fn(make_step(m, loss_fn), (p, s, opt_state, x, y),
+                                          donate=(0, 1, 2))
+    if dump_hlo:
+      hlo[m.name] = compiled.as_text()
+    runner = Runner(m.name, compiled, (p, s, opt_state, x, y), carry=3)
+    for _ in range(warmup):
+      runner()
+    runners.append(runner)
+    results[m.name] = {"grad_evals": m.grad_evals, "opt_state_bytes": opt_bytes,
+                       "memory": mem, "compile_s": compile_s,
+                       "device_peak_bytes": device_peak_bytes()}
+    print(f"compiled {m.name} in {compile_s:.1f}s", flush=True)
+
+  comp_runners = []
+  if components:
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    compiled, _, _ = compile_fn(value_and_grad, (params, stats, x, y))
+    comp_runners.append(Runner("grad_eval", compiled, (params, stats, x, y)))
+    g = jax.tree.map(lambda w: 1e-3 * jnp.ones_like(w), params)
+    for m in all_methods:
+      opt_state = m.tx.init(params)
+      compiled, _, _ = compile_fn(make_update_only(m), (params, opt_state, g))
+      if dump_hlo:
+        hlo[f"{m.name}:update"] = compiled.as_text()
+      comp_runners.append(Runner(f"{m.name}:update", compiled, (params, opt_state, g)))
+    for r in comp_runners:
+      for _ in range(warmup):
+        r()
+
+  if dump_hlo:
+    Path(dump_hlo).mkdir(parents=True, exist_ok=True)
+    for name, text in hlo.items():
+      (Path(dump_hlo) / f"{name.replace(':', '_')}.hlo.txt").write_text(text)
+
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  try:
+    times = round_robin(runners + comp_runners, rounds, steps)
+  finally:
+    if profile_dir:
+      jax.profiler.stop_trace()
+
+  for name in results:
+    results[name]["time"] = summarize(times[name])
+  report = {
+      "env": environment(),
+      "config": {"model": model_name, "batch": batch, "dtype": jnp.dtype(jdtype).name,
+                 "methods": list(methods), "warmup": warmup, "rounds": rounds,
+                 "steps": steps, "first_last_bits": first_last_bits if is_resnet else None,
+                 "a": a, "lr": lr, "param_bytes": tree_bytes(params),
+                 "num_params": int(sum(p.size for p in jax.tree.leaves(params)))},
+      "results": results,
+      "components": {r.name: summarize(times[r.name]) for r in comp_runners},
+      "device_peak_bytes_final": device_peak_bytes(),
+  }
+  report["env"]["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  report["ratios"] = ratios(results, rounds)
+  return report
+
+
+def save(report: dict, out_dir) -> Path:
+  cfg = report["config"]
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  stem = out_dir / f"{cfg['model']}_{cfg['dtype']}_b{cfg['batch']}"
+  stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+  stem.with_suffix(".md").write_text(markdown(report))
+  return stem.with_suffix(".json")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="mlp", choices=sorted(MODELS))
+  p.add_argument("--batch", type=int, default=None,
+                 help="default: the model's batch (smaller on CPU)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of ResNet18 (params stay float32)")
+  p.add_argument("--methods", default=",".join(ALL_METHODS),
+                 help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
+  p.add_argument("--no-components", action="store_true",
+                 help="skip timing grad_eval and the update-only parts")
+  p.add_argument("--first-last-bits", default="8",
+                 help="ResNet: bits of conv_init and head kernels ('none': same as the rest)")
+  p.add_argument("--a", type=float, default=0.6, help="BLAQ's mixing weight")
+  p.add_argument("--out", default=str(REPO_ROOT / "outputs" / "step_time"))
+  p.add_argument("--dump-hlo", default=None, help="directory for the compiled HLO text")
+  p.add_argument("--profile", default=None, help="jax.profiler trace directory")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny MLP, few steps: a smoke run in seconds on CPU")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  methods = tuple(m for m in args.methods.split(",") if m)
+  flb = None if args.first_last_bits.lower() == "none" else int(args.first_last_bits)
+  kwargs = dict(batch=args.batch, dtype=args.dtype, methods=methods, warmup=args.warmup,
+                rounds=args.rounds, steps=args.steps, components=not args.no_components,
+                first_last_bits=flb, a=args.a, dump_hlo=args.dump_hlo,
+                profile_dir=args.profile)
+  model = args.model
+  if args.quick:
+    model = "mlp_tiny"
+    kwargs.update(warmup=1, rounds=2, steps=2 if args.steps is None else args.steps)
+  report = run(model, **kwargs)
+  path = save(report, args.out)
+  print(markdown(report))
+  print(f"wrote {path} and {path.with_suffix('.md')}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

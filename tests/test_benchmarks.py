@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark scripts (tiny sizes; no timing is asserted)."""
+
+import json
+
+import jax
+import pytest
+
+from benchmarks import convergence
+from benchmarks import step_time
+
+
+def test_step_time_quick(tmp_path):
+  methods = "adam,bwn_ste_1bit,laq_2bit,blaq_1bit"
+  report = step_time.main(["--quick", "--methods", methods, "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "mlp_tiny_float32_b16.json").read_text())
+  table = (tmp_path / "mlp_tiny_float32_b16.md").read_text()
+  assert list(saved["results"]) == methods.split(",")
+  for name, r in saved["results"].items():
+    assert r["time"]["median_ms"] > 0 and r["time"]["n"] == 4, name
+    assert f"| {name} |" in table
+  assert saved["results"]["blaq_1bit"]["grad_evals"] == 2
+  assert saved["results"]["laq_2bit"]["grad_evals"] == 1
+  # Optimizer state: LAQ = Adam + D for the quantized kernels + the skipped counter.
+  kernels = [w for w in jax.tree.leaves(_tiny_params()) if w.ndim >= 2]
+  extra = sum(w.nbytes for w in kernels) + 4
+  res = saved["results"]
+  assert res["laq_2bit"]["opt_state_bytes"] == res["adam"]["opt_state_bytes"] + extra
+  assert res["blaq_1bit"]["opt_state_bytes"] == res["laq_2bit"]["opt_state_bytes"]
+  assert {r["ratio"] for r in saved["ratios"]} == {"laq_2bit/adam", "bwn_ste_1bit/adam"}
+  assert set(saved["components"]) == {"grad_eval", *(f"{m}:update" for m in res)}
+  assert report["config"]["model"] == "mlp_tiny"
+  assert saved["env"]["jax"] == jax.__version__ and saved["env"]["commit"]
+
+
+def _tiny_params():
+  from flax import nnx
+  import jax.numpy as jnp
+  model, _ = step_time.build_model("mlp_tiny", jnp.float32)
+  return nnx.state(model, nnx.Param)
+
+
+def test_step_time_rejects_bad_input():
+  with pytest.raises(ValueError, match="--model"):
+    step_time.run("resnet50")
+  with pytest.raises(ValueError, match="--methods"):
+    step_time.run("mlp_tiny", methods=("adam", "sgd_1bit"))
+
+
+def test_convergence_tiny(tmp_path):
+  out = convergence.main([
+      "--datasets", "mnist", "--methods", "laq,blaq,laq_2x", "--seeds", "0",
+      "--epochs", "1", "--hidden", "16", "--train-subset", "200", "--test-subset", "100",
+      "--batch-size", "50", "--out", str(tmp_path)])
+  s = out["summary"]["mnist"]["methods"]
+  assert s["laq"]["grad_evals"] == 4 and s["laq"]["epochs"] == 1
+  assert s["blaq"]["grad_evals"] == 8 and s["laq_2x"]["grad_evals"] == 8
+  assert s["laq_2x"]["epochs"] == 2
+  # At LAQ's budget G = 4 evaluations BLAQ has no finished epoch (its first costs
+  # 8); LAQ-2x's first epoch (4) fits.
+  assert s["blaq"]["acc_at_G"] is None and s["laq_2x"]["acc_at_G"] is not None
+  for r in s.values():
+    assert 0 <= r["final_acc"] <= 1 and r["flip_rate_mean"] >= 0
+  assert (tmp_path / "curves_mnist.png").stat().st_size > 0
+  md = (tmp_path / "summary.md").read_text()
+  assert "| laq_2x | 2 | 8 |" in md
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert len(saved["runs"]["mnist"]["laq_2x"]["0"]) == 2
+
+
+def test_convergence_method_names():
+  assert convergence.parse_method("laq_2x") == ("laq", 2)
+  assert convergence.parse_method("bwn-ste") == ("bwn-ste", 1)
+  for bad in ("adamw", "laq_x", "laq_0x"):
+    with pytest.raises(ValueError, match="--methods"):
+      convergence.parse_method(bad)
