@@ -4,8 +4,8 @@
 parses flags. Per epoch it writes one line of ``workdir/metrics.jsonl``
 (test accuracy with the quantized weights, train loss, gradient evaluations,
 training seconds excluding compilation and evaluation, oscillation
-statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True`` continues from the latest one bit for
-bit: the data order is a function of ``(seed, epoch)`` and nothing else is
+statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True``
+continues from the latest one bit for bit: the data order is a function of ``(seed, epoch)`` and nothing else is
 random), and at the end the bit-packed model (``model_packed.npz``), its size
 report and a plot of accuracy per epoch / gradient evaluation / second.
 
