@@ -51,7 +51,7 @@ def _rows(workdir):
   return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", ["fp", "bwn-ste", "laq", "blaq", "ste-alpha-blend"])
 def test_mlp_one_epoch_each_method(tmp_path, data_dir, method):
   config = _config(data_dir, method=method, num_epochs=1)
   out = train.train_and_evaluate(config, tmp_path)
@@ -74,6 +74,17 @@ def test_mlp_one_epoch_each_method(tmp_path, data_dir, method):
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(q)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert "total" in (tmp_path / "size_report.txt").read_text()
+
+
+@pytest.mark.parametrize("method", ["ste-dampen", "ste-freeze"])
+def test_ste_variants_run(tmp_path, data_dir, method):
+  config = _config(data_dir, method=method, num_epochs=1, model_kwargs={"hidden": (8,)},
+                   checkpoint=False, export=False)
+  out = train.train_and_evaluate(config, tmp_path)
+  (row,) = _rows(tmp_path)
+  assert row["grad_evals"] == 4 and np.isfinite(row["train_loss"])
+  q = out["trainer"].quantized(out["state"]["params"], out["state"]["opt_state"])
+  assert len(np.unique(np.asarray(q["dense"][0]["kernel"][...]))) == 2
 
 
 def test_lenet5_one_epoch(tmp_path, data_dir):
