@@ -318,12 +318,14 @@ def ratios(results: dict, rounds: int) -> list[dict]:
 def markdown(report: dict) -> str:
   env, cfg = report["env"], report["config"]
   mb = lambda b: "–" if b is None else f"{b / 2**20:.1f}"
+  load = lambda x: "–" if x is None else f"{x:.1f}"
   lines = [
       f"**{cfg['model']}** ({MODELS[cfg['model']]['about']}), batch {cfg['batch']}, "
       f"{cfg['dtype']}; {env['backend']} ({env['device']}, {env['cpu_count']} cores), "
       f"jax {env['jax']}, commit {env['commit']}, {env['date_utc']} UTC; "
       f"{cfg['rounds']} rounds x {cfg['steps']} steps per method after {cfg['warmup']} "
-      f"warm-up steps; load average at start {env['load_avg_1min']:.1f}.",
+      f"warm-up steps; 1-min load average {load(env.get('load_avg_1min'))} at start, "
+      f"{load(env.get('load_avg_1min_end'))} at end.",
       "",
       "| method | grad evals | median ms | p10–p90 ms | × adam | opt state MB "
       "| XLA peak MB | device peak MB | compile s |",
@@ -380,6 +382,7 @@ def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
     batch = info["cpu_batch"] if on_cpu else info["batch"]
   if steps is None:
     steps = 10 if not on_cpu else (2 if model_name == "resnet18_imagenet" else 5)
+  env = environment()  # load average at the start
   jdtype = jnp.dtype(dtype).type
   is_resnet = model_name.startswith("resnet")
 
@@ -445,7 +448,7 @@ def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
   for name in results:
     results[name]["time"] = summarize(times[name])
   report = {
-      "env": environment(),
+      "env": env,
       "config": {"model": model_name, "batch": batch, "dtype": jnp.dtype(jdtype).name,
                  "methods": list(methods), "warmup": warmup, "rounds": rounds,
                  "steps": steps, "first_last_bits": first_last_bits if is_resnet else None,
