@@ -435,3 +435,15 @@ def test_fig1_laq_zig_zags_where_blaq_settles():
   assert laq_flips >= 5 and laq_last > 500, (laq_flips, laq_last)
   # BLAQ: they settle early and stay put.
   assert blaq_flips == 0 and blaq_last < 50, (blaq_flips, blaq_last)
+
+
+def test_skip_nonfinite_can_be_turned_off():
+  params = {"w": jnp.ones((2, 2))}
+  spec = {"w": bq.QuantSpec(1)}
+  for tx in (bq.laq(1e-2, spec, skip_nonfinite=False),
+             bq.blaq(1e-2, spec, skip_nonfinite=False)):
+    state = tx.init(params)
+    g = {"w": jnp.full((2, 2), jnp.nan)}
+    updates, state = tx.update(g, state, params, grad_fn=lambda p: g)
+    assert np.isnan(np.asarray(updates["w"])).all()
+    assert int(state.skipped) == 0 and int(state.count) == 1

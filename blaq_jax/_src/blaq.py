@@ -85,6 +85,7 @@ def blaq(
     eps: float = 1e-8,
     clip: Optional[float] = 1.0,
     batch_axis_name: Optional[str] = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """BLAQ as an optax transform.
 
@@ -98,6 +99,8 @@ def blaq(
     batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
       lookahead gradient is ``pmean``-ed (as ``optax.contrib.sam`` does). The
       caller averages ``g_t`` itself, as for any optax optimizer.
+    skip_nonfinite: skip (and count) steps where ``g_t`` or ``g*`` is not
+      finite; False drops the check (see :func:`blaq_jax.laq`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -113,8 +116,8 @@ def blaq(
 
   def init_fn(params):
     mu, nu, curv = core.init_slots(params, spec, "blaq.init")
-    zero = jnp.zeros([], jnp.int32)
-    return BLAQState(count=zero, mu=mu, nu=nu, curvature=curv, skipped=zero)
+    return BLAQState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, curvature=curv,
+                   skipped=jnp.zeros([], jnp.int32))  # distinct buffers (donation)
 
   def update_fn(updates, state, params=None, *, grad_fn: Optional[Callable] = None,
                 **extra_args):
@@ -134,10 +137,10 @@ def blaq(
     g_trial = grad_fn(stage1.trial)
     if batch_axis_name is not None:
       g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
-                                      count)
-    ok = core.all_finite(updates, g_trial)
-    return core.commit(ok, state, new_state, params, new_params, updates)
+    ok = core.all_finite(updates, g_trial) if skip_nonfinite else None
+    return core.step_or_skip(
+        ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
+        state, params, updates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

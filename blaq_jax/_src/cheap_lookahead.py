@@ -67,8 +67,8 @@ def _blaq_init(spec, where):
 
   def init_fn(params):
     mu, nu, curv = core.init_slots(params, spec, where)
-    zero = jnp.zeros([], jnp.int32)
-    return BLAQState(count=zero, mu=mu, nu=nu, curvature=curv, skipped=zero)
+    return BLAQState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, curvature=curv,
+                   skipped=jnp.zeros([], jnp.int32))  # distinct buffers (donation)
 
   return init_fn
 
@@ -106,10 +106,10 @@ def blaq_periodic(
       return jax.lax.pmean(g, batch_axis_name) if batch_axis_name else g
 
     g_trial = jax.lax.cond(state.count % every == 0, lookahead, lambda: updates)
-    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
-                                      count)
     ok = core.all_finite(updates, g_trial)
-    return core.commit(ok, state, new_state, params, new_params, updates)
+    return core.step_or_skip(
+        ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
+        state, params, updates)
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_periodic.init"),
                                                update_fn)
@@ -162,11 +162,13 @@ def blaq_reuse(
     if batch_axis_name:
       g_trial = jax.lax.pmean(g_trial, batch_axis_name)
     a_t = jnp.where(state.count == 0, 0.0, a)
-    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t, lr,
-                                      count)
-    new_state = new_state._replace(trial_grad=g_trial)
-    ok = core.all_finite(g_trial)
-    return core.commit(ok, state, new_state, params, new_params, g_trial)
+
+    def compute():
+      new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t,
+                                        lr, count)
+      return new_params, new_state._replace(trial_grad=g_trial)
+
+    return core.step_or_skip(core.all_finite(g_trial), compute, state, params, g_trial)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -205,10 +207,10 @@ def blaq_model(
 
     g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.curvature,
                                      stage1.den, stage1.trial)
-    new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
-                                      count)
-    ok = core.all_finite(updates)
-    return core.commit(ok, state, new_state, params, new_params, updates)
+    return core.step_or_skip(
+        core.all_finite(updates),
+        lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
+        state, params, updates)
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
                                                update_fn)
