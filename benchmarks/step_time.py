@@ -305,7 +305,7 @@ def git_commit() -> str:
   try:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "blaq_jax", "benchmarks"],
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "blaq_jax", "benchmarks/*.py"],
                            cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     return sha + ("+dirty" if dirty else "")
   except Exception:  # noqa: BLE001
@@ -428,8 +428,8 @@ def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
   copy = lambda t: jax.tree.map(jnp.copy, t)
   for m in all_methods:
     p, s = copy(params), copy(stats)
-    # Fresh buffers: laq/blaq init shares one zero scalar between `count` and
-    # `skipped`, which XLA refuses to donate twice.
+    # Fresh buffers: a state whose leaves share one array (laq/blaq's init did,
+    # for `count` and `skipped`) cannot be donated.
     opt_state = copy(m.tx.init(p))
     opt_bytes = tree_bytes(opt_state)
     compiled, compile_s, mem = compile_fn(make_step(m, loss_fn), (p, s, opt_state, x, y),
