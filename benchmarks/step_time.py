@@ -79,8 +79,9 @@ MODELS = {
 
 ALL_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "blaq_1bit",
                "bwn_ste_2bit", "laq_2bit", "blaq_2bit")
-# The cheaper lookahead forms (blaq_jax._src.cheap_lookahead), on request:
-# e.g. --methods laq_1bit,blaq_1bit,blaq_reuse_1bit,blaq_periodic_1bit,blaq_model_1bit
+# On request: LAQ/BLAQ without the non-finite skip (laq_noskip_1bit, ...) and
+# the cheaper lookahead forms (blaq_jax._src.cheap_lookahead), e.g.
+# --methods laq_1bit,blaq_1bit,blaq_reuse_1bit,blaq_periodic_1bit,blaq_model_1bit
 VARIANT_KINDS = ("blaq_reuse", "blaq_periodic", "blaq_model")
 
 # (numerator, denominator, target): the targets on one H100.
@@ -90,6 +91,9 @@ TARGETS = (
     ("blaq_1bit", "laq_1bit", 1.90),
     ("blaq_2bit", "laq_2bit", None),
     ("bwn_ste_1bit", "adam", None),
+    ("laq_noskip_1bit", "adam", 1.03),
+    ("laq_noskip_2bit", "adam", 1.10),
+    ("blaq_noskip_1bit", "laq_noskip_1bit", 1.90),
     ("blaq_reuse_1bit", "laq_1bit", 1.10),
     ("blaq_periodic_1bit", "laq_1bit", 1.10),
     ("blaq_model_1bit", "laq_1bit", 1.10),
@@ -149,6 +153,10 @@ def make_methods(names, params, *, lr: float, first_last_bits: Optional[int],
       out.append(Method(name, "laq", 1, bq.laq(lr, spec), spec))
     elif kind == "blaq":
       out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a), spec))
+    elif kind == "laq_noskip":  # no check for non-finite gradients
+      out.append(Method(name, "laq", 1, bq.laq(lr, spec, skip_nonfinite=False), spec))
+    elif kind == "blaq_noskip":
+      out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a, skip_nonfinite=False), spec))
     elif kind == "blaq_reuse":
       out.append(Method(name, kind, 1, cheap_lookahead.blaq_reuse(lr, spec, a=a), spec))
     elif kind == "blaq_periodic":  # lookahead every 10th step: 1.1 gradients per step
