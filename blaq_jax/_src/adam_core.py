@@ -38,18 +38,20 @@ def learning_rate_at(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def init_slots(params, spec, where: str):
-  """Returns ``(mu, nu, curvature)``: zeros, zeros and ones for quantized leaves.
+def init_state(state_cls, params, spec, where: str):
+  """``state_cls(count, mu, nu, curvature, skipped)`` at step 0.
 
-  ``curvature`` holds ``D`` only for quantized leaves (None elsewhere).
+  ``mu``, ``nu`` are zeros; ``curvature`` holds ``D = 1`` for quantized leaves
+  only (None elsewhere); ``count`` and ``skipped`` are distinct buffers, so
+  the state can be donated.
   """
   tree_lib.check_float_params(params, where)
   tree_lib.check_spec_matches(spec, params, where)
-  mu = otu.tree_zeros_like(params)
-  nu = otu.tree_zeros_like(params)
   curv = tree_lib.map_with_spec(
       lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
-  return mu, nu, curv
+  return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
+                   nu=otu.tree_zeros_like(params), curvature=curv,
+                   skipped=jnp.zeros([], jnp.int32))
 
 
 def moment(old, g, decay):

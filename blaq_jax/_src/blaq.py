@@ -115,9 +115,7 @@ def blaq(
   core.check_hyperparams("blaq", b1, b2, eps, clip)
 
   def init_fn(params):
-    mu, nu, curv = core.init_slots(params, spec, "blaq.init")
-    return BLAQState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, curvature=curv,
-                   skipped=jnp.zeros([], jnp.int32))  # distinct buffers (donation)
+    return core.init_state(BLAQState, params, spec, "blaq.init")
 
   def update_fn(updates, state, params=None, *, grad_fn: Optional[Callable] = None,
                 **extra_args):

@@ -64,13 +64,7 @@ def _require_grad_fn(where, grad_fn):
 
 
 def _blaq_init(spec, where):
-
-  def init_fn(params):
-    mu, nu, curv = core.init_slots(params, spec, where)
-    return BLAQState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, curvature=curv,
-                   skipped=jnp.zeros([], jnp.int32))  # distinct buffers (donation)
-
-  return init_fn
+  return lambda params: core.init_state(BLAQState, params, spec, where)
 
 
 def blaq_periodic(

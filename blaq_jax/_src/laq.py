@@ -78,9 +78,7 @@ def laq(
   core.check_hyperparams("laq", b1, b2, eps, clip)
 
   def init_fn(params):
-    mu, nu, curv = core.init_slots(params, spec, "laq.init")
-    return LAQState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, curvature=curv,
-                   skipped=jnp.zeros([], jnp.int32))  # distinct buffers (donation)
+    return core.init_state(LAQState, params, spec, "laq.init")
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
