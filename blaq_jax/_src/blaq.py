@@ -49,7 +49,6 @@ import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import adam_core as core
