@@ -14,10 +14,8 @@ literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import importlib
 
+from examples import config_cli
 from examples.classification import train
 
 CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg")
@@ -31,21 +29,7 @@ FLAGS = {
 
 
 def get_config(name: str) -> train.Config:
-  if name not in CONFIGS:
-    raise ValueError(f"--config must be one of {CONFIGS}, got {name!r}")
-  return importlib.import_module(f"examples.classification.configs.{name}").get_config()
-
-
-def _parse_set(config: train.Config, item: str) -> None:
-  key, sep, value = item.partition("=")
-  fields = {f.name for f in dataclasses.fields(config)}
-  if not sep or key not in fields:
-    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
-  try:
-    parsed = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    parsed = value
-  setattr(config, key, parsed)
+  return config_cli.load_config("examples.classification", name, CONFIGS)
 
 
 def parse_args(argv=None):
@@ -78,7 +62,7 @@ def main(argv=None):
   if args.no_export:
     config.export = False
   for item in args.set:
-    _parse_set(config, item)
+    config_cli.set_field(config, item)
   result = train.train_and_evaluate(config, args.workdir, resume=args.resume)
   print({k: v for k, v in result["metrics"].items()})
 

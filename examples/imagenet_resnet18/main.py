@@ -15,13 +15,11 @@ multi-node GPU clusters); every process runs the same command.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import importlib
 import logging
 
 import jax
 
+from examples import config_cli
 from examples.imagenet_resnet18 import train
 
 CONFIGS = ("default", "resnet18_2bit", "synthetic")
@@ -32,21 +30,7 @@ FLAGS = {"data_dir": str, "parallel": str, "optimizer": str, "bits": int, "a": f
 
 
 def get_config(name: str) -> train.Config:
-  if name not in CONFIGS:
-    raise ValueError(f"--config must be one of {CONFIGS}, got {name!r}")
-  return importlib.import_module(f"examples.imagenet_resnet18.configs.{name}").get_config()
-
-
-def set_field(config: train.Config, item: str) -> None:
-  key, sep, value = item.partition("=")
-  fields = {f.name for f in dataclasses.fields(config)}
-  if not sep or key not in fields:
-    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
-  try:
-    parsed = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    parsed = value
-  setattr(config, key, parsed)
+  return config_cli.load_config("examples.imagenet_resnet18", name, CONFIGS)
 
 
 def parse_args(argv=None):
@@ -81,7 +65,7 @@ def main(argv=None):
   if args.synthetic:
     config.synthetic = True
   for item in args.set:
-    set_field(config, item)
+    config_cli.set_field(config, item)
   logging.info("config %s", config)
   summary = train.train_and_evaluate(config, args.workdir)
   summary.pop("state")

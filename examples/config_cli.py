@@ -1,0 +1,27 @@
+"""Command-line helpers shared by the examples' ``main.py`` files."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+
+
+def load_config(package: str, name: str, names):
+  """``<package>.configs.<name>.get_config()``; ``name`` must be in ``names``."""
+  if name not in names:
+    raise ValueError(f"--config must be one of {names}, got {name!r}")
+  return importlib.import_module(f"{package}.configs.{name}").get_config()
+
+
+def set_field(config, item: str) -> None:
+  """Applies ``--set field=value`` (a Python literal, else a string) to a dataclass."""
+  key, sep, value = item.partition("=")
+  fields = {f.name for f in dataclasses.fields(config)}
+  if not sep or key not in fields:
+    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  setattr(config, key, parsed)
