@@ -154,4 +154,4 @@ def test_synthetic_mode_and_cli(tmp_path, capsys):
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   assert summary["images_per_sec"] > 0 and "eval_accuracy" not in summary
   with pytest.raises(ValueError, match="--set expects"):
-    main.set_field(main.get_config("default"), "no_such_field=1")
+    main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--set", "no_such_field=1"])
