@@ -116,3 +116,11 @@ def test_bad_input():
   with pytest.raises(ValueError, match="params are required"):
     tx = bq.ste(optax.sgd(0.1), spec)
     tx.update(params, tx.init(params))
+
+
+def test_ste_forward_value_is_exactly_the_projection():
+  w = jax.random.normal(jax.random.key(3), (64, 32)) * 0.3
+  for spec in (bq.QuantSpec(1), bq.QuantSpec(3), bq.QuantSpec(2, per_channel=True)):
+    np.testing.assert_array_equal(bq.ste_quantize(w, spec), bq.quantize(w, spec))
+    g = jax.grad(lambda w: jnp.sum(bq.ste_quantize(w, spec) * 2.0))(w)
+    np.testing.assert_array_equal(g, 2.0 * np.ones_like(w))

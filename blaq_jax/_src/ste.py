@@ -36,6 +36,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -90,8 +92,10 @@ def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Arra
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.
 
-  Computed as ``w + stop_gradient(Q(w) - w)``, so ``jax.grad`` through it
-  returns the coarse gradient ``∇ℓ(ŵ)`` unchanged.
+  A ``jax.custom_jvp`` whose value is exactly ``Q(w)`` (the form ``w +
+  stop_gradient(Q(w) - w)`` is off by rounding) and whose derivative is the
+  identity, so ``jax.grad`` through it returns the coarse gradient
+  ``∇ℓ(ŵ)`` unchanged.
 
   Args:
     w: a floating array.
@@ -102,8 +106,18 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"ste_quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   check_scale(scale, "ste_quantize")
-  w = jnp.asarray(w)
-  return w + jax.lax.stop_gradient(plain_quantize(w, spec, scale) - w)
+  return _straight_through(jnp.asarray(w), spec, scale)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _straight_through(w, spec, scale):
+  return plain_quantize(w, spec, scale)
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(spec, scale, primals, tangents):
+  (w,), (dw,) = primals, tangents
+  return _straight_through(w, spec, scale), dw
 
 
 def ste_quantize_params(params, spec, *, scale: str = "fit"):
