@@ -182,10 +182,7 @@ def track_oscillations(spec, *, window: int = 100,
 
 
 def _find_state(opt_state) -> OscillationState:
-  found = [
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OscillationState))
-      if isinstance(s, OscillationState)
-  ]
+  found = tree_lib.find_states(opt_state, OscillationState)
   if not found:
     raise ValueError(
         "oscillation_stats: opt_state holds no OscillationState; add "

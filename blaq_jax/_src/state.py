@@ -40,10 +40,7 @@ def curvature(opt_state):
   Raises:
     ValueError: if ``opt_state`` holds no LAQ/BLAQ state.
   """
-  found = [
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _STATES))
-      if isinstance(s, _STATES)
-  ]
+  found = tree_lib.find_states(opt_state, _STATES)
   if not found:
     raise ValueError(
         "curvature: opt_state holds no LAQState/BLAQState; build the optimizer "

@@ -85,3 +85,13 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
     return fn(s, first, *rest)
 
   return jax.tree.map(leaf_fn, spec, *trees, is_leaf=is_spec_leaf)
+
+
+def find_states(opt_state, types) -> list:
+  """The nodes of ``opt_state`` that are instances of ``types``, in tree order.
+
+  Finds them inside ``optax.chain``, ``inject_hyperparams``, ``masked``,
+  ``multi_transform`` and any other nesting of states.
+  """
+  is_state = lambda x: isinstance(x, types)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
