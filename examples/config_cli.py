@@ -25,3 +25,13 @@ def set_field(config, item: str) -> None:
   except (ValueError, SyntaxError):
     parsed = value
   setattr(config, key, parsed)
+
+
+def apply_args(config, args, flags) -> None:
+  """Copies the flags in ``flags`` that were given, then applies every ``--set``."""
+  for flag in flags:
+    value = getattr(args, flag)
+    if value is not None:
+      setattr(config, flag, value)
+  for item in args.set:
+    set_field(config, item)

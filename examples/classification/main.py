@@ -51,18 +51,13 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   config = get_config(args.config)
-  for flag in FLAGS:
-    value = getattr(args, flag)
-    if value is not None:
-      setattr(config, flag, value)
   if args.download:
     config.download = True
   if args.no_progress:
     config.progress = False
   if args.no_export:
     config.export = False
-  for item in args.set:
-    config_cli.set_field(config, item)
+  config_cli.apply_args(config, args, FLAGS)
   result = train.train_and_evaluate(config, args.workdir, resume=args.resume)
   print({k: v for k, v in result["metrics"].items()})
 

@@ -58,14 +58,9 @@ def main(argv=None):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   config = get_config(args.config)
-  for flag in FLAGS:
-    value = getattr(args, flag)
-    if value is not None:
-      setattr(config, flag, value)
   if args.synthetic:
     config.synthetic = True
-  for item in args.set:
-    config_cli.set_field(config, item)
+  config_cli.apply_args(config, args, FLAGS)
   logging.info("config %s", config)
   summary = train.train_and_evaluate(config, args.workdir)
   summary.pop("state")
