@@ -6,6 +6,7 @@ from blaq_jax._src.alpha_blending import alpha_blend_params
 from blaq_jax._src.alpha_blending import alpha_blending_schedule
 from blaq_jax._src.blaq import BLAQState
 from blaq_jax._src.blaq import blaq
+from blaq_jax._src.blaq import periodic_lookahead
 from blaq_jax._src.dampening import DampeningState
 from blaq_jax._src.dampening import add_oscillation_dampening
 from blaq_jax._src.diagnostics import OscillationState
@@ -54,6 +55,7 @@ __all__ = (
     "load_packed",
     "oscillation_stats",
     "pack",
+    "periodic_lookahead",
     "quant_spec",
     "quantize",
     "quantize_activation",

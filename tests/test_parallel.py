@@ -35,12 +35,15 @@ def _loss(p, x, y):
 def _make_tx(algo, spec, axis_name):
   if algo == "blaq":
     return bq.blaq(1e-2, spec, a=0.6, batch_axis_name=axis_name)
+  if algo == "blaq_every2_2bit":  # the two-stage step on steps 1, 3 (a lax.cond)
+    return bq.blaq(1e-2, spec, a=0.6, batch_axis_name=axis_name,
+                   lookahead_schedule=bq.periodic_lookahead(2))
   return bq.laq(1e-2, spec)
 
 
 def _step_fn(tx, spec, pmean=lambda t: t):
   def step(params, opt_state, x, y):
-    q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+    q = bq.quantize_params(params, spec, state=opt_state)
     loss, g = jax.value_and_grad(_loss)(q, x, y)
     g = pmean(g)
     grad_fn = lambda p: jax.grad(_loss)(p, x, y)
@@ -49,9 +52,13 @@ def _step_fn(tx, spec, pmean=lambda t: t):
   return step
 
 
+def _bits(algo):
+  return 2 if algo.endswith("2bit") else 1
+
+
 def _single_device_run(algo):
   params, x, y = _problem()
-  spec = bq.quant_spec(params, bits=1)
+  spec = bq.quant_spec(params, bits=_bits(algo))
   tx = _make_tx(algo, spec, None)
   state = tx.init(params)
   step = jax.jit(_step_fn(tx, spec))
@@ -63,7 +70,7 @@ def _single_device_run(algo):
 def _parallel_run(algo, mode, lookahead_axis="same", data=None):
   params, x, y = data if data is not None else _problem()
   dp = bq.data_parallel(mode)
-  spec = bq.quant_spec(params, bits=1)
+  spec = bq.quant_spec(params, bits=_bits(algo))
   axis = dp.axis_name if lookahead_axis == "same" else lookahead_axis
   tx = _make_tx(algo, spec, axis)
   state = tx.init(params)
@@ -88,7 +95,7 @@ def test_simulated_devices():
 
 
 @pytest.mark.parametrize("mode", ["pmap", "jit"])
-@pytest.mark.parametrize("algo", ["blaq", "laq"])
+@pytest.mark.parametrize("algo", ["blaq", "laq", "blaq_every2_2bit"])
 def test_parallel_run_matches_single_device(x64, algo, mode):
   ref_params, ref_state = _single_device_run(algo)
   params, state, loss = _parallel_run(algo, mode)

@@ -6,6 +6,7 @@ Kept in one place so that BLAQ with ``a = 1`` runs exactly LAQ's operations.
 from __future__ import annotations
 
 import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,15 @@ import optax
 from optax import tree_utils as otu
 
 from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import apply_scale, fit_scale
+
+
+class Hyper(NamedTuple):
+  """Adam's constants and the clip of the latent weights."""
+  b1: Any
+  b2: Any
+  eps: Any
+  clip: Any
 
 
 def check_hyperparams(where: str, b1, b2, eps, clip, **extra) -> None:
@@ -39,19 +49,36 @@ def learning_rate_at(learning_rate, count):
 
 
 def init_state(state_cls, params, spec, where: str):
-  """``state_cls(count, mu, nu, curvature, skipped)`` at step 0.
+  """``state_cls(count, mu, nu, curvature, scale, skipped)`` at step 0.
 
-  ``mu``, ``nu`` are zeros; ``curvature`` holds ``D = 1`` for quantized leaves
-  only (None elsewhere); ``count`` and ``skipped`` are distinct buffers, so
-  the state can be donated.
+  ``mu``, ``nu`` are zeros; ``curvature`` holds ``D = 1`` and ``scale`` the
+  cold-started scale of the plain projection (``D = 1``, as before the first
+  step) for quantized leaves only (None elsewhere); ``count`` and ``skipped``
+  are distinct buffers, so the state can be donated.
   """
   tree_lib.check_float_params(params, where)
   tree_lib.check_spec_matches(spec, params, where)
   curv = tree_lib.map_with_spec(
       lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
+  scale = tree_lib.map_with_spec(
+      lambda s, w: None if s is None else fit_scale(w, s), spec, params)
   return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
-                   nu=otu.tree_zeros_like(params), curvature=curv,
+                   nu=otu.tree_zeros_like(params), curvature=curv, scale=scale,
                    skipped=jnp.zeros([], jnp.int32))
+
+
+def next_scales(spec, params, den, scale):
+  """Per quantized leaf, the converged scale of ``Q_den(params)``, warm-started
+  from ``scale`` (the previous step's); None elsewhere."""
+  return tree_lib.map_with_spec(
+      lambda s, w, d, a: None if s is None else fit_scale(w, s, d, a),
+      spec, params, den, scale)
+
+
+def project(spec, params, scale):
+  """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
+  return tree_lib.map_with_spec(
+      lambda s, w, a: w if s is None else apply_scale(w, s, a), spec, params, scale)
 
 
 def moment(old, g, decay):
@@ -60,11 +87,11 @@ def moment(old, g, decay):
   This form has a single multiply-add, so the compiler's FMA contraction of it
   does not depend on the surrounding graph: LAQ and BLAQ get the same bits.
   """
-  return jax.tree.map(lambda o, x: o + (1 - decay) * (x - o), old, g)
+  return jax.tree.map(lambda o, x: (o + (1 - decay) * (x - o)).astype(o.dtype), old, g)
 
 
 def second_moment(old, g, decay):
-  return jax.tree.map(lambda o, x: o + (1 - decay) * (x * x - o), old, g)
+  return jax.tree.map(lambda o, x: (o + (1 - decay) * (x * x - o)).astype(o.dtype), old, g)
 
 
 def denominator(nu, count, b2, eps):
@@ -117,26 +144,21 @@ def check_not_masked(params, where: str) -> None:
         "multi_transform (leaves with spec None already take the full-precision step)")
 
 
-def step_or_skip(ok, compute, state, params, updates):
-  """Runs ``compute() -> (new_params, new_state)`` if ``ok``, else skips the step.
+def guarded(ok, step, state, params):
+  """Runs ``step() -> (updates, new_state)`` if ``ok``, else skips the step.
 
-  Returns ``(updates, state)``. A skipped step (a non-finite gradient) leaves
-  params and state as they were and adds 1 to ``state.skipped``. The choice is
+  A skipped step (a non-finite gradient) returns zero updates (in the params'
+  dtype and sharding) and ``state`` with ``skipped`` grown by 1. The choice is
   a ``lax.cond`` around the whole update, not a select of two finished
   results (which measured slower). ``ok=None`` means no check at all: the
   check is a reduction over every gradient that the update must wait for,
   which costs a visible share of the step on CPU.
   """
-
-  def apply():
-    new_params, new_state = compute()
-    return updates_from(new_params, params), new_state
-
   if ok is None:
-    return apply()
+    return step()
 
   def skip():
-    return (jax.tree.map(jnp.zeros_like, updates),
-            state._replace(skipped=state.skipped + 1))
+    zeros = jax.tree.map(lambda p: p - p, params)  # keeps dtype and sharding
+    return zeros, state._replace(skipped=state.skipped + 1)
 
-  return jax.lax.cond(ok, apply, skip)
+  return jax.lax.cond(ok, step, skip)

@@ -1,47 +1,4 @@
-"""BLAQ: loss-aware quantization with a one-step forward and backtrack.
-
-One step (Ma et al. 2024, Eq. 4-10), for a quantized leaf, with ``ŵ_t =
-Q_{D_t}(w_t)`` the weights the caller's gradient ``g_t = ∇ℓ(ŵ_t)`` was taken
-at (``D_t = curvature(state)``):
-
-Stage 1, one step forward (nothing committed)::
-
-    m1, v1 = b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
-    D1     = sqrt(v1 / (1 - b2^t)) + eps
-    w*     = clip(w_t - lr · (m1 / (1 - b1^t)) / D1)                 (Eq. 6)
-    ŵ*     = Q_{D1}(w*)                                             (Eq. 5)
-    g*     = grad_fn(params with ŵ*)            (same batch; pmean-ed over
-                                                 ``batch_axis_name`` if set)
-
-Stage 2, backtrack from ``w_t``::
-
-    g_mix   = a g_t + (1-a) g*                                      (Eq. 9)
-    v*      = b2 v + (1-b2) g*²;   D* = sqrt(v* / (1 - b2^t)) + eps
-    D_mix   = a D1 + (1-a) D*                                       (Eq. 10)
-    m       ← b1 m + (1-b1) g_mix        (computed as a m1 + (1-a) m*)
-    v       ← a v1 + (1-a) v*
-    w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_mix)            (Eq. 8)
-
-and the next forward pass uses ``ŵ_{t+1} = Q_{D_mix}(w_{t+1})`` (Eq. 7), i.e.
-``curvature(state) = D_mix``. Leaves whose spec is None take the same step at
-full precision (their trial value is ``w*`` itself, and they are not clipped).
-
-Choices where the paper is silent: ``v*`` and ``D*`` are taken from the
-pre-step moment ``v`` (both stage-1 quantities are "one step from ``w_t``");
-the committed second moment mixes the stored ``v1`` and ``v*`` with the same
-``a`` as Eq. 10. Every mix is ``a x + (1-a) y`` of quantities LAQ computes the
-same way, so ``a = 1`` reproduces LAQ's trajectory bit for bit (``grad_fn`` is
-still called). A step whose ``g_t`` or ``g*`` is not finite is skipped
-(params, moments and count stay; ``skipped`` grows by 1).
-
-Cost: two gradient evaluations per step (the caller's and ``grad_fn``'s) and
-two projections; the rest is elementwise.
-
-References:
-  Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-  Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024.
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-"""
+"""BLAQ: loss-aware quantization with a one-step forward and backtrack."""
 
 from __future__ import annotations
 
@@ -49,11 +6,14 @@ import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blaq_jax._src import adam_core as core
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import quantize
+from blaq_jax._src.laq import laq_step
+from blaq_jax._src.quantizers import apply_scale, fit_scale
 
 
 class BLAQState(NamedTuple):
@@ -64,6 +24,8 @@ class BLAQState(NamedTuple):
     mu: first moment of the mixed gradient ``g_mix``.
     nu: second moment, ``a v1 + (1-a) v*``.
     curvature: ``D_mix`` (Eq. 10) for quantized leaves, None elsewhere.
+    scale: per quantized leaf the scale of ``ŵ = Q_{D_mix}(w)`` (Eq. 7) for
+      the current params, None elsewhere.
     skipped: number of steps skipped for non-finite gradients.
   """
 
@@ -71,7 +33,43 @@ class BLAQState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   curvature: Any
+  scale: Any
   skipped: jax.Array
+
+
+def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
+                       phase: Optional[int] = None) -> Callable[[jax.Array], jax.Array]:
+  """The BLAQ paper's schedule: one epoch of two-stage updates in every ``m``.
+
+  The appendix of Ma et al. (2024) runs the forward-and-backtrack "after
+  every 5 epochs" (ImageNet: 10) and plain LAQ in the other epochs; ``m`` is
+  that period, not a number of solver rounds. It does not say which epoch of
+  each period is the BLAQ one; ``phase`` picks it (0-based, ``0 <= phase <
+  m``), by default ``m - 1``, the last epoch of each period ("after every
+  ``m`` epochs"). With ``steps_per_epoch=1`` the schedule is "every ``m``-th
+  step" (steps ``phase, phase + m, ...``).
+
+  Args:
+    m: the period in epochs (an int >= 1; ``m = 1`` is every step).
+    steps_per_epoch: optimizer steps per epoch (an int >= 1).
+    phase: which epoch of each period runs the two-stage update.
+
+  Returns:
+    ``schedule(count) -> bool``, for ``blaq(..., lookahead_schedule=...)``;
+    ``count`` is the number of applied steps before this one.
+  """
+  for name, val in (("m", m), ("steps_per_epoch", steps_per_epoch)):
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+      raise ValueError(f"periodic_lookahead: {name} must be an int >= 1, got {val!r}")
+  if phase is None:
+    phase = m - 1
+  if isinstance(phase, bool) or not isinstance(phase, (int, np.integer)) or not 0 <= phase < m:
+    raise ValueError(f"periodic_lookahead: phase must be an int in [0, {m}), got {phase!r}")
+
+  def schedule(count):
+    return (count // steps_per_epoch) % m == phase
+
+  return schedule
 
 
 def blaq(
@@ -79,6 +77,7 @@ def blaq(
     spec,
     *,
     a: float = 0.6,
+    lookahead_schedule: Optional[Callable[[jax.Array], Any]] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -86,13 +85,74 @@ def blaq(
     batch_axis_name: Optional[str] = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """BLAQ as an optax transform.
+  r"""BLAQ (one-step forward and backtrack) as an optax transform.
+
+  One two-stage step (Ma et al. 2024, Eq. 4-10), for a quantized leaf, with
+  ``ŵ_t = Q_{D_t}(w_t)`` the weights the caller's gradient ``g_t = ∇ℓ(ŵ_t)``
+  was taken at.
+
+  Stage 1, one step forward (nothing committed)::
+
+      m1, v1 = b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
+      D1     = sqrt(v1 / (1 - b2^t)) + eps
+      w*     = clip(w_t - lr · (m1 / (1 - b1^t)) / D1)                 (Eq. 6)
+      ŵ*     = Q_{D1}(w*)                                             (Eq. 5)
+      g*     = grad_fn(params with ŵ*)          (same batch; pmean-ed over
+                                                 ``batch_axis_name`` if set)
+
+  Stage 2, backtrack from ``w_t``::
+
+      g_mix   = a g_t + (1-a) g*                                      (Eq. 9)
+      v*      = b2 v + (1-b2) g*²;   D* = sqrt(v* / (1 - b2^t)) + eps
+      D_mix   = a D1 + (1-a) D*                                       (Eq. 10)
+      m       ← b1 m + (1-b1) g_mix        (computed as a m1 + (1-a) m*)
+      v       ← a v1 + (1-a) v*
+      w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_mix)            (Eq. 8)
+      ŵ_{t+1} = Q_{D_mix}(w_{t+1})                                     (Eq. 7)
+
+  ``Q_D`` is the projection of :func:`blaq_jax.quantize` run to its fixed
+  point, warm-started from the stored scale (``Q_{D1}(w*)`` and
+  ``Q_{D_mix}(w_{t+1})`` both start from ``α_t``). The state keeps
+  ``curvature = D_mix`` and the scale of ``ŵ_{t+1}``, so
+  ``quantize_params(params, spec, state=state)`` is exactly Eq. 7.
+
+  **The schedule.** The paper runs the two-stage step in one epoch out of
+  every ``m`` (``m = 5`` on the small models, 10 on ImageNet) and plain LAQ
+  otherwise: pass ``lookahead_schedule=bq.periodic_lookahead(m,
+  steps_per_epoch)``. On the steps where the schedule is false, the update is
+  :func:`blaq_jax.laq`'s, bit for bit, and ``grad_fn`` is not evaluated (the
+  two cases are the branches of a ``lax.cond``), so such a step costs a LAQ
+  step. None (the default) runs the two-stage step on every step.
+
+  Choices where the paper is silent: ``v*`` and ``D*`` are taken from the
+  pre-step moment ``v`` (both stage-1 quantities are "one step from ``w_t``");
+  the committed second moment mixes ``v1`` and ``v*`` with the same ``a`` as
+  Eq. 10. Every mix is ``a x + (1-a) y`` of quantities LAQ computes the same
+  way, so ``a = 1`` reproduces LAQ's trajectory bit for bit (``grad_fn`` is
+  still called). A step whose ``g_t`` is not finite is skipped without
+  calling ``grad_fn``; one whose ``g*`` is not finite is skipped too (params,
+  moments, scales and count stay; ``skipped`` grows by 1).
+
+  Cost: on a two-stage step, two gradient evaluations (the caller's and
+  ``grad_fn``'s) and two projections; with ``periodic_lookahead(m, ...)``
+  about ``1 + 1/m`` gradient evaluations per step on average.
+
+  Deliberate differences from optax's conventions: BLAQ refuses to run under
+  ``optax.masked`` / ``multi_transform`` (the lookahead needs the whole
+  model; leaves with spec None already take the full-precision step). Under
+  ``optax.MultiSteps`` the inner update, and so ``grad_fn``, runs once per
+  ``k`` mini-steps, on whatever batch ``grad_fn`` closes over at that step
+  (the last micro-batch): pass a ``grad_fn`` over the whole accumulated batch
+  if that matters.
 
   Args:
     learning_rate: a float or an optax schedule of the step count.
     spec: the tree from :func:`blaq_jax.quant_spec`.
     a: weight of the current gradient in Eq. 9-10, in [0, 1]; ``a = 1`` is
       LAQ. The paper uses 0.6 on small data sets and 0.9 on ImageNet.
+    lookahead_schedule: ``f(count) -> bool``, whether step ``count`` (the
+      number of applied steps before it) runs the two-stage update; None runs
+      it on every step. See :func:`blaq_jax.periodic_lookahead`.
     b1, b2, eps: Adam's decay rates and epsilon.
     clip: latent weights of quantized leaves are clipped to ``[-clip, clip]``.
     batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
@@ -103,15 +163,25 @@ def blaq(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
-    params, *, grad_fn)`` calls ``grad_fn`` exactly once. ``grad_fn(p)``
-    returns the gradient of the loss on the current batch at parameters ``p``
-    (a tree like ``params``), e.g. ``lambda p: jax.grad(loss)(p, batch)``.
-    In ``optax.chain`` only the caller's gradient passes through the earlier
-    transforms; ``g*`` comes straight from ``grad_fn``.
+    params, *, grad_fn)`` calls ``grad_fn`` once on two-stage steps.
+    ``grad_fn(p)`` returns the gradient of the loss on the current batch at
+    parameters ``p`` (a tree like ``params``), e.g. ``lambda p:
+    jax.grad(loss)(p, batch)``. In ``optax.chain`` only the caller's gradient
+    passes through the earlier transforms; ``g*`` comes straight from
+    ``grad_fn``.
+
+  References:
+    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024.
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
   """
   if isinstance(a, numbers.Real) and not isinstance(a, bool) and not 0 <= a <= 1:
     raise ValueError(f"blaq: a must be in [0, 1], got {a}")
+  if lookahead_schedule is not None and not callable(lookahead_schedule):
+    raise TypeError("blaq: lookahead_schedule must be None or a function of the step "
+                    f"count returning a bool, got {lookahead_schedule!r}")
   core.check_hyperparams("blaq", b1, b2, eps, clip)
+  hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
     return core.init_state(BLAQState, params, spec, "blaq.init")
@@ -129,24 +199,29 @@ def blaq(
     core.check_not_masked(params, "blaq.update")
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
-    hyper = Hyper(b1, b2, eps, clip)
-    stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
-    g_trial = grad_fn(stage1.trial)
-    if batch_axis_name is not None:
-      g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-    ok = core.all_finite(updates, g_trial) if skip_nonfinite else None
-    return core.step_or_skip(
-        ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
-        state, params, updates)
+
+    def two_stage():
+      stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+      g_trial = grad_fn(stage1.trial)
+      if batch_axis_name is not None:
+        g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
+      ok = core.all_finite(g_trial) if skip_nonfinite else None
+      return core.guarded(
+          ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
+          state, params)
+
+    def one_stage():
+      return laq_step(spec, hyper, state, updates, params, lr, count)
+
+    if lookahead_schedule is None:
+      step = two_stage
+    else:
+      step = lambda: jax.lax.cond(
+          jnp.asarray(lookahead_schedule(state.count), bool), two_stage, one_stage)
+    ok_t = core.all_finite(updates) if skip_nonfinite else None
+    return core.guarded(ok_t, step, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class Hyper(NamedTuple):
-  b1: Any
-  b2: Any
-  eps: Any
-  clip: Any
 
 
 class ForwardStep(NamedTuple):
@@ -157,23 +232,24 @@ class ForwardStep(NamedTuple):
   trial: Any
 
 
-def forward_step(spec, hyper: Hyper, state, g, params, lr, count) -> ForwardStep:
+def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> ForwardStep:
   """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
   mu1 = core.moment(state.mu, g, hyper.b1)
   nu1 = core.second_moment(state.nu, g, hyper.b2)
   den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
   w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
   trial = tree_lib.map_with_spec(
-      lambda s, w, d: w if s is None else quantize(w, s, d), spec, w_trial, den1)
+      lambda s, w, d, a0: w if s is None else apply_scale(w, s, fit_scale(w, s, d, a0)),
+      spec, w_trial, den1, state.scale)
   return ForwardStep(mu1, nu1, den1, trial)
 
 
-def backtrack(spec, hyper: Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
+def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
               count):
-  """Eq. 8-10: the step from ``w_t`` with the mixed gradient and curvature.
+  """Eq. 7-10: the step from ``w_t`` with the mixed gradient and curvature.
 
-  Returns ``(new_params, new_state)``; ``new_state`` keeps ``state``'s type and
-  ``skipped`` field and replaces ``count, mu, nu, curvature``.
+  Returns ``(updates, new_state)``; ``new_state`` keeps ``state``'s type and
+  ``skipped`` field and replaces ``count, mu, nu, curvature, scale``.
   """
   b1, b2 = hyper.b1, hyper.b2
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
@@ -183,7 +259,7 @@ def backtrack(spec, hyper: Hyper, state, params, stage1: ForwardStep, g_trial, a
   nu = core.mix(a, stage1.nu, nu_trial)
   den_mix = core.mix(a, stage1.den, core.denominator(nu_trial, count, b2, hyper.eps))
   new_params = core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip)
-  new_state = state._replace(count=count, mu=mu, nu=nu,
-                             curvature=core.quantized_curvature(spec, den_mix))
-  return new_params, new_state
-
+  curv = core.quantized_curvature(spec, den_mix)
+  scale = core.next_scales(spec, new_params, curv, state.scale)
+  new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale)
+  return core.updates_from(new_params, params), new_state

@@ -7,13 +7,15 @@ the same projection as :func:`blaq_jax.quantize_params`,
 
 and stores the index of each ``b`` in the sorted codebook of ``s`` in
 ``s.bits`` bits (``2^bits - 1`` codes or 2 for binary, so every index fits),
-bit-packed into bytes, plus ``alpha`` (one per tensor, or one per output
+bit-packed into bytes, plus ``alpha`` (in the compute dtype: float32 for
+half-precision leaves; one per tensor, or one per output
 channel). :func:`unpack` maps indices back to code values and multiplies by
 ``alpha`` in the leaf's dtype, which is the very product ``quantize`` computes,
 (a code ``-0.0``, which rounding produces, takes the spare index ``2^bits - 1``
 of the codebooks that hold 0, so even the sign of zero survives),
-so ``unpack(pack(params, spec, D))`` equals ``quantize_params(params, spec, D)``
-bit for bit. Leaves whose spec is None are stored as they are.
+so ``unpack(pack(params, spec, state=opt_state))`` equals
+``quantize_params(params, spec, state=opt_state)`` bit for bit (and likewise
+with a curvature tree, or neither). Leaves whose spec is None are stored as they are.
 
 Packed size per quantized leaf: ``ceil(n · bits / 8)`` bytes of codes plus
 4 bytes per scale.
@@ -32,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, nearest_code, solve
+from blaq_jax._src import state as state_lib
+from blaq_jax._src.quantizers import QuantSpec, codes, fit_scale, nearest_code
 
 _META = "__meta__"
 
@@ -54,7 +57,7 @@ def _codebook(s: QuantSpec, dtype) -> np.ndarray:
 
   ``nearest_code`` of the exact codes reproduces the quantizer's arithmetic
   (e.g. ``round(x n) / n`` may be evaluated as ``round(x n) · (1/n)``), so
-  these are bit-identical to the ``b`` that :func:`solve` returns. Codebooks
+  these are bit-identical to the ``b`` that :func:`codes` returns. Codebooks
   that hold 0 get ``-0.0`` at the spare index ``2^bits - 1``.
   """
   book = np.asarray(nearest_code(jnp.asarray(s.codebook(), dtype), s))
@@ -63,18 +66,21 @@ def _codebook(s: QuantSpec, dtype) -> np.ndarray:
 
 def _spec_dict(s: QuantSpec) -> dict:
   return {"bits": int(s.bits), "scheme": s.scheme, "per_channel": bool(s.per_channel),
-          "iters": int(s.iters)}
+          "tol": float(s.tol), "max_iters": int(s.max_iters)}
 
 
-def pack(params, spec, curvature=None) -> dict:
+def pack(params, spec, curvature=None, *, state=None) -> dict:
   """Packs the quantized leaves of ``params`` into bit codes plus scales.
 
   Args:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``).
     spec: the tree from :func:`blaq_jax.quant_spec` (None leaves are kept in
       full precision).
-    curvature: the ``D`` tree (:func:`blaq_jax.curvature` of the optimizer
-      state) that the model was evaluated with, or None for ``D = 1``.
+    curvature: a ``D`` tree for a cold-started projection, or None for
+      ``D = 1``; ignored when ``state`` is given.
+    state: the LAQ/BLAQ optimizer state (alone or inside a chain): its
+      stored scales are used, so the packed model is exactly
+      ``quantize_params(params, spec, state=state)``.
 
   Returns:
     A flat dict of numpy arrays (ready for :func:`save_packed` /
@@ -85,6 +91,15 @@ def pack(params, spec, curvature=None) -> dict:
   tree_lib.check_spec_matches(spec, params, "pack")
   spec_leaves = jax.tree.leaves(spec, is_leaf=tree_lib.is_spec_leaf)
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  if state is not None:
+    curvature = None
+    scale_leaves = jax.tree.leaves(
+        tree_lib.map_with_spec(lambda s, w, a: (a,), spec, params,
+                               state_lib.find_field(state, "scale", "pack")),
+        is_leaf=lambda x: isinstance(x, tuple))
+    scale_leaves = [a[0] for a in scale_leaves]
+  else:
+    scale_leaves = [None] * len(flat)
   if curvature is None:
     curv_leaves = [None] * len(flat)
   else:
@@ -93,7 +108,7 @@ def pack(params, spec, curvature=None) -> dict:
         is_leaf=lambda x: isinstance(x, tuple))
     curv_leaves = [c[0] for c in curv_leaves]
   out, meta = {}, []
-  for (path, w), s, d in zip(flat, spec_leaves, curv_leaves):
+  for (path, w), s, d, a in zip(flat, spec_leaves, curv_leaves, scale_leaves):
     name = tree_lib.path_str(path)
     w = jnp.asarray(w)
     entry = {"path": name, "shape": list(w.shape), "dtype": str(w.dtype)}
@@ -101,8 +116,9 @@ def pack(params, spec, curvature=None) -> dict:
       out[f"{name}::value"] = np.asarray(w)
       entry["spec"] = None
     else:
-      alpha, b = solve(w, s, d)
-      book = _codebook(s, w.dtype)
+      alpha = fit_scale(w, s, d) if a is None else jnp.asarray(a)
+      b = codes(w, s, alpha)
+      book = _codebook(s, b.dtype)
       n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
       b = np.asarray(b)
       flat_b = b.reshape(-1)
@@ -111,7 +127,7 @@ def pack(params, spec, curvature=None) -> dict:
         raise ValueError(f"pack: leaf {name!r} has values outside its codebook")
       idx = np.where((flat_b == 0) & np.signbit(flat_b), n_codes, idx)  # -0.0
       out[f"{name}::codes"] = _pack_indices(idx, s.bits)
-      out[f"{name}::alpha"] = np.asarray(alpha, np.float32)
+      out[f"{name}::alpha"] = np.asarray(alpha, b.dtype)
       entry["spec"] = _spec_dict(s)
     meta.append(entry)
   out[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -147,12 +163,13 @@ def unpack(packed, like=None):
       values[name] = jnp.asarray(packed[f"{name}::value"], dtype)
       continue
     s = QuantSpec(**entry["spec"])
-    book = jnp.asarray(_codebook(s, dtype))
+    compute = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+    book = jnp.asarray(_codebook(s, compute))
     size = math.prod(shape)
     idx = _unpack_indices(np.asarray(packed[f"{name}::codes"]), s.bits, size)
     b = book[jnp.asarray(idx, jnp.int32)].reshape(shape)
-    alpha = jnp.asarray(packed[f"{name}::alpha"]).astype(dtype)
-    values[name] = alpha * b
+    alpha = jnp.asarray(packed[f"{name}::alpha"]).astype(compute)
+    values[name] = (alpha * b).astype(dtype)
   if like is None:
     return values
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)

@@ -1,23 +1,4 @@
-"""LAQ: loss-aware weight quantization trained with Adam.
-
-One step, for a quantized leaf (``ŵ_t = Q_{D_t}(w_t)`` is what the caller's
-forward/backward pass used, with ``D_t = curvature(state)``):
-
-    g_t     = ∇ℓ(ŵ_t)                                  (given as ``updates``)
-    m, v    ← b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
-    D_{t+1} = sqrt(v / (1 - b2^t)) + eps
-    w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_{t+1}, -c, c)
-
-and the next forward pass uses ``ŵ_{t+1} = Q_{D_{t+1}}(w_{t+1})`` (see
-:func:`blaq_jax.quantize_params`). ``D`` is Adam's denominator, the diagonal
-curvature estimate of the proximal Newton derivation. Leaves whose spec is None
-take the same Adam step without clipping. Steps whose gradient is not finite
-are skipped: params, moments and the step count stay, ``skipped`` grows by 1.
-
-References:
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
-"""
+"""LAQ: loss-aware weight quantization trained with Adam."""
 
 from __future__ import annotations
 
@@ -37,6 +18,8 @@ class LAQState(NamedTuple):
     mu: Adam first moment.
     nu: Adam second moment.
     curvature: ``D`` for quantized leaves (None elsewhere); ones at init.
+    scale: per quantized leaf the scale ``alpha`` of ``ŵ = Q_D(w)`` for the
+      current params (None elsewhere); what the forward pass quantizes with.
     skipped: number of steps skipped for non-finite gradients.
   """
 
@@ -44,7 +27,24 @@ class LAQState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   curvature: Any
+  scale: Any
   skipped: jax.Array
+
+
+def laq_step(spec, hyper: core.Hyper, state, g, params, lr, count):
+  """One LAQ step; returns ``(updates, new_state)`` of ``state``'s type.
+
+  Shared by :func:`laq` and the steps of :func:`blaq_jax.blaq` that skip the
+  lookahead, so that both run the same operations.
+  """
+  mu = core.moment(state.mu, g, hyper.b1)
+  nu = core.second_moment(state.nu, g, hyper.b2)
+  den = core.denominator(nu, count, hyper.b2, hyper.eps)
+  new_params = core.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip)
+  curv = core.quantized_curvature(spec, den)
+  scale = core.next_scales(spec, new_params, curv, state.scale)
+  new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale)
+  return core.updates_from(new_params, params), new_state
 
 
 def laq(
@@ -57,7 +57,31 @@ def laq(
     clip: Optional[float] = 1.0,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Loss-aware quantization (LAQ) as an optax transform.
+  r"""Loss-aware quantization (LAQ) as an optax transform.
+
+  One step, for a quantized leaf, where ``ŵ_t = Q_{D_t}(w_t)`` is what the
+  caller's forward/backward pass used::
+
+      g_t     = ∇ℓ(ŵ_t)                                   (given as ``updates``)
+      m, v    ← b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
+      D_{t+1} = sqrt(v / (1 - b2^t)) + eps
+      w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_{t+1}, -c, c)
+      α_{t+1} = fixed point of α ← Σ D b w / Σ D b²,  b = code(w_{t+1} / α),
+                warm-started from α_t                         (Algorithm 2)
+      ŵ_{t+1} = α_{t+1} · code(w_{t+1} / α_{t+1})
+
+  ``D`` is Adam's denominator, the diagonal curvature estimate of the
+  proximal Newton derivation. The state keeps ``α_{t+1}`` (``state.scale``),
+  so the next forward pass gets exactly the ``ŵ_{t+1}`` the update assumed
+  with ``quantize_params(params, spec, state=state)``, and the projection is
+  warm-started as the paper's Algorithm 2 and the LAQ reference code do (it
+  usually converges in one or two rounds). At init ``D = 1`` and ``α`` is the
+  cold-started plain projection. Leaves whose spec is None take the same Adam
+  step without clipping. Steps whose gradient is not finite are skipped:
+  params, moments, scales and the step count stay, ``skipped`` grows by 1.
+  (optax's own answer is the wrapper ``optax.apply_if_finite``; this
+  transform does it itself, so that a skipped step also leaves the
+  quantization state alone.)
 
   Args:
     learning_rate: a float or an optax schedule of the step count.
@@ -72,9 +96,14 @@ def laq(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and ignores extra keyword arguments. The gradient passed to ``update`` must
-    be taken at ``quantize_params(params, spec, curvature(state))``.
+    be taken at ``quantize_params(params, spec, state=state)``.
+
+  References:
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
   """
   core.check_hyperparams("laq", b1, b2, eps, clip)
+  hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
     return core.init_state(LAQState, params, spec, "laq.init")
@@ -83,18 +112,10 @@ def laq(
     del extra_args
     if params is None:
       raise ValueError("laq.update: params are required (pass params=...)")
-
-    def compute():
-      count = optax.safe_increment(state.count)
-      lr = core.learning_rate_at(learning_rate, state.count)
-      mu = core.moment(state.mu, updates, b1)
-      nu = core.second_moment(state.nu, updates, b2)
-      den = core.denominator(nu, count, b2, eps)
-      new_params = core.step_latent(spec, params, mu, den, count, lr, b1, clip)
-      curv = core.quantized_curvature(spec, den)
-      return new_params, LAQState(count, mu, nu, curv, state.skipped)
-
+    count = optax.safe_increment(state.count)
+    lr = core.learning_rate_at(learning_rate, state.count)
     ok = core.all_finite(updates) if skip_nonfinite else None
-    return core.step_or_skip(ok, compute, state, params, updates)
+    return core.guarded(
+        ok, lambda: laq_step(spec, hyper, state, updates, params, lr, count), state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

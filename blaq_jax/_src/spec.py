@@ -8,7 +8,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, quantize
+from blaq_jax._src import state as state_lib
+from blaq_jax._src.quantizers import QuantSpec, apply_scale, quantize
 
 Override = Union[int, QuantSpec, None]
 
@@ -24,7 +25,8 @@ def quant_spec(
     *,
     scheme: str = "linear",
     per_channel: bool = False,
-    iters: int = 5,
+    tol: float = 1e-6,
+    max_iters: int = 50,
     include: Union[None, str, Callable[[str, Any], bool]] = None,
     overrides: Optional[Mapping[str, Override]] = None,
 ):
@@ -33,7 +35,7 @@ def quant_spec(
   Args:
     params: the parameter pytree (dicts, Flax NNX ``State``, ...).
     bits: default bit width (1..8).
-    scheme, per_channel, iters: defaults for :class:`QuantSpec`.
+    scheme, per_channel, tol, max_iters: defaults for :class:`QuantSpec`.
     include: which leaves are quantized by default. None quantizes every
       floating leaf with ``ndim >= 2`` (kernels) and leaves biases and norm
       scales in full precision; a string is a regular expression searched in
@@ -48,7 +50,7 @@ def quant_spec(
 
     spec = quant_spec(params, bits=1, overrides={"conv_init": 8, "head": 8})
   """
-  default = QuantSpec(bits, scheme, per_channel, iters)
+  default = QuantSpec(bits, scheme, per_channel, tol, max_iters)
   if include is None:
     include_fn = _default_include
   elif isinstance(include, str):
@@ -71,7 +73,7 @@ def quant_spec(
         scheme_k = "linear"
       if scheme_k == "log" and value < 2:
         scheme_k = "linear"
-      value = QuantSpec(value, scheme_k, default.per_channel, default.iters)
+      value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters)
     compiled.append((pat, re.compile(pat), value))
   used = set()
 
@@ -93,19 +95,38 @@ def quant_spec(
   return spec
 
 
-def quantize_params(params, spec, curvature=None):
+def quantize_params(params, spec, curvature=None, *, state=None):
   """Maps latent weights to the quantized weights ``ŵ`` the forward pass uses.
 
   A pure pytree map: leaves whose spec is None are returned unchanged, the
-  others are replaced by ``quantize(w, spec, D)``.
+  others are replaced by their projection.
+
+  In training, pass the optimizer state::
+
+    qparams = bq.quantize_params(params, spec, state=opt_state)
+
+  which computes ``ŵ = alpha · code(w / alpha)`` with the scales the LAQ/BLAQ
+  update stored for these params: exactly the ``ŵ`` the update assumed (the
+  projection with the committed curvature, Eq. 7 of the BLAQ paper), and an
+  elementwise map. Without ``state`` each leaf is projected from a cold start
+  to the alternation's fixed point (:func:`blaq_jax.quantize`), with ``D = 1``
+  or the given curvature.
 
   Args:
     params: the latent (full-precision) parameters.
     spec: the tree from :func:`quant_spec`.
-    curvature: None for ``D = 1`` (plain projection), or the tree returned by
-      :func:`blaq_jax.curvature` (None entries mean ``D = 1`` for that leaf).
+    curvature: None for ``D = 1`` (plain projection), or a ``D`` tree such as
+      :func:`blaq_jax.curvature` returns (None entries mean ``D = 1``).
+      Ignored when ``state`` is given.
+    state: an optax state holding a :func:`blaq_jax.laq` /
+      :func:`blaq_jax.blaq` state (alone or inside chain,
+      ``inject_hyperparams``, ...): its stored scales are used.
   """
   tree_lib.check_spec_matches(spec, params, "quantize_params")
+  if state is not None:
+    scale = state_lib.find_field(state, "scale", "quantize_params")
+    return tree_lib.map_with_spec(
+        lambda s, w, a: w if s is None else apply_scale(w, s, a), spec, params, scale)
 
   def fn(s, w, d=None):
     if s is None:

@@ -1,15 +1,18 @@
-"""Finding the curvature ``D`` inside any optax state."""
+"""Finding the curvature ``D`` and the scales inside any optax state."""
 
 from __future__ import annotations
 
 import jax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.blaq import BLAQState
-from blaq_jax._src.cheap_lookahead import BLAQReuseState
-from blaq_jax._src.laq import LAQState
 
-_STATES = (LAQState, BLAQState, BLAQReuseState)
+_FIELDS = ("curvature", "scale")
+
+
+def _is_quant_state(x) -> bool:
+  """A LAQ/BLAQ-shaped state: a NamedTuple with ``curvature`` and ``scale``."""
+  fields = getattr(type(x), "_fields", None)
+  return isinstance(x, tuple) and fields is not None and all(f in fields for f in _FIELDS)
 
 
 def _merge(trees):
@@ -28,21 +31,29 @@ def _merge(trees):
   return jax.tree.map(pick, *trees, is_leaf=is_leaf)
 
 
+def find_field(opt_state, field: str, where: str):
+  """``field`` of the LAQ/BLAQ states inside ``opt_state``, merged leafwise."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_quant_state)
+           if _is_quant_state(s)]
+  if not found:
+    raise ValueError(
+        f"{where}: the optimizer state holds no LAQ/BLAQ state (a state with "
+        "'curvature' and 'scale' fields); build the optimizer with blaq_jax.laq or "
+        "blaq_jax.blaq")
+  return _merge([getattr(s, field) for s in found])
+
+
 def curvature(opt_state):
   """Returns the ``D`` pytree of the LAQ/BLAQ state inside ``opt_state``.
 
   Works on the state of :func:`blaq_jax.laq` / :func:`blaq_jax.blaq` alone or
   nested in ``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``
   or ``optax.multi_transform`` (several LAQ/BLAQ states are merged leafwise).
-  Entries are arrays for quantized leaves and None elsewhere, ready for
-  :func:`blaq_jax.quantize_params`.
+  Entries are arrays for quantized leaves and None elsewhere. For the weights
+  the model runs with, use ``quantize_params(params, spec, state=opt_state)``,
+  which also uses the stored scales.
 
   Raises:
     ValueError: if ``opt_state`` holds no LAQ/BLAQ state.
   """
-  found = tree_lib.find_states(opt_state, _STATES)
-  if not found:
-    raise ValueError(
-        "curvature: opt_state holds no LAQState/BLAQState; build the optimizer "
-        "with blaq_jax.laq or blaq_jax.blaq")
-  return _merge([s.curvature for s in found])
+  return find_field(opt_state, "curvature", "curvature")

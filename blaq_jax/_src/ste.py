@@ -16,7 +16,7 @@ with one STE-side choice, ``scale``:
 * ``scale="fit"`` (default): ``Q(w) = alpha · b`` with the least-squares scale.
   With ``bits=1`` this is BWN, ``alpha = mean|w|`` (per tensor, or per output
   channel with ``QuantSpec(per_channel=True)``); with ``bits=k`` it is k-bit
-  uniform quantization with a fitted scale (``iters`` rounds of alternation).
+  uniform quantization with a fitted scale (the alternation run to its fixed point).
 * ``scale="none"``: ``alpha = 1``, ``Q(w)`` = the nearest code of ``w`` itself.
   With ``bits=1`` this is BinaryConnect, ``Q(w) = sign(w)``; with ``bits=k`` the
   fixed uniform grid ``round(clip(w, -1, 1) · n) / n``, ``n = 2^(k-1) - 1``.
@@ -66,7 +66,7 @@ def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
 def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
   """``Q(w)`` of the STE family, without a straight-through derivative."""
   alpha, b = scale_and_codes(w, spec, scale)
-  return alpha * b
+  return (alpha * b).astype(jnp.asarray(w).dtype)
 
 
 def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:

@@ -6,9 +6,6 @@ current quantized weights ``ŵ_t`` and ``g*`` at the trial weights ``ŵ*``
 structure (``blaq.forward_step`` and ``blaq.backtrack``) and change only where
 ``g_t`` and ``g*`` come from:
 
-* :func:`blaq_periodic` -- the lookahead every ``every`` steps, plain LAQ
-  (``g* = g_t``, which makes stage 2 exactly the LAQ update up to rounding) in
-  between. Average cost ``1 + 1/every`` gradients per step.
 * :func:`blaq_reuse` -- one gradient per step, at the trial point. The trial
   gradient of step ``t`` stands in for the current-point gradient of step
   ``t+1`` (``g_{t+1} := g*_t``), in the spirit of Popov's past-extragradient /
@@ -24,8 +21,11 @@ structure (``blaq.forward_step`` and ``blaq.backtrack``) and change only where
   gradient of the size of the flip. Leaves that are not quantized take
   ``g* = g_t``.
 
-Departures from Eq. 4-10: ``blaq_periodic`` applies Eq. 9-10 only on every
-``every``-th step; ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
+Experimental: measured in benchmarks/README.md, neither beats LAQ at equal
+compute. (The lookahead on a schedule, e.g. every ``m``-th epoch as the paper
+runs it, is ``blaq_jax.blaq(..., lookahead_schedule=...)``.)
+
+Departures from Eq. 4-10: ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
 previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
 by a first-order Taylor estimate (and ``D*`` in Eq. 10 by its moment).
 
@@ -46,15 +46,13 @@ import optax
 
 from blaq_jax._src import adam_core as core
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.blaq import BLAQState, Hyper, backtrack, forward_step
-from blaq_jax._src.quantizers import quantize
+from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
+from blaq_jax._src.quantizers import apply_scale
 
 
-def _check(where, a, every=None):
+def _check(where, a):
   if isinstance(a, (int, float)) and not isinstance(a, bool) and not 0 <= a <= 1:
     raise ValueError(f"{where}: a must be in [0, 1], got {a}")
-  if every is not None and (not isinstance(every, int) or every < 1):
-    raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
 
 
 def _require_grad_fn(where, grad_fn):
@@ -67,48 +65,6 @@ def _blaq_init(spec, where):
   return lambda params: core.init_state(BLAQState, params, spec, where)
 
 
-def blaq_periodic(
-    learning_rate: optax.ScalarOrSchedule,
-    spec,
-    *,
-    every: int = 10,
-    a: float = 0.6,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    clip: Optional[float] = 1.0,
-    batch_axis_name: Optional[str] = None,
-) -> optax.GradientTransformationExtraArgs:
-  """BLAQ's lookahead on steps ``0, every, 2 every, ...``; LAQ in between.
-
-  Same arguments as :func:`blaq_jax.blaq` plus ``every``. ``grad_fn`` is
-  required but called (under ``lax.cond``) only on lookahead steps.
-  """
-  _check("blaq_periodic", a, every)
-  core.check_hyperparams("blaq_periodic", b1, b2, eps, clip)
-  hyper = Hyper(b1, b2, eps, clip)
-
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
-    del extra
-    _require_grad_fn("blaq_periodic.update", grad_fn)
-    count = optax.safe_increment(state.count)
-    lr = core.learning_rate_at(learning_rate, state.count)
-    stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
-
-    def lookahead():
-      g = grad_fn(stage1.trial)
-      return jax.lax.pmean(g, batch_axis_name) if batch_axis_name else g
-
-    g_trial = jax.lax.cond(state.count % every == 0, lookahead, lambda: updates)
-    ok = core.all_finite(updates, g_trial)
-    return core.step_or_skip(
-        ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
-        state, params, updates)
-
-  return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_periodic.init"),
-                                               update_fn)
-
-
 class BLAQReuseState(NamedTuple):
   """State of :func:`blaq_reuse`: BLAQ's fields plus the last trial gradient."""
 
@@ -116,6 +72,7 @@ class BLAQReuseState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   curvature: Any
+  scale: Any
   skipped: jax.Array
   trial_grad: optax.Updates
 
@@ -139,11 +96,11 @@ def blaq_reuse(
   """
   _check("blaq_reuse", a)
   core.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
-  hyper = Hyper(b1, b2, eps, clip)
+  hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
     state = _blaq_init(spec, "blaq_reuse.init")(params)
-    return BLAQReuseState(*state, trial_grad=optax.tree.zeros_like(params))
+    return BLAQReuseState(**state._asdict(), trial_grad=optax.tree.zeros_like(params))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
     del extra
@@ -158,11 +115,11 @@ def blaq_reuse(
     a_t = jnp.where(state.count == 0, 0.0, a)
 
     def compute():
-      new_params, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t,
-                                        lr, count)
-      return new_params, new_state._replace(trial_grad=g_trial)
+      updates, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t,
+                                     lr, count)
+      return updates, new_state._replace(trial_grad=g_trial)
 
-    return core.step_or_skip(core.all_finite(g_trial), compute, state, params, g_trial)
+    return core.guarded(core.all_finite(g_trial), compute, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -180,11 +137,11 @@ def blaq_model(
   """BLAQ with ``g*`` predicted by the quadratic model: no second gradient.
 
   ``update(grads, state, params)``; ``grads`` taken at
-  ``quantize_params(params, spec, curvature(state))`` as for LAQ.
+  ``quantize_params(params, spec, state=state)`` as for LAQ.
   """
   _check("blaq_model", a)
   core.check_hyperparams("blaq_model", b1, b2, eps, clip)
-  hyper = Hyper(b1, b2, eps, clip)
+  hyper = core.Hyper(b1, b2, eps, clip)
 
   def update_fn(updates, state, params=None, **extra):
     del extra
@@ -193,18 +150,18 @@ def blaq_model(
     stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
     inv_lr = jnp.where(lr > 0, 1.0 / jnp.where(lr > 0, lr, 1.0), 0.0)
 
-    def predict(s, g, w, d_now, d1, trial):
+    def predict(s, g, w, alpha, d1, trial):
       if s is None:
         return g
-      current = quantize(w, s, d_now)
+      current = apply_scale(w, s, alpha)
       return g + (d1 * inv_lr).astype(g.dtype) * (trial - current)
 
-    g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.curvature,
+    g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.scale,
                                      stage1.den, stage1.trial)
-    return core.step_or_skip(
+    return core.guarded(
         core.all_finite(updates),
         lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
-        state, params, updates)
+        state, params)
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
                                                update_fn)
