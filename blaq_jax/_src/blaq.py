@@ -152,7 +152,9 @@ def blaq(
       LAQ. The paper uses 0.6 on small data sets and 0.9 on ImageNet.
     lookahead_schedule: ``f(count) -> bool``, whether step ``count`` (the
       number of applied steps before it) runs the two-stage update; None runs
-      it on every step. See :func:`blaq_jax.periodic_lookahead`.
+      it on every step. See :func:`blaq_jax.periodic_lookahead`. A bool (or
+      bool array) is taken as is: ``optax.inject_hyperparams`` evaluates a
+      schedule per step and passes its value.
     b1, b2, eps: Adam's decay rates and epsilon.
     clip: latent weights of quantized leaves are clipped to ``[-clip, clip]``.
     batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
@@ -177,9 +179,10 @@ def blaq(
   """
   if isinstance(a, numbers.Real) and not isinstance(a, bool) and not 0 <= a <= 1:
     raise ValueError(f"blaq: a must be in [0, 1], got {a}")
-  if lookahead_schedule is not None and not callable(lookahead_schedule):
-    raise TypeError("blaq: lookahead_schedule must be None or a function of the step "
-                    f"count returning a bool, got {lookahead_schedule!r}")
+  if not (lookahead_schedule is None or callable(lookahead_schedule)
+          or isinstance(lookahead_schedule, (bool, np.bool_, jax.Array))):
+    raise TypeError("blaq: lookahead_schedule must be None, a function of the step "
+                    f"count returning a bool, or a bool, got {lookahead_schedule!r}")
   core.check_hyperparams("blaq", b1, b2, eps, clip)
   hyper = core.Hyper(b1, b2, eps, clip)
 
@@ -216,8 +219,9 @@ def blaq(
     if lookahead_schedule is None:
       step = two_stage
     else:
-      step = lambda: jax.lax.cond(
-          jnp.asarray(lookahead_schedule(state.count), bool), two_stage, one_stage)
+      active = (lookahead_schedule(state.count) if callable(lookahead_schedule)
+                else lookahead_schedule)
+      step = lambda: jax.lax.cond(jnp.asarray(active, bool), two_stage, one_stage)
     ok_t = core.all_finite(updates) if skip_nonfinite else None
     return core.guarded(ok_t, step, state, params)
 
