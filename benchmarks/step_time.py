@@ -5,16 +5,20 @@ jit-compiled (params, batch statistics and optimizer state donated), warmed
 up, then timed one call at a time with ``block_until_ready``, round-robin over
 the methods for several rounds (the starting method rotates every round), so
 that background load on a shared machine hits every method alike. A method's
-time is the median over all its timed steps; ratios are ratios of medians (the
-ratio of means is printed too: it is the one that counts for blaq_periodic,
-whose lookahead runs on every 10th step only).
+time is summarised by its mean and median over all timed steps; ratios are
+ratios of means (the one that counts for ``blaq_every{m}``, whose lookahead
+runs on every m-th step only), with the ratio of medians beside them.
 
-Methods (the 2-bit ones with ``iters=10`` rounds of alternation)::
+Methods, for any width k in 1..8 (projections run to their fixed point)::
 
-  adam             optax.adam on full-precision weights (the reference)
-  bwn_ste_{k}bit   bq.ste(optax.adam): gradient at the plain projection Q(w)
-  laq_{k}bit       bq.laq: gradient at the loss-aware projection Q_D(w)
-  blaq_{k}bit      bq.blaq: two gradient evaluations per step
+  adam               optax.adam on full-precision weights (the reference)
+  bwn_ste_{k}bit     bq.ste(optax.adam): gradient at the plain projection Q(w)
+  laq_{k}bit         bq.laq: gradient at the loss-aware projection Q_D(w)
+  blaq_{k}bit        bq.blaq: the two-stage update (two gradients) on every step
+  blaq_every{m}_{k}bit  bq.blaq with lookahead_schedule=bq.periodic_lookahead(m):
+                     the two-stage update on every m-th step, LAQ otherwise
+  laq_noskip_{k}bit, blaq_noskip_{k}bit   without the non-finite-step check
+  blaq_reuse_{k}bit, blaq_model_{k}bit    blaq_jax.contrib's one-gradient forms
 
 Components (on unless ``--no-components``): ``grad_eval`` is one
 ``value_and_grad`` of the loss at fixed weights; ``<method>:update`` is the
@@ -45,6 +49,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +64,7 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
-from blaq_jax._src import cheap_lookahead
+import blaq_jax.contrib as bq_contrib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,24 +84,26 @@ MODELS = {
 
 ALL_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "blaq_1bit",
                "bwn_ste_2bit", "laq_2bit", "blaq_2bit")
-# On request: LAQ/BLAQ without the non-finite skip (laq_noskip_1bit, ...) and
-# the cheaper lookahead forms (blaq_jax._src.cheap_lookahead), e.g.
-# --methods laq_1bit,blaq_1bit,blaq_reuse_1bit,blaq_periodic_1bit,blaq_model_1bit
-VARIANT_KINDS = ("blaq_reuse", "blaq_periodic", "blaq_model")
+# On request: any width (laq_8bit, ...), the scheduled lookahead
+# (blaq_every5_1bit), LAQ/BLAQ without the non-finite skip (laq_noskip_1bit, ...)
+# and blaq_jax.contrib's one-gradient forms (blaq_reuse_1bit, blaq_model_1bit).
+VARIANT_KINDS = ("blaq_reuse", "blaq_model")
+METHOD_RE = re.compile(
+    r"^(bwn_ste|laq|laq_noskip|blaq|blaq_noskip|blaq_every(\d+)|blaq_reuse|blaq_model)_([1-8])bit$")
 
-# (numerator, denominator, target): the targets on one H100.
+# (numerator, denominator, target on CPU, target on a GPU); None: no target.
 TARGETS = (
-    ("laq_1bit", "adam", 1.03),
-    ("laq_2bit", "adam", 1.10),
-    ("blaq_1bit", "laq_1bit", 1.90),
-    ("blaq_2bit", "laq_2bit", None),
-    ("bwn_ste_1bit", "adam", None),
-    ("laq_noskip_1bit", "adam", 1.03),
-    ("laq_noskip_2bit", "adam", 1.10),
-    ("blaq_noskip_1bit", "laq_noskip_1bit", 1.90),
-    ("blaq_reuse_1bit", "laq_1bit", 1.10),
-    ("blaq_periodic_1bit", "laq_1bit", 1.10),
-    ("blaq_model_1bit", "laq_1bit", 1.10),
+    ("laq_1bit", "adam", 1.20, 1.03),
+    ("laq_2bit", "adam", 1.35, 1.05),
+    ("laq_8bit", "adam", 1.50, None),
+    ("bwn_ste_1bit", "adam", 1.15, None),
+    ("blaq_1bit", "laq_1bit", 2.00, 1.90),
+    ("blaq_every5_1bit", "laq_1bit", 1.25, None),
+    ("blaq_every10_1bit", "laq_1bit", None, 1.12),
+    ("blaq_2bit", "laq_2bit", None, None),
+    ("laq_noskip_1bit", "adam", None, None),
+    ("blaq_reuse_1bit", "laq_1bit", None, None),
+    ("blaq_model_1bit", "laq_1bit", None, None),
 )
 
 
@@ -134,38 +141,41 @@ def build_model(name: str, dtype, seed: int = 0):
 def make_methods(names, params, *, lr: float, first_last_bits: Optional[int],
                  a: float, is_resnet: bool) -> list[Method]:
   def spec_for(bits):
-    iters = 10 if bits > 1 else 5
     overrides = {}
     if is_resnet and first_last_bits != bits:
       overrides = {r"^conv_init/kernel": first_last_bits, r"^head/kernel": first_last_bits}
-    return bq.quant_spec(params, bits=bits, iters=iters, overrides=overrides)
+    return bq.quant_spec(params, bits=bits, overrides=overrides)
 
   out = []
   for name in names:
     if name == "adam":
       out.append(Method(name, "adam", 1, optax.adam(lr)))
       continue
-    kind, bits = name.rsplit("_", 1)
-    spec = spec_for(int(bits.removesuffix("bit")))
+    match = METHOD_RE.match(name)
+    if match is None:
+      raise ValueError(f"--methods: unknown method {name!r}; expected adam or "
+                       "{bwn_ste,laq,blaq,blaq_every<m>,laq_noskip,blaq_noskip,blaq_reuse,"
+                       "blaq_model}_<k>bit with k in 1..8")
+    kind, every, bits = match.group(1), match.group(2), int(match.group(3))
+    spec = spec_for(bits)
     if kind == "bwn_ste":
       out.append(Method(name, "ste", 1, bq.ste(optax.adam(lr), spec), spec))
     elif kind == "laq":
       out.append(Method(name, "laq", 1, bq.laq(lr, spec), spec))
     elif kind == "blaq":
       out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a), spec))
+    elif every is not None:  # the two-stage update on every m-th step
+      m = int(every)
+      tx = bq.blaq(lr, spec, a=a, lookahead_schedule=bq.periodic_lookahead(m))
+      out.append(Method(name, "blaq", 1 + 1 / m, tx, spec))
     elif kind == "laq_noskip":  # no check for non-finite gradients
       out.append(Method(name, "laq", 1, bq.laq(lr, spec, skip_nonfinite=False), spec))
     elif kind == "blaq_noskip":
       out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a, skip_nonfinite=False), spec))
     elif kind == "blaq_reuse":
-      out.append(Method(name, kind, 1, cheap_lookahead.blaq_reuse(lr, spec, a=a), spec))
-    elif kind == "blaq_periodic":  # lookahead every 10th step: 1.1 gradients per step
-      tx = cheap_lookahead.blaq_periodic(lr, spec, a=a, every=10)
-      out.append(Method(name, kind, 1.1, tx, spec))
-    elif kind == "blaq_model":
-      out.append(Method(name, kind, 1, cheap_lookahead.blaq_model(lr, spec, a=a), spec))
+      out.append(Method(name, kind, 1, bq_contrib.blaq_reuse(lr, spec, a=a), spec))
     else:
-      raise ValueError(f"--methods: unknown method {name!r}; expected {ALL_METHODS}")
+      out.append(Method(name, kind, 1, bq_contrib.blaq_model(lr, spec, a=a), spec))
   return out
 
 
@@ -204,7 +214,7 @@ def make_step(method: Method, loss_fn):
                                      grad_fn=grad_fn)
       loss, new_stats = aux[0]
     else:
-      q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+      q = bq.quantize_params(params, spec, state=opt_state)
       (loss, new_stats), g = value_and_grad(q, stats, x, y)
       grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, stats, x, y)[0]
       updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
@@ -219,7 +229,7 @@ def make_update_only(method: Method):
 
   def update_only(params, opt_state, g):
     if kind in ("laq", "blaq") + VARIANT_KINDS:
-      q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+      q = bq.quantize_params(params, spec, state=opt_state)
     elif kind == "ste":
       q = bq.ste_quantize_params(params, spec)
     else:
@@ -339,15 +349,17 @@ def environment() -> dict:
 
 def ratios(results: dict, rounds: int) -> list[dict]:
   out = []
-  for num, den, target in TARGETS:
+  on_cpu = jax.default_backend() == "cpu"
+  for num, den, target_cpu, target_gpu in TARGETS:
     if num not in results or den not in results:
       continue
     a, b = results[num]["time"], results[den]["time"]
     per_round = [x / y for x, y in zip(a["round_medians_ms"], b["round_medians_ms"])]
-    value = a["median_ms"] / b["median_ms"]
+    value = a["mean_ms"] / b["mean_ms"]
+    target = target_cpu if on_cpu else target_gpu
     out.append({"ratio": f"{num}/{den}", "value": value,
-                "value_of_means": a["mean_ms"] / b["mean_ms"], "round_min": min(per_round),
-                "round_max": max(per_round), "target": target,
+                "value_of_medians": a["median_ms"] / b["median_ms"],
+                "round_min": min(per_round), "round_max": max(per_round), "target": target,
                 "meets_target": None if target is None else bool(value <= target)})
   return out
 
@@ -393,12 +405,13 @@ def markdown(report: dict) -> str:
                    f"({100 * u['median_ms'] / step:.1f}%) | {rest:.2f} "
                    f"({100 * rest / step:.1f}%) |")
   if report["ratios"]:
-    lines += ["", "| ratio | measured (medians) | range over rounds | ratio of means "
-              "| target (H100) |", "|---|---|---|---|---|"]
+    lines += ["", "| ratio | ratio of means | ratio of medians | range over rounds (medians) "
+              f"| target ({'CPU' if env.get('backend') == 'cpu' else 'GPU'}) |",
+              "|---|---|---|---|---|"]
     for r in report["ratios"]:
       tgt = "–" if r["target"] is None else f"≤ {r['target']:.2f}"
-      lines.append(f"| {r['ratio']} | {r['value']:.3f} | {r['round_min']:.3f}–"
-                   f"{r['round_max']:.3f} | {r['value_of_means']:.3f} | {tgt} |")
+      lines.append(f"| {r['ratio']} | {r['value']:.3f} | {r['value_of_medians']:.3f} | "
+                   f"{r['round_min']:.3f}–{r['round_max']:.3f} | {tgt} |")
   return "\n".join(lines) + "\n"
 
 

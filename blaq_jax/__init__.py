@@ -24,6 +24,7 @@ from blaq_jax._src.laq import laq
 from blaq_jax._src.parallel import DataParallel
 from blaq_jax._src.parallel import data_parallel
 from blaq_jax._src.quantizers import QuantSpec
+from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
@@ -50,6 +51,7 @@ __all__ = (
     "blaq",
     "curvature",
     "data_parallel",
+    "fit_scale",
     "freeze_oscillations",
     "laq",
     "load_packed",

@@ -95,7 +95,7 @@ class Trainer:
         return params
       if method == "BWN-STE":
         return bq.ste_quantize_params(params, spec)
-      return bq.quantize_params(params, spec, bq.curvature(opt_state))
+      return bq.quantize_params(params, spec, state=opt_state)
 
     def loss_fn(p, rest, x, y):
       m = nnx.merge(graphdef, p, rest, copy=True)

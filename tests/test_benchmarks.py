@@ -20,9 +20,10 @@ def test_step_time_quick(tmp_path):
     assert f"| {name} |" in table
   assert saved["results"]["blaq_1bit"]["grad_evals"] == 2
   assert saved["results"]["laq_2bit"]["grad_evals"] == 1
-  # Optimizer state: LAQ = Adam + D for the quantized kernels + the skipped counter.
+  # Optimizer state: LAQ = Adam + D and one float32 scale per quantized kernel +
+  # the skipped counter.
   kernels = [w for w in jax.tree.leaves(_tiny_params()) if w.ndim >= 2]
-  extra = sum(w.nbytes for w in kernels) + 4
+  extra = sum(w.nbytes + 4 for w in kernels) + 4
   res = saved["results"]
   assert res["laq_2bit"]["opt_state_bytes"] == res["adam"]["opt_state_bytes"] + extra
   assert res["blaq_1bit"]["opt_state_bytes"] == res["laq_2bit"]["opt_state_bytes"]

@@ -1,4 +1,4 @@
-"""One-gradient forms of BLAQ's lookahead: reductions and the Fig. 1 toy."""
+"""blaq_jax.contrib's one-gradient forms of BLAQ's lookahead: reductions and the toy."""
 
 import jax
 import jax.numpy as jnp
@@ -7,47 +7,13 @@ import optax
 import pytest
 
 import blaq_jax as bq
-from blaq_jax._src import cheap_lookahead as cl
+import blaq_jax.contrib as cl
 from test_laq_blaq import make_step, mlp_problem, run, toy_flips
 
 
 def assert_trees_close(x, y, **kw):
   for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
     np.testing.assert_allclose(a, b, **kw)
-
-
-def test_periodic_every_1_is_blaq_and_a1_is_laq():
-  params, loss = mlp_problem()
-  spec = bq.quant_spec(params, bits=1)
-  _, _, h_blaq = run(bq.blaq(1e-2, spec), spec, params, loss, 10)
-  _, _, h_p1 = run(cl.blaq_periodic(1e-2, spec, every=1), spec, params, loss, 10)
-  assert_trees_close(h_p1, h_blaq, rtol=1e-5, atol=1e-7)
-  _, _, h_laq = run(bq.laq(1e-2, spec), spec, params, loss, 10)
-  _, _, h_pa1 = run(cl.blaq_periodic(1e-2, spec, every=3, a=1.0), spec, params, loss, 10)
-  assert_trees_close(h_pa1, h_laq, rtol=1e-5, atol=1e-7)
-
-
-def test_periodic_calls_grad_fn_only_every_k_steps():
-  params, loss = mlp_problem()
-  spec = bq.quant_spec(params, bits=1)
-  tx = cl.blaq_periodic(1e-2, spec, every=3)
-  calls = []
-
-  def grad_fn(p):
-    jax.debug.callback(lambda: calls.append(1))
-    return jax.grad(loss)(p)
-
-  @jax.jit
-  def step(p, s):
-    q = bq.quantize_params(p, spec, bq.curvature(s))
-    u, s = tx.update(jax.grad(loss)(q), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
-  state = tx.init(params)
-  for _ in range(7):
-    params, state = step(params, state)
-  jax.effects_barrier()
-  assert len(calls) == 3  # steps 0, 3, 6
 
 
 def test_reuse_and_model_are_laq_when_the_gradient_is_constant():
@@ -100,8 +66,6 @@ def test_fig1_toy_settles(factory):
 
 
 def test_bad_arguments():
-  with pytest.raises(ValueError, match="every"):
-    cl.blaq_periodic(1e-2, {}, every=0)
   with pytest.raises(ValueError, match="a must be"):
     cl.blaq_reuse(1e-2, {}, a=2.0)
   params = {"w": jnp.ones((2, 2))}

@@ -19,9 +19,9 @@ def params():
 
 
 def test_default_quantizes_kernels_only():
-  spec = bq.quant_spec(params(), bits=2, iters=7)
-  assert spec["body"][0]["kernel"] == bq.QuantSpec(2, iters=7)
-  assert spec["conv_init"]["kernel"] == bq.QuantSpec(2, iters=7)
+  spec = bq.quant_spec(params(), bits=2, tol=1e-5, max_iters=7)
+  assert spec["body"][0]["kernel"] == bq.QuantSpec(2, tol=1e-5, max_iters=7)
+  assert spec["conv_init"]["kernel"] == bq.QuantSpec(2, tol=1e-5, max_iters=7)
   assert spec["body"][0]["bias"] is None
   assert spec["norm"]["scale"] is None
 

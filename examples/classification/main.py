@@ -1,7 +1,7 @@
 """Command line of the classification examples.
 
     python -m examples.classification.main --config mnist_mlp --method blaq \\
-        --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --iters 5 --seed 0 \\
+        --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --seed 0 \\
         --num-epochs 10 --data-dir DIR --download --resume]
 
 ``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
@@ -22,7 +22,7 @@ CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg")
 
 # flag -> Config field
 FLAGS = {
-    "method": str, "bits": int, "scheme": str, "a": float, "iters": int, "seed": int,
+    "method": str, "bits": int, "scheme": str, "a": float, "seed": int,
     "num_epochs": int, "learning_rate": float, "batch_size": int, "train_subset": int,
     "test_subset": int, "data_dir": str, "stop_after_epoch": int,
 }

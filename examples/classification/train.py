@@ -24,7 +24,7 @@ Methods (``config.method``):
   first ``config.blend_end`` of training), Nagel et al. 2022 / Liu & Mattina
   2019; evaluated with the plain projection like ``bwn-ste``.
 * ``blaq-periodic``, ``blaq-reuse``, ``blaq-model``: the cheaper lookahead
-  forms of ``blaq_jax._src.cheap_lookahead`` (lookahead every ``config.every``
+  forms of ``blaq_jax.contrib`` (lookahead every ``config.every``
   steps; the trial gradient reused as the next step's gradient; the trial
   gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
   gradient (and the batch-norm statistics and loss it logs) at the trial
@@ -56,7 +56,7 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
-from blaq_jax._src import cheap_lookahead
+import blaq_jax.contrib as bq_contrib
 from examples.classification import input_pipeline
 from examples.classification import models
 
@@ -77,7 +77,6 @@ class Config:
   bits: int = 1
   scheme: str = "linear"
   per_channel: bool = False
-  iters: int = 5            # BLAQ/LAQ alternation rounds (the paper's m)
   a: float = 0.6            # BLAQ's mixing weight
   every: int = 10           # blaq-periodic: lookahead every this many steps
   dampen_weight: float = 1e-2     # ste-dampen: lambda of Nagel et al.'s regulariser
@@ -114,7 +113,7 @@ class Config:
     if self.lr_schedule not in ("cosine", "constant"):
       raise ValueError(f"config.lr_schedule must be 'cosine' or 'constant', "
                        f"got {self.lr_schedule!r}")
-    for name in ("num_epochs", "batch_size", "eval_batch_size", "iters"):
+    for name in ("num_epochs", "batch_size", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
     return self
@@ -180,11 +179,12 @@ def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
   elif config.method == "blaq":
     tx = bq.blaq(schedule, spec, a=config.a)
   elif config.method == "blaq-periodic":
-    tx = cheap_lookahead.blaq_periodic(schedule, spec, a=config.a, every=config.every)
+    tx = bq.blaq(schedule, spec, a=config.a,
+                 lookahead_schedule=bq.periodic_lookahead(config.every, phase=0))
   elif config.method == "blaq-reuse":
-    tx = cheap_lookahead.blaq_reuse(schedule, spec, a=config.a)
+    tx = bq_contrib.blaq_reuse(schedule, spec, a=config.a)
   else:
-    tx = cheap_lookahead.blaq_model(schedule, spec, a=config.a)
+    tx = bq_contrib.blaq_model(schedule, spec, a=config.a)
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
 
 
@@ -205,7 +205,7 @@ class Trainer:
     model = build_model(config, image_shape)
     self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     self.spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme,
-                              per_channel=config.per_channel, iters=config.iters)
+                              per_channel=config.per_channel)
     self.schedule = make_schedule(config, steps_per_epoch)
     self.blend_schedule = bq.alpha_blending_schedule(
         0, max(1, int(config.blend_end * config.num_epochs * steps_per_epoch)))
@@ -235,7 +235,7 @@ class Trainer:
       # BWN: the plain projection (mean|w| sign(w) at 1 bit), exactly; the
       # gradient is taken at these values, so no straight-through wrapper.
       return bq.quantize_params(params, self.spec)
-    return bq.quantize_params(params, self.spec, self.curvature(opt_state))
+    return bq.quantize_params(params, self.spec, state=opt_state)
 
   def _loss(self, params, batch_stats, x, y):
     model = nnx.merge(self.graphdef, params, batch_stats, copy=True)
@@ -431,13 +431,11 @@ def export_model(trainer: Trainer, state, workdir: Path) -> None:
   cfg = trainer.config
   params = state["params"]
   if cfg.method == "fp":
-    spec = jax.tree.map(lambda _: None, params)
-    curv = None
+    packed = bq.pack(params, jax.tree.map(lambda _: None, params))
+  elif cfg.method in STE_FAMILY:
+    packed = bq.pack(params, trainer.spec)
   else:
-    spec, curv = trainer.spec, trainer.curvature(state["opt_state"])
-    if cfg.method in STE_FAMILY:
-      curv = None
-  packed = bq.pack(params, spec, curv)
+    packed = bq.pack(params, trainer.spec, state=state["opt_state"])
   bq.save_packed(workdir / "model_packed.npz", packed)
   lines = []
   bq.size_report(packed, print_fn=lines.append)

@@ -51,8 +51,8 @@ class Config:
   bits: int = 1
   scheme: str = "linear"
   first_last_bits: Optional[int] = 8   # conv_init and head kernels; None: full precision
-  a: float = 0.9
-  iters: int = 10
+  a: float = 0.9                       # BLAQ: weight of the current gradient (Eq. 9-10)
+  m: Optional[int] = 10                # BLAQ: two-stage update in 1 epoch of every m; None: always
   learning_rate: float = 1e-3          # peak of the cosine schedule (Adam-scale)
   warmup_epochs: float = 5.0
   num_epochs: float = 100.0
@@ -83,14 +83,15 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
   if config.first_last_bits != config.bits:
     overrides = {r"^conv_init/kernel": config.first_last_bits,
                  r"^head/kernel": config.first_last_bits}
-  spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme, iters=config.iters,
-                       overrides=overrides)
+  spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme, overrides=overrides)
   warmup = min(int(config.warmup_epochs * steps_per_epoch), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, warmup_steps=warmup,
       decay_steps=max(num_steps, warmup + 1), end_value=0.0)
   if config.optimizer == "blaq":
-    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name)
+    lookahead = None if config.m is None else bq.periodic_lookahead(config.m, steps_per_epoch)
+    tx = bq.blaq(schedule, spec, a=config.a, lookahead_schedule=lookahead,
+                 batch_axis_name=batch_axis_name)
   elif config.optimizer == "laq":
     tx = bq.laq(schedule, spec)
   else:
@@ -112,7 +113,7 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
   def train_step(params, batch_stats, opt_state, images, labels):
-    q = bq.quantize_params(params, spec, bq.curvature(opt_state))   # ŵ_t
+    q = bq.quantize_params(params, spec, state=opt_state)   # ŵ_t
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         q, batch_stats, images, labels)
     grads = dp.pmean(grads)
@@ -124,7 +125,7 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
-    q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+    q = bq.quantize_params(params, spec, state=opt_state)
     model = nnx.merge(graphdef, q, batch_stats)
     model.eval()
     logits = model(input_pipeline.normalize(images, dtype))

@@ -62,7 +62,7 @@ def run(method: str, loss_name: str, w0, *, lr: float, steps: int, a: float = 0.
   def forward(p, state):
     if method == "fp":
       return p
-    return bq.quantize_params(p, spec, bq.curvature(state))
+    return bq.quantize_params(p, spec, state=state)
 
   def step(carry, _):
     p, state = carry
