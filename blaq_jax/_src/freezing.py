@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +44,13 @@ import optax
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.ste import check_scale, integer_codes, plain_quantize
+
+
+def _codes0(w, spec, scale):
+  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
+  if tree_lib.is_abstract(w):
+    return jnp.zeros(w.shape, jnp.int32)
+  return integer_codes(w, spec, scale)
 
 
 class _Leaf:
@@ -90,14 +96,21 @@ def freeze_oscillations(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-    and returns updates that keep frozen weights in place.
+    and returns updates that keep frozen weights in place. ``threshold`` and
+    ``momentum`` may be hyperparameters of ``optax.inject_hyperparams``. The
+    state arrays take each param's sharding. ``init`` on abstract params
+    (``jax.ShapeDtypeStruct`` leaves, e.g. to build a restore target) gives
+    the state's shapes and dtypes with codes 0; initialise from the real
+    params (or restore a checkpoint) to train.
   """
   check_scale(scale, "freeze_oscillations")
-  if not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
+  if not tree_lib.is_number(momentum) or (
+      tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
-  if not (isinstance(threshold, numbers.Real) or callable(threshold)):
+  if not (tree_lib.is_number(threshold) or callable(threshold)):
     raise TypeError(
         f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
+  tree_lib.check_spec_arg(spec, "freeze_oscillations")
 
   def per_leaf(fn, *trees):
     return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
@@ -108,15 +121,16 @@ def freeze_oscillations(
     tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
     return FreezingState(
         count=jnp.zeros([], jnp.int32),
-        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
-        direction=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.int32), params),
-        frequency=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.float32), params),
-        frozen=per_leaf(lambda s, w: jnp.zeros(w.shape, bool), params))
+        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        direction=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.int32), params),
+        frequency=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.float32), params),
+        frozen=per_leaf(lambda s, w: jnp.zeros_like(w, bool), params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("freeze_oscillations.update: params are required")
+    tree_lib.check_like_params(updates, params, "updates", "freeze_oscillations.update")
     thr = threshold(state.count) if callable(threshold) else threshold
 
     def leaf(s, u, w, codes, direction, freq, frozen):
