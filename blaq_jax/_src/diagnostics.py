@@ -142,7 +142,8 @@ def track_oscillations(spec, *, window: int = 100,
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
   tree_lib.check_spec_arg(spec, "track_oscillations")
 
-  def per_leaf(fn, *trees):
+  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
+    trees = tuple(tree_lib.unwrap(t) for t in trees)
     return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
                                   spec, *trees)
 
@@ -187,7 +188,7 @@ def track_oscillations(spec, *, window: int = 100,
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
       if s is None:
         return _Leaf((None,) * 14)
-      new_w = w + u
+      new_w = (w + u).astype(w.dtype)  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       flipped = (new_codes != codes).astype(jnp.int32)
       u32, p32 = u.astype(jnp.float32), prev.astype(jnp.float32)
@@ -205,7 +206,7 @@ def track_oscillations(spec, *, window: int = 100,
                     lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
 
     out = tree_lib.map_with_spec(
-        leaf, spec, updates, params, state.codes, state.flips, state.window_flips,
+        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes, state.flips, state.window_flips,
         state.window_min, state.window_max, state.window_cosine, state.last_flips,
         state.last_amplitude, state.last_cosine, state.prev_updates)
     pick = lambda i: jax.tree.map(lambda o: o.values[i], out)

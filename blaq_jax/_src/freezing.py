@@ -112,7 +112,8 @@ def freeze_oscillations(
         f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
   tree_lib.check_spec_arg(spec, "freeze_oscillations")
 
-  def per_leaf(fn, *trees):
+  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
+    trees = tuple(tree_lib.unwrap(t) for t in trees)
     return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
                                   spec, *trees)
 
@@ -136,21 +137,22 @@ def freeze_oscillations(
     def leaf(s, u, w, codes, direction, freq, frozen):
       if s is None:
         return _Leaf((u, None, None, None, None))
-      new_w = jnp.where(frozen, w, w + u)
+      new_w = jnp.where(frozen, w, (w + u).astype(w.dtype))  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       step = jnp.sign(new_codes - codes)
       oscillated = (step != 0) & (step == -direction)
       direction = jnp.where(step != 0, step, direction)
-      freq = freq + momentum * (oscillated.astype(freq.dtype) - freq)
+      freq = freq + (momentum * (oscillated.astype(freq.dtype) - freq)).astype(freq.dtype)
       newly = (freq > thr) & ~frozen
       new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
       return _Leaf(((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly))
 
-    out = tree_lib.map_with_spec(leaf, spec, updates, params, state.codes,
+    out = tree_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
+                                 tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
     pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
     new_state = FreezingState(optax.safe_increment(state.count), pick(1), pick(2),
                               pick(3), pick(4))
-    return pick(0), new_state
+    return tree_lib.rewrap(updates, pick(0)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

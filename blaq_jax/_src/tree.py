@@ -240,8 +240,8 @@ def check_grad_fn_result(result, params, where: str):
 def map_with_spec(fn: Callable[..., Any], spec, *trees):
   """``fn(spec_leaf, *subtrees)`` over the leaves of ``spec`` (None included).
 
-  NNX Variables in ``spec`` and ``trees`` are unwrapped first (the result is
-  a pure tree). Subtrees that are ``optax.MaskedNode`` (leaves masked out by
+  NNX Variables in ``spec`` and ``trees`` are unwrapped for ``fn``, and put
+  back around the results where the first tree had them. Subtrees that are ``optax.MaskedNode`` (leaves masked out by
   ``optax.masked`` / ``optax.multi_transform``) and params leaves that are
   None pass through unchanged. If the first tree is optax's ``map_params``
   placeholder, it is returned as it is (the state field is "like params").
@@ -249,14 +249,33 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
   if trees and is_params_placeholder(trees[0]):
     return trees[0]
   spec = unwrap(spec)
-  trees = tuple(unwrap(t) for t in trees)
+  pure = tuple(unwrap(t) for t in trees)
 
   def leaf_fn(s, first, *rest):
     if first is None or is_masked(first):
       return first
     return fn(s, first, *rest)
 
-  return jax.tree.map(leaf_fn, spec, *trees, is_leaf=is_spec_leaf)
+  result = jax.tree.map(leaf_fn, spec, *pure, is_leaf=is_spec_leaf)
+  if trees and pure[0] is not trees[0]:
+    result = rewrap(trees[0], result)
+  return result
+
+
+def rewrap(like, result):
+  """``result`` (a pure tree) with the NNX Variables of ``like`` put back
+  around its non-None leaves, so that a transform given Variable-wrapped
+  params returns trees of the same structure (None stays None)."""
+  nnx = _nnx()
+  if nnx is None:
+    return result
+
+  def put(v, r):
+    if isinstance(v, nnx.Variable) and r is not None and not is_masked(r):
+      return v.replace(r)
+    return r
+
+  return jax.tree.map(put, like, result, is_leaf=lambda x: is_variable(x) or x is None)
 
 
 def map_none(fn: Callable[..., Any], tree, *rest):
