@@ -192,7 +192,9 @@ def track_oscillations(spec, *, window: int = 100,
       new_codes = integer_codes(new_w, s, scale)
       flipped = (new_codes != codes).astype(jnp.int32)
       u32, p32 = u.astype(jnp.float32), prev.astype(jnp.float32)
-      dot, nu, np_ = jnp.vdot(u32, p32), jnp.vdot(u32, u32), jnp.vdot(p32, p32)
+      # Elementwise products then sums (not vdot: a contraction over an
+      # explicitly sharded axis needs an out_sharding).
+      dot, nu, np_ = jnp.sum(u32 * p32), jnp.sum(u32 * u32), jnp.sum(p32 * p32)
       cos = _cosine(dot, nu, np_)
       wflips = wflips + flipped
       wmin, wmax = jnp.minimum(wmin, new_w), jnp.maximum(wmax, new_w)
