@@ -3,6 +3,7 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import convergence
@@ -47,11 +48,29 @@ def test_step_time_rejects_bad_input():
     step_time.run("mlp_tiny", methods=("adam", "sgd_1bit"))
 
 
-def test_convergence_tiny(tmp_path):
+def tiny_mnist(root):
+  """Four small MNIST-format IDX files (random digits) that the test writes itself."""
+  from examples.classification import input_pipeline as ip
+  rng = np.random.default_rng(0)
+  root.mkdir(parents=True, exist_ok=True)
+  for split, n in (("train", 200), ("test", 100)):
+    ip.write_idx(root / ip.IDX_FILES[f"{split}_images"],
+                 rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    ip.write_idx(root / ip.IDX_FILES[f"{split}_labels"],
+                 rng.integers(0, 10, (n,), dtype=np.uint8))
+  return root
+
+
+def test_convergence_tiny(tmp_path, monkeypatch):
+  from examples.classification import input_pipeline as ip
+  urls, md5s, _, advice = ip.IDX_DATASETS["mnist"]
+  monkeypatch.setitem(ip.IDX_DATASETS, "mnist", (urls, md5s, (), advice))  # never ../shared
+  data = tiny_mnist(tmp_path / "mnist")
   out = convergence.main([
       "--datasets", "mnist", "--methods", "laq,blaq,laq_2x", "--seeds", "0",
       "--epochs", "1", "--hidden", "16", "--train-subset", "200", "--test-subset", "100",
-      "--batch-size", "50", "--out", str(tmp_path)])
+      "--batch-size", "50", "--data-dir", str(data), "--out", str(tmp_path / "out")])
+  tmp_path = tmp_path / "out"
   s = out["summary"]["mnist"]["methods"]
   assert s["laq"]["grad_evals"] == 4 and s["laq"]["epochs"] == 1
   assert s["blaq"]["grad_evals"] == 8 and s["laq_2x"]["grad_evals"] == 8

@@ -54,10 +54,10 @@ def test_resnet18_parameter_count():
   by_path = {jax.tree_util.keystr(path, simple=True, separator="/"): s for path, s in
              jax.tree_util.tree_flatten_with_path(
                  spec, is_leaf=lambda x: x is None or isinstance(x, bq.QuantSpec))[0]}
-  assert by_path["conv_init/kernel/value"].bits == 8
-  assert by_path["head/kernel/value"].bits == 8
-  assert by_path["head/bias/value"] is None
-  assert by_path["blocks/3/conv2/kernel/value"].bits == 1
+  assert by_path["conv_init/kernel"].bits == 8
+  assert by_path["head/kernel"].bits == 8
+  assert by_path["head/bias"] is None
+  assert by_path["blocks/3/conv2/kernel"].bits == 1
 
 
 def test_input_pipeline(image_folder):

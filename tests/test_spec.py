@@ -35,7 +35,8 @@ def test_overrides_first_match_wins_and_types():
   })
   assert spec["conv_init"]["kernel"] == bq.QuantSpec(8)
   assert spec["head"]["kernel"] == bq.QuantSpec(4, "log")
-  assert spec["head"]["bias"] == bq.QuantSpec(4, "log")  # override beats include
+  # bits/QuantSpec overrides change included leaves only: the bias stays full precision.
+  assert spec["head"]["bias"] is None
   assert spec["body"][0]["kernel"] is None
   assert spec["conv_init"]["bias"] is None
 
@@ -57,7 +58,7 @@ def test_include_regex_and_callable():
 
 
 def test_unknown_override_pattern_is_an_error():
-  with pytest.raises(ValueError, match="match no parameter path"):
+  with pytest.raises(ValueError, match="match(es)? no parameter path"):
     bq.quant_spec(params(), bits=1, overrides={"hed": 8})
 
 
@@ -106,7 +107,9 @@ def test_nnx_state_params():
       self.norm = nnx.BatchNorm(4, rngs=rngs)
 
   _, state, _ = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
-  spec = bq.quant_spec(state, bits=1, overrides={"dense/bias": 8})
+  with pytest.raises(ValueError, match="'dense/bias' matches only leaves that include="):
+    bq.quant_spec(state, bits=1, overrides={"dense/bias": 8})
+  spec = bq.quant_spec(state, bits=1, include="dense", overrides={"dense/bias": 8})
   q = bq.quantize_params(state, spec)
   k = state["dense"]["kernel"][...]
   np.testing.assert_allclose(q["dense"]["kernel"][...], bq.quantize(k, bq.QuantSpec(1)))

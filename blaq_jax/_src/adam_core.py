@@ -158,7 +158,6 @@ def guarded(ok, step, state, params):
     return step()
 
   def skip():
-    zeros = jax.tree.map(lambda p: p - p, params)  # keeps dtype and sharding
-    return zeros, state._replace(skipped=state.skipped + 1)
+    return tree_lib.zeros_like_params(params), state._replace(skipped=state.skipped + 1)
 
   return jax.lax.cond(ok, step, skip)

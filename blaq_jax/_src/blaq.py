@@ -200,12 +200,13 @@ def blaq(
           "params -> gradient of the loss on the current batch, e.g. "
           "grad_fn=lambda p: jax.grad(loss)(p, batch)")
     core.check_not_masked(params, "blaq.update")
+    tree_lib.check_like_params(updates, params, "updates", "blaq.update")
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
 
     def two_stage():
       stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
-      g_trial = grad_fn(stage1.trial)
+      g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq.update")
       if batch_axis_name is not None:
         g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
       ok = core.all_finite(g_trial) if skip_nonfinite else None

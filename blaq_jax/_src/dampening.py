@@ -21,7 +21,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -47,7 +46,8 @@ def add_oscillation_dampening(
   """Adds ``2 λ(t) (w - Q(w))`` to the updates of quantized leaves.
 
   Args:
-    weight: ``λ``, a float ``>= 0`` or a schedule of the step count.
+    weight: ``λ``, a float ``>= 0`` or a schedule of the step count (or a
+      hyperparameter of ``optax.inject_hyperparams``).
     spec: the tree from :func:`blaq_jax.quant_spec`.
     scale: the STE quantizer's scale, ``"fit"`` or ``"none"`` (see
       :func:`blaq_jax.ste_quantize`); use the one of the forward pass.
@@ -56,11 +56,12 @@ def add_oscillation_dampening(
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
   """
   check_scale(scale, "add_oscillation_dampening")
-  if isinstance(weight, numbers.Real) and not weight >= 0:
+  if tree_lib.is_concrete_number(weight) and not weight >= 0:
     raise ValueError(f"add_oscillation_dampening: weight must be >= 0, got {weight}")
-  if not (isinstance(weight, numbers.Real) or callable(weight)):
+  if not (tree_lib.is_number(weight) or callable(weight)):
     raise TypeError(
         f"add_oscillation_dampening: weight must be a number or a schedule, got {weight!r}")
+  tree_lib.check_spec_arg(spec, "add_oscillation_dampening")
 
   def init_fn(params):
     tree_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
@@ -70,6 +71,7 @@ def add_oscillation_dampening(
     del extra_args
     if params is None:
       raise ValueError("add_oscillation_dampening.update: params are required")
+    tree_lib.check_like_params(updates, params, "updates", "add_oscillation_dampening.update")
     lam = weight(state.count) if callable(weight) else weight
 
     def add(s, g, w):

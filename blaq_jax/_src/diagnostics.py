@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blaq_jax._src import tree as tree_lib
@@ -93,6 +94,26 @@ def _cosine(dot, n1, n2):
   return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1), 0.0)
 
 
+def _is_window(window) -> bool:
+  if tree_lib.is_concrete_number(window):
+    return isinstance(window, (numbers.Integral, np.integer)) and window >= 1
+  # A hyperparameter of optax.inject_hyperparams: an integer scalar array.
+  return tree_lib.is_number(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
+
+
+def _codes0(w, spec, scale):
+  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
+  if tree_lib.is_abstract(w):
+    return jnp.zeros(w.shape, jnp.int32)
+  return integer_codes(w, spec, scale)
+
+
+def _copy(w):
+  if tree_lib.is_abstract(w):
+    return jnp.zeros_like(w)
+  return jnp.array(w, copy=True)
+
+
 def track_oscillations(spec, *, window: int = 100,
                        scale: str = "fit") -> optax.GradientTransformationExtraArgs:
   """Identity on updates; its state records code flips, amplitudes and cosines.
@@ -110,51 +131,70 @@ def track_oscillations(spec, *, window: int = 100,
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and ignores extra keyword arguments (``grad_fn`` passes through a chain).
+    ``window`` may be a hyperparameter of ``optax.inject_hyperparams`` (an
+    integer array). The state never holds the params' own buffers (they can
+    be donated with it), its arrays take each param's sharding, and ``init``
+    on abstract params (``jax.ShapeDtypeStruct`` leaves) gives the state's
+    shapes and dtypes with codes 0 and zero window extremes.
   """
   check_scale(scale, "track_oscillations")
-  if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+  if not _is_window(window):
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
+  tree_lib.check_spec_arg(spec, "track_oscillations")
 
-  def per_leaf(fn, *trees):
+  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
+    trees = tuple(tree_lib.unwrap(t) for t in trees)
     return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
                                   spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "track_oscillations.init")
     tree_lib.check_spec_matches(spec, params, "track_oscillations.init")
-    zeros_i = lambda s, w: jnp.zeros(w.shape, jnp.int32)
+    zeros_i = lambda s, w: jnp.zeros_like(w, jnp.int32)
     scalar = lambda s, w: jnp.zeros([], jnp.float32)
+    if tree_lib.is_params_placeholder(params):
+      # optax.tree.map_params: per-leaf scalars are not "like params".
+      scalars = jax.tree.map(lambda s: None if s is None else jnp.zeros([], jnp.float32),
+                             tree_lib.unwrap(spec), is_leaf=tree_lib.is_spec_leaf)
+      per_scalar = lambda: scalars
+    else:
+      per_scalar = lambda: per_leaf(scalar, params)
     return OscillationState(
         count=jnp.zeros([], jnp.int32),
         window=jnp.asarray(window, jnp.int32),
-        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
-        flips=per_leaf(scalar, params),
+        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        flips=per_scalar(),
         window_flips=per_leaf(zeros_i, params),
-        window_min=per_leaf(lambda s, w: w, params),
-        window_max=per_leaf(lambda s, w: w, params),
-        window_cosine=per_leaf(scalar, params),
+        # Copies (never the params' own buffers), so that params and an
+        # eagerly built state can be donated together.
+        window_min=per_leaf(lambda s, w: _copy(w), params),
+        window_max=per_leaf(lambda s, w: _copy(w), params),
+        window_cosine=per_scalar(),
         last_flips=per_leaf(zeros_i, params),
         last_amplitude=per_leaf(lambda s, w: jnp.zeros_like(w), params),
-        last_cosine=per_leaf(scalar, params),
+        last_cosine=per_scalar(),
         prev_updates=per_leaf(lambda s, w: jnp.zeros_like(w), params),
-        cosine=per_leaf(scalar, params),
+        cosine=per_scalar(),
         cosine_all=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("track_oscillations.update: params are required")
+    tree_lib.check_like_params(updates, params, "updates", "track_oscillations.update")
     count = optax.safe_increment(state.count)
     roll = count % window == 0
 
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
       if s is None:
         return _Leaf((None,) * 14)
-      new_w = w + u
+      new_w = (w + u).astype(w.dtype)  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       flipped = (new_codes != codes).astype(jnp.int32)
       u32, p32 = u.astype(jnp.float32), prev.astype(jnp.float32)
-      dot, nu, np_ = jnp.vdot(u32, p32), jnp.vdot(u32, u32), jnp.vdot(p32, p32)
+      # Elementwise products then sums (not vdot: a contraction over an
+      # explicitly sharded axis needs an out_sharding).
+      dot, nu, np_ = jnp.sum(u32 * p32), jnp.sum(u32 * u32), jnp.sum(p32 * p32)
       cos = _cosine(dot, nu, np_)
       wflips = wflips + flipped
       wmin, wmax = jnp.minimum(wmin, new_w), jnp.maximum(wmax, new_w)
@@ -168,7 +208,7 @@ def track_oscillations(spec, *, window: int = 100,
                     lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
 
     out = tree_lib.map_with_spec(
-        leaf, spec, updates, params, state.codes, state.flips, state.window_flips,
+        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes, state.flips, state.window_flips,
         state.window_min, state.window_max, state.window_cosine, state.last_flips,
         state.last_amplitude, state.last_cosine, state.prev_updates)
     pick = lambda i: jax.tree.map(lambda o: o.values[i], out)

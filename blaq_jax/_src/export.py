@@ -23,7 +23,8 @@ Packed size per quantized leaf: ``ceil(n · bits / 8)`` bytes of codes plus
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -65,17 +66,64 @@ def _codebook(s: QuantSpec, dtype) -> np.ndarray:
 
 
 def _spec_dict(s: QuantSpec) -> dict:
-  return {"bits": int(s.bits), "scheme": s.scheme, "per_channel": bool(s.per_channel),
-          "tol": float(s.tol), "max_iters": int(s.max_iters)}
+  return {k: (v.item() if isinstance(v, np.generic) else v)
+          for k, v in dataclasses.asdict(s).items()}
+
+
+def _spec_from(d: dict) -> QuantSpec:
+  """A QuantSpec from its saved fields (fields this version lacks are dropped)."""
+  names = {f.name for f in dataclasses.fields(QuantSpec)}
+  return QuantSpec(**{k: v for k, v in d.items() if k in names})
+
+
+def _digest(entry: dict, arrays) -> str:
+  """sha256 of the entry's description and its arrays (detects edits and truncation)."""
+  h = hashlib.sha256()
+  desc = {k: entry[k] for k in ("path", "shape", "dtype", "spec")}
+  h.update(json.dumps(desc, sort_keys=True).encode())
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _pairs(params, spec, curvature, scale):
+  """``(path, spec_leaf, param, curvature_leaf, scale_leaf)`` per param leaf,
+  paired by path (None where no curvature or scale tree is given).
+
+  None params (and their None spec) are skipped; NNX Variables are unwrapped.
+  """
+  tree_lib.check_spec_matches(spec, params, "pack")
+  spec, params = tree_lib.unwrap(spec), tree_lib.unwrap(params)
+  none = jax.tree.map(lambda s: None, spec, is_leaf=tree_lib.is_spec_leaf)
+  trees = (params, none if curvature is None else tree_lib.unwrap(curvature),
+           none if scale is None else tree_lib.unwrap(scale))
+  out = []
+
+  def collect(path, s, w, d=None, a=None):
+    if w is not None:
+      out.append((path, s, w, d, a))
+
+  try:
+    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=tree_lib.is_spec_leaf)
+  except (ValueError, TypeError):
+    raise ValueError(
+        "pack: the curvature tree does not match params; pass "
+        "blaq_jax.curvature(opt_state) of the optimizer that trained these params, "
+        "or None") from None
+  return out
 
 
 def pack(params, spec, curvature=None, *, state=None) -> dict:
   """Packs the quantized leaves of ``params`` into bit codes plus scales.
 
   Args:
-    params: the latent parameters (any pytree, e.g. a Flax NNX ``State``).
+    params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
+      None leaves are skipped, NNX Variables unwrapped).
     spec: the tree from :func:`blaq_jax.quant_spec` (None leaves are kept in
-      full precision).
+      full precision). Each spec leaf is paired with the param at the same
+      path.
     curvature: a ``D`` tree for a cold-started projection, or None for
       ``D = 1``; ignored when ``state`` is given.
     state: the LAQ/BLAQ optimizer state (alone or inside a chain): its
@@ -85,36 +133,21 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
   Returns:
     A flat dict of numpy arrays (ready for :func:`save_packed` /
     ``np.savez``): per leaf ``"<path>::codes"`` and ``"<path>::alpha"`` or
-    ``"<path>::value"``, and a JSON ``"__meta__"`` entry with shapes, dtypes
-    and specs.
+    ``"<path>::value"``, and a JSON ``"__meta__"`` entry with shapes, dtypes,
+    specs and a sha256 per leaf that :func:`unpack` checks.
   """
-  tree_lib.check_spec_matches(spec, params, "pack")
-  spec_leaves = jax.tree.leaves(spec, is_leaf=tree_lib.is_spec_leaf)
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  if state is not None:
-    curvature = None
-    scale_leaves = jax.tree.leaves(
-        tree_lib.map_with_spec(lambda s, w, a: (a,), spec, params,
-                               state_lib.find_field(state, "scale", "pack")),
-        is_leaf=lambda x: isinstance(x, tuple))
-    scale_leaves = [a[0] for a in scale_leaves]
-  else:
-    scale_leaves = [None] * len(flat)
-  if curvature is None:
-    curv_leaves = [None] * len(flat)
-  else:
-    curv_leaves = jax.tree.leaves(
-        tree_lib.map_with_spec(lambda s, w, d=None: (d,), spec, params, curvature),
-        is_leaf=lambda x: isinstance(x, tuple))
-    curv_leaves = [c[0] for c in curv_leaves]
   out, meta = {}, []
-  for (path, w), s, d, a in zip(flat, spec_leaves, curv_leaves, scale_leaves):
+  scale = None
+  if state is not None:
+    curvature, scale = None, state_lib.find_field(state, "scale", "pack")
+  for path, s, w, d, a in _pairs(params, spec, curvature, scale):
     name = tree_lib.path_str(path)
     w = jnp.asarray(w)
     entry = {"path": name, "shape": list(w.shape), "dtype": str(w.dtype)}
     if s is None:
       out[f"{name}::value"] = np.asarray(w)
       entry["spec"] = None
+      arrays = [out[f"{name}::value"]]
     else:
       alpha = fit_scale(w, s, d) if a is None else jnp.asarray(a)
       b = codes(w, s, alpha)
@@ -129,55 +162,128 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
       out[f"{name}::codes"] = _pack_indices(idx, s.bits)
       out[f"{name}::alpha"] = np.asarray(alpha, b.dtype)
       entry["spec"] = _spec_dict(s)
+      arrays = [out[f"{name}::codes"], out[f"{name}::alpha"]]
+    entry["sha256"] = _digest(entry, arrays)
     meta.append(entry)
   out[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   return out
 
 
-def _meta(packed) -> list[dict]:
+def _meta(packed, source: str = "unpack") -> list[dict]:
   if _META not in packed:
-    raise ValueError("unpack: not a packed model (no '__meta__' entry)")
-  return json.loads(bytes(np.asarray(packed[_META], np.uint8)).decode())
+    raise ValueError(f"{source}: not a packed model (no '__meta__' entry); write it with "
+                     "blaq_jax.pack / save_packed")
+  try:
+    meta = json.loads(bytes(np.asarray(packed[_META], np.uint8)).decode())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{source}: the '__meta__' entry is not valid JSON ({e}); the file "
+                     "is corrupted, export it again with blaq_jax.pack") from None
+  if not isinstance(meta, list):
+    raise ValueError(f"{source}: the '__meta__' entry is not a list of leaves; the file "
+                     "is corrupted, export it again with blaq_jax.pack")
+  return meta
+
+
+def _corrupt(source, name, what):
+  return ValueError(f"{source}: leaf {name!r}: {what}; the packed data is corrupted or "
+                    "was edited, export it again with blaq_jax.pack")
+
+
+def _unpack_entry(packed, entry, source):
+  """Checks one leaf's entry and arrays, and returns its ``ŵ``."""
+  name = entry.get("path", "?") if isinstance(entry, dict) else "?"
+  if not isinstance(entry, dict) or not {"path", "shape", "dtype", "spec"} <= set(entry):
+    raise _corrupt(source, name, "its '__meta__' entry lacks path/shape/dtype/spec")
+  try:
+    shape = tuple(int(n) for n in entry["shape"])
+    dtype = jnp.dtype(entry["dtype"])
+  except (TypeError, ValueError):
+    raise _corrupt(source, name, f"shape {entry['shape']!r} / dtype {entry['dtype']!r} "
+                   "are not valid") from None
+  if any(n < 0 for n in shape) or not jnp.issubdtype(dtype, jnp.floating):
+    raise _corrupt(source, name, f"shape {shape} / dtype {dtype} are not valid")
+  s = None
+  if entry["spec"] is not None:
+    try:
+      s = _spec_from(dict(entry["spec"]))
+    except (TypeError, ValueError) as e:
+      raise _corrupt(source, name, f"spec {entry['spec']!r} is not valid ({e})") from None
+  keys = [f"{name}::value"] if s is None else [f"{name}::codes", f"{name}::alpha"]
+  missing = [k for k in keys if k not in packed]
+  if missing:
+    raise _corrupt(source, name, f"arrays {missing} are missing")
+  arrays = [np.asarray(packed[k]) for k in keys]
+  if "sha256" in entry and _digest(entry, arrays) != entry["sha256"]:
+    raise _corrupt(source, name, "its sha256 does not match its shape, dtype, spec and arrays")
+  size = math.prod(shape)
+  if s is None:
+    value = arrays[0]
+    if value.shape != shape:
+      raise _corrupt(source, name, f"value has shape {value.shape}, the entry says {shape}")
+    return jnp.asarray(value, dtype)
+  codes, alpha = arrays
+  want = math.ceil(size * s.bits / 8)
+  if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != want:
+    raise _corrupt(source, name, f"codes are {codes.size} {codes.dtype} values, expected "
+                   f"{want} uint8 bytes for shape {shape} at {s.bits} bits")
+  n_scales = shape[-1] if (s.per_channel and len(shape) >= 2) else 1
+  if alpha.size != n_scales:
+    raise _corrupt(source, name, f"alpha has {alpha.size} scales, expected {n_scales}")
+  compute = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+  book = jnp.asarray(_codebook(s, compute))
+  idx = _unpack_indices(codes, s.bits, size)
+  if size and int(idx.max()) >= len(book):
+    raise _corrupt(source, name, f"a code index {int(idx.max())} is outside the "
+                   f"{len(book)}-entry codebook")
+  b = book[jnp.asarray(idx, jnp.int32)].reshape(shape)
+  return (jnp.asarray(alpha).astype(compute) * b).astype(dtype)
 
 
 def unpack(packed, like=None):
   """Restores ``ŵ`` from :func:`pack`'s output (or a path to a saved file).
 
+  Every leaf is checked before it is used: its arrays must be present, of
+  the size its shape and bits imply, and match the sha256 that :func:`pack`
+  stored with them, so truncated codes or an edited shape, bits, spec or
+  dtype raise a one-line ValueError naming the leaf (and the file).
+
   Args:
     packed: the dict returned by :func:`pack`, or a path written by
       :func:`save_packed`.
-    like: optional pytree with the structure of the original params; the
-      result then has that structure. Without it, a flat ``{path: array}``
-      dict is returned.
+    like: optional pytree with the structure of the original params (NNX
+      Variables allowed); the result then has that structure. Without it, a
+      flat ``{path: array}`` dict is returned.
 
   Returns:
     The quantized weights, bit-identical to ``quantize_params(params, spec,
-    curvature)`` (unquantized leaves as stored).
+    state=opt_state)`` when packed with ``state=opt_state`` (likewise with a
+    curvature tree, or neither); unquantized leaves as stored.
+
+  Raises:
+    ValueError: corrupted or edited packed data, or a ``like`` whose paths
+      differ from the packed leaves.
   """
+  source = "unpack"
   if isinstance(packed, (str, Path)):
+    source = f"unpack({str(packed)!r})"
     packed = load_packed(packed)
   values = {}
-  for entry in _meta(packed):
-    name, shape, dtype = entry["path"], tuple(entry["shape"]), jnp.dtype(entry["dtype"])
-    if entry["spec"] is None:
-      values[name] = jnp.asarray(packed[f"{name}::value"], dtype)
-      continue
-    s = QuantSpec(**entry["spec"])
-    compute = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
-    book = jnp.asarray(_codebook(s, compute))
-    size = math.prod(shape)
-    idx = _unpack_indices(np.asarray(packed[f"{name}::codes"]), s.bits, size)
-    b = book[jnp.asarray(idx, jnp.int32)].reshape(shape)
-    alpha = jnp.asarray(packed[f"{name}::alpha"]).astype(compute)
-    values[name] = (alpha * b).astype(dtype)
+  for entry in _meta(packed, source):
+    values[entry.get("path") if isinstance(entry, dict) else None] = _unpack_entry(
+        packed, entry, source)
   if like is None:
     return values
-  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(like))
   names = [tree_lib.path_str(p) for p, _ in flat]
+  # Files written before paths dropped NNX's trailing "/value" still load.
+  names = [n if n in values or f"{n}/value" not in values else f"{n}/value" for n in names]
   missing = [n for n in names if n not in values]
   if missing or len(names) != len(values):
-    raise ValueError(f"unpack: the packed model does not match `like` (missing {missing[:5]}, "
-                     f"{len(values)} packed leaves for {len(names)})")
+    extra = sorted(set(values) - set(names))[:5]
+    raise ValueError(
+        f"{source}: the packed model does not match `like` (paths missing from the packed "
+        f"model: {missing[:5]}; packed but not in `like`: {extra}); pass the params tree "
+        "the model was packed from")
   return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
 
 
@@ -188,8 +294,29 @@ def save_packed(path, packed: dict) -> None:
 
 
 def load_packed(path) -> dict:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+  """Reads a file written by :func:`save_packed` into the dict :func:`pack` returns.
+
+  Args:
+    path: the ``.npz`` file.
+
+  Returns:
+    ``{name: numpy array}``, to pass to :func:`unpack` or :func:`size_report`
+    (both also take the path directly). Nothing is checked here;
+    :func:`unpack` checks every leaf.
+
+  Raises:
+    ValueError: the file is not an ``.npz`` archive (names the file).
+  """
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if not hasattr(z, "files"):
+        raise ValueError("not an .npz archive")
+      return {k: z[k] for k in z.files}
+  except (ValueError, OSError, EOFError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f"load_packed: {str(path)!r} is not a packed model written by "
+                     f"blaq_jax.save_packed ({' '.join(str(e).split())[:120]})") from None
 
 
 def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dict:
@@ -202,7 +329,7 @@ def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dic
   if isinstance(packed, (str, Path)):
     packed = load_packed(packed)
   layers = []
-  for entry in _meta(packed):
+  for entry in _meta(packed, "size_report"):
     name = entry["path"]
     n = math.prod(entry["shape"])
     fp32 = 4 * n

@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +44,13 @@ import optax
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.ste import check_scale, integer_codes, plain_quantize
+
+
+def _codes0(w, spec, scale):
+  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
+  if tree_lib.is_abstract(w):
+    return jnp.zeros(w.shape, jnp.int32)
+  return integer_codes(w, spec, scale)
 
 
 class _Leaf:
@@ -90,16 +96,24 @@ def freeze_oscillations(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-    and returns updates that keep frozen weights in place.
+    and returns updates that keep frozen weights in place. ``threshold`` and
+    ``momentum`` may be hyperparameters of ``optax.inject_hyperparams``. The
+    state arrays take each param's sharding. ``init`` on abstract params
+    (``jax.ShapeDtypeStruct`` leaves, e.g. to build a restore target) gives
+    the state's shapes and dtypes with codes 0; initialise from the real
+    params (or restore a checkpoint) to train.
   """
   check_scale(scale, "freeze_oscillations")
-  if not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
+  if not tree_lib.is_number(momentum) or (
+      tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
-  if not (isinstance(threshold, numbers.Real) or callable(threshold)):
+  if not (tree_lib.is_number(threshold) or callable(threshold)):
     raise TypeError(
         f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
+  tree_lib.check_spec_arg(spec, "freeze_oscillations")
 
-  def per_leaf(fn, *trees):
+  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
+    trees = tuple(tree_lib.unwrap(t) for t in trees)
     return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
                                   spec, *trees)
 
@@ -108,35 +122,37 @@ def freeze_oscillations(
     tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
     return FreezingState(
         count=jnp.zeros([], jnp.int32),
-        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
-        direction=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.int32), params),
-        frequency=per_leaf(lambda s, w: jnp.zeros(w.shape, jnp.float32), params),
-        frozen=per_leaf(lambda s, w: jnp.zeros(w.shape, bool), params))
+        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        direction=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.int32), params),
+        frequency=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.float32), params),
+        frozen=per_leaf(lambda s, w: jnp.zeros_like(w, bool), params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("freeze_oscillations.update: params are required")
+    tree_lib.check_like_params(updates, params, "updates", "freeze_oscillations.update")
     thr = threshold(state.count) if callable(threshold) else threshold
 
     def leaf(s, u, w, codes, direction, freq, frozen):
       if s is None:
         return _Leaf((u, None, None, None, None))
-      new_w = jnp.where(frozen, w, w + u)
+      new_w = jnp.where(frozen, w, (w + u).astype(w.dtype))  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       step = jnp.sign(new_codes - codes)
       oscillated = (step != 0) & (step == -direction)
       direction = jnp.where(step != 0, step, direction)
-      freq = freq + momentum * (oscillated.astype(freq.dtype) - freq)
+      freq = freq + (momentum * (oscillated.astype(freq.dtype) - freq)).astype(freq.dtype)
       newly = (freq > thr) & ~frozen
       new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
       return _Leaf(((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly))
 
-    out = tree_lib.map_with_spec(leaf, spec, updates, params, state.codes,
+    out = tree_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
+                                 tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
     pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
     new_state = FreezingState(optax.safe_increment(state.count), pick(1), pick(2),
                               pick(3), pick(4))
-    return pick(0), new_state
+    return tree_lib.rewrap(updates, pick(0)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

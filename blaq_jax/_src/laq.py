@@ -8,6 +8,7 @@ import jax
 import optax
 
 from blaq_jax._src import adam_core as core
+from blaq_jax._src import tree as tree_lib
 
 
 class LAQState(NamedTuple):
@@ -112,6 +113,7 @@ def laq(
     del extra_args
     if params is None:
       raise ValueError("laq.update: params are required (pass params=...)")
+    tree_lib.check_like_params(updates, params, "updates", "laq.update")
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
     ok = core.all_finite(updates) if skip_nonfinite else None

@@ -33,7 +33,11 @@ def quant_spec(
   """Returns a pytree like ``params`` with a :class:`QuantSpec` or None per leaf.
 
   Args:
-    params: the parameter pytree (dicts, Flax NNX ``State``, ...).
+    params: the parameter pytree (dicts, tuples, Flax NNX ``State`` such as
+      ``nnx.state(model, nnx.Param)``; NNX Variables are unwrapped, so the
+      spec is a pure tree that matches both ``nnx.state(model, nnx.Param)``
+      and the pure state ``nnx.Optimizer`` passes to ``update``; paths carry
+      no trailing ``/value``). None leaves stay None.
     bits: default bit width (1..8).
     scheme, per_channel, tol, max_iters: defaults for :class:`QuantSpec`.
     include: which leaves are quantized by default. None quantizes every
@@ -44,12 +48,24 @@ def quant_spec(
       ``include``; the first pattern that ``re.search``-matches a path wins. An
       int keeps the other defaults (a ``"ternary"`` default becomes
       ``"linear"`` at other widths), None keeps the leaf in full precision.
-      A pattern that matches no leaf is an error (it is almost always a typo).
+      A bits/QuantSpec override changes only leaves that ``include`` selects
+      (so ``{"head": 8}`` gives ``head/kernel`` 8 bits and leaves
+      ``head/bias`` in full precision); to quantize other leaves, widen
+      ``include``. A pattern that matches no leaf, or (bits/QuantSpec) only
+      leaves that ``include`` leaves out, is an error: it is almost always a
+      typo.
+
+  Raises:
+    ValueError: an ``include`` regex or an override pattern that matches no
+      parameter path; a per-channel spec on a leaf with fewer than 2 axes
+      (it would give one scale per weight). Each message names the pattern
+      or path.
 
   Example::
 
     spec = quant_spec(params, bits=1, overrides={"conv_init": 8, "head": 8})
   """
+  params = tree_lib.unwrap(params)
   default = QuantSpec(bits, scheme, per_channel, tol, max_iters)
   if include is None:
     include_fn = _default_include
@@ -75,24 +91,48 @@ def quant_spec(
         scheme_k = "linear"
       value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters)
     compiled.append((pat, re.compile(pat), value))
-  used = set()
+  used, matched, included_paths = set(), {}, []
 
   def leaf_spec(path, leaf):
     p = tree_lib.path_str(path)
-    matches = [(pat, value) for pat, rx, value in compiled if rx.search(p)]
-    used.update(pat for pat, _ in matches)
-    if matches:
-      return matches[0][1]
-    return default if include_fn(p, leaf) else None
+    included = bool(include_fn(p, leaf))
+    if included:
+      included_paths.append(p)
+    chosen = []
+    for pat, rx, value in compiled:  # every pattern is checked, the first applicable wins
+      if rx.search(p):
+        matched.setdefault(pat, []).append(p)
+        if value is None or included:
+          used.add(pat)
+          chosen.append(value)
+    if chosen:
+      return chosen[0]
+    return default if included else None
 
   spec = jax.tree_util.tree_map_with_path(leaf_spec, params)
-  unused = [pat for pat, _, _ in compiled if pat not in used]
-  if unused:
-    paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    raise ValueError(
-        f"quant_spec: override pattern(s) {unused} match no parameter path; "
-        f"paths are e.g. {paths[:6]}")
+  _check_patterns(params, include, included_paths, compiled, used, matched)
+  tree_lib.check_spec_matches(spec, params, "quant_spec")
   return spec
+
+
+def _check_patterns(params, include, included_paths, compiled, used, matched) -> None:
+  """One-line errors for an ``include`` regex or override that selects nothing."""
+  paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if isinstance(include, str) and paths and not included_paths:
+    raise ValueError(
+        f"quant_spec: include={include!r} matches no parameter path, so nothing would "
+        f"be quantized; paths are e.g. {paths[:6]}")
+  for pat, _, _ in compiled:
+    if pat in used:
+      continue
+    if pat in matched:
+      raise ValueError(
+          f"quant_spec: override {pat!r} matches only leaves that include= leaves in "
+          f"full precision ({matched[pat][:4]}); bits/QuantSpec overrides apply to "
+          "included leaves (ndim >= 2 by default), so widen include= to quantize these")
+    raise ValueError(
+        f"quant_spec: override pattern {pat!r} matches no parameter path; "
+        f"paths are e.g. {paths[:6]}")
 
 
 def quantize_params(params, spec, curvature=None, *, state=None):

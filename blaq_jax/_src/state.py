@@ -33,6 +33,7 @@ def _merge(trees):
 
 def find_field(opt_state, field: str, where: str):
   """``field`` of the LAQ/BLAQ states inside ``opt_state``, merged leafwise."""
+  opt_state = tree_lib.unwrap(opt_state)  # an nnx.Optimizer's opt_state holds Variables
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_quant_state)
            if _is_quant_state(s)]
   if not found:

@@ -37,7 +37,6 @@ References:
 from __future__ import annotations
 
 import functools
-
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -170,7 +169,8 @@ def ste(
       passed through to it).
     spec: the tree from :func:`blaq_jax.quant_spec`.
     clip: latent weights of quantized leaves stay in ``[-clip, clip]`` (None
-      disables clipping).
+      disables clipping). Works with ``optax.inject_hyperparams`` (``clip``
+      becomes a hyperparameter; the range check is then skipped).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -178,8 +178,9 @@ def ste(
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
         f"ste: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-  if clip is not None and not clip > 0:
+  if tree_lib.is_concrete_number(clip) and not clip > 0:
     raise ValueError(f"ste: clip must be > 0 or None, got {clip}")
+  tree_lib.check_spec_arg(spec, "ste")
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
@@ -189,6 +190,7 @@ def ste(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("ste.update: params are required (pass params=...)")
+    tree_lib.check_like_params(updates, params, "updates", "ste.update")
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if clip is not None:
 
