@@ -58,7 +58,6 @@ def test_resnet18_parameter_count():
   assert by_path["head/kernel/value"].bits == 8
   assert by_path["head/bias/value"] is None
   assert by_path["blocks/3/conv2/kernel/value"].bits == 1
-  assert by_path["blocks/3/conv2/kernel/value"].iters == 10
 
 
 def test_input_pipeline(image_folder):

@@ -238,3 +238,47 @@ def test_best_validation():
           "test_acc": 0.6}, {"epoch": 3, "val_acc": 0.7, "test_acc": 0.9}]
   s = train.best_validation(rows)
   assert (s["best_val_epoch"], s["test_acc_at_best_val"], s["test_acc_last"]) == (2, 0.6, 0.9)
+
+
+def test_paper_report(tmp_path, capsys):
+  """Equal epochs / gradient evaluations / seconds, best validation, Table 1."""
+
+  def write(name, seed, method, evals_per_step, secs_per_epoch, epochs, tracked=False, bits=1):
+    d = tmp_path / "grp" / f"{name}_s{seed}"
+    d.mkdir(parents=True)
+    cfg = {"method": method, "num_epochs": 2, "m": 5, "bits": bits, "track_weights": 10,
+           "track_last_epochs": 1}
+    (d / "config.json").write_text(json.dumps(cfg))
+    rows = []
+    for e in range(1, epochs + 1):
+      r = {"epoch": e, "grad_evals": 10 * e * evals_per_step, "train_s": secs_per_epoch * e,
+           "test_acc": 0.5 + 0.1 * e + 0.01 * seed, "val_acc": [0.6, 0.8, 0.7, 0.9][e - 1],
+           "loss_diff_std": 0.1, "osc_flip_frequency": 0.01}
+      if tracked:
+        r.update(tw_window_steps=10, tw_amp_max=0.5, tw_amp_median=0.01, tw_flips_max=4,
+                 tw_flips_mean=0.5, tw_flipped_frac=0.25, tw_top_amp=0.3)
+      rows.append(r)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  for seed in (0, 1):
+    write("laq", seed, "laq", 1, 1.0, 2, tracked=True)
+    write("blaq", seed, "blaq", 2, 2.0, 2, tracked=True)
+    write("laq-as-blaq", seed, "laq-as-blaq", 1, 1.0, 4)
+  write("blaq-m", 0, "blaq-m", 1, 1.0, 1)                  # unfinished: left out
+  report.main(["--runs", str(tmp_path), "--paper", "--configs", "grp"])
+  out = capsys.readouterr().out
+  assert "blaq-m" not in out
+  lines = {}
+  for l in out.splitlines():
+    if l.startswith("| "):
+      lines.setdefault(l.split("|")[1].strip(), l)     # the first table
+  print(out)
+  cells = lambda name: [c.strip() for c in lines[name].split("|")[2:-1]]
+  # laq: best val at epoch 2 (acc 70 / 71), equal epochs = last, G = 20, T = 2 s.
+  assert cells("laq")[3] == "70.50 ± 0.71" and cells("laq")[5] == "70.50 ± 0.71"
+  # blaq at LAQ's 20 evaluations / 2 seconds: its first epoch.
+  assert cells("blaq")[6] == "60.50 ± 0.71" and cells("blaq")[7] == "60.50 ± 0.71"
+  # laq-as-blaq: 4 epochs; best validation at epoch 4; at 2 epochs its 2nd.
+  assert cells("laq-as-blaq")[1] == "4" and cells("laq-as-blaq")[3] == "90.50 ± 0.71"
+  assert cells("laq-as-blaq")[5] == "70.50 ± 0.71"
+  assert "max latent amplitude" in out and "| laq | 1 | 2 | 0.500 ± 0.000" in out
