@@ -86,10 +86,10 @@ def paper_table(group: dict) -> str:
   t_budget = float(np.mean([rows[-1]["train_s"] for rows, _ in ref.values()]))
   lines = [
       f"Budgets: {epochs} epochs; {g_budget:.0f} gradient evaluations and "
-      f"{t_budget:.0f} training seconds ({'LAQ' if 'laq' in group else 'first method'}'s "
+      f"{t_budget:.1f} training seconds ({'LAQ' if 'laq' in group else 'first method'}'s "
       "final, mean over seeds). Accuracies in %, mean ± std over seeds.", "",
       "| method | seeds | epochs run | grad. evals | test acc. at best val. | test acc., last "
-      f"| at {epochs} epochs | at {g_budget:.0f} grad. evals | at {t_budget:.0f} s "
+      f"| at {epochs} epochs | at {g_budget:.0f} grad. evals | at {t_budget:.1f} s "
       "| loss fluct. (std of Δloss) | flip freq., last epoch |",
       "|" + "---|" * 11,
   ]
