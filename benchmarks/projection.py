@@ -136,7 +136,7 @@ def markdown(cold: list[dict], warm: list[dict], cfg: dict) -> str:
     lines.append(f"| {r['scheme']} | {'per channel' if r['per_channel'] else 'per tensor'} | "
                  f"{r['bits']} | {r['ratio']:.4f} | {r['reference_rounds']} | "
                  f"{r['rounds_after_grid']} |")
-  lines += ["", f"Warm start in LAQ training (digits MLP 64-256-256-10, batch 64, lr 1e-3): "
+  lines += ["", "Warm start in LAQ training (digits MLP 64-256-256-10, batch 64, lr 1e-3): "
             "alternation rounds per step and quantized leaf.", "",
             "| bits | steps | mean rounds | mean rounds, 2nd half | max rounds |",
             "|---|---|---|---|---|"]

@@ -8,7 +8,7 @@ import pytest
 
 import blaq_jax as bq
 import blaq_jax.contrib as cl
-from test_laq_blaq import make_step, mlp_problem, run, toy_flips
+from test_laq_blaq import mlp_problem, run, toy_flips
 
 
 def assert_trees_close(x, y, **kw):

@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from optax import tree_utils as otu
 
 from blaq_jax._src import tree as tree_lib

@@ -1,11 +1,14 @@
 """Command line of the classification examples.
 
     python -m examples.classification.main --config mnist_mlp --method blaq \\
-        --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --seed 0 \\
+        --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --m 5 --seed 0 \\
         --num-epochs 10 --data-dir DIR --download --resume]
 
 ``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
-``fashion_lenet5``, ``cifar10_vgg``); every flag overrides that config, and
+``fashion_lenet5``, ``cifar10_vgg``, and the paper's protocol
+``paper_mnist_mlp``, ``paper_mnist_lenet5``, ``paper_fashion_lenet5``,
+``paper_cifar10_vgg``, whose learning-rate schedule ``--schedule-reading
+reference|appendix`` picks); every flag overrides that config, and
 ``--set field=value`` (repeatable) overrides any other field of
 :class:`examples.classification.train.Config` (values are parsed as Python
 literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
@@ -18,13 +21,15 @@ import argparse
 from examples import config_cli
 from examples.classification import train
 
-CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg")
+CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg",
+           "paper_mnist_mlp", "paper_mnist_lenet5", "paper_fashion_lenet5", "paper_cifar10_vgg")
 
 # flag -> Config field
 FLAGS = {
-    "method": str, "bits": int, "scheme": str, "a": float, "seed": int,
+    "method": str, "bits": int, "scheme": str, "a": float, "m": int, "seed": int,
     "num_epochs": int, "learning_rate": float, "batch_size": int, "train_subset": int,
-    "test_subset": int, "data_dir": str, "stop_after_epoch": int,
+    "test_subset": int, "val_split": int, "loss": str, "track_weights": int,
+    "track_last_epochs": int, "data_dir": str, "stop_after_epoch": int,
 }
 
 
@@ -37,8 +42,12 @@ def parse_args(argv=None):
   parser.add_argument("--config", required=True, choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="metrics, checkpoints, packed model")
   for flag, typ in FLAGS.items():
-    kw = {"choices": train.METHODS} if flag == "method" else {}
+    kw = ({"choices": train.METHODS} if flag == "method" else
+          {"choices": train.LOSSES} if flag == "loss" else {})
     parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, **kw)
+  parser.add_argument("--schedule-reading", choices=("reference", "appendix"), default=None,
+                      help="the paper's learning-rate schedule, read as its reference code "
+                           "or its appendix does (configs/paper.py); flags still override")
   parser.add_argument("--download", action="store_true",
                       help="fetch the canonical files into --data-dir (md5-checked)")
   parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -51,6 +60,9 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   config = get_config(args.config)
+  if args.schedule_reading:
+    from examples.classification.configs import paper
+    paper.apply_reading(config, args.schedule_reading)
   if args.download:
     config.download = True
   if args.no_progress:

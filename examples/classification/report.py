@@ -1,7 +1,19 @@
 """Aggregates ``runs/<config>/<method>_s<seed>/metrics.jsonl`` into markdown tables.
 
     python -m examples.classification.report --runs runs [--plots runs/plots]
+    python -m examples.classification.report --runs runs --paper \
+        --configs paper_mnist_lenet5,table1_lenet5
 
+``--paper`` prints, per run group, the paper-protocol table (test accuracy at
+the best-validation epoch and at the last; accuracy at equal epochs, at equal
+gradient evaluations and at equal training seconds, the budgets being the
+nominal ``num_epochs`` and LAQ's final gradient evaluations and seconds; the
+training-loss fluctuation) and, for runs with per-weight tracking, Table 1
+(per sampled weight: latent peak-to-peak amplitude and code flips over the
+tracked window). A run directory is ``<name>_s<seed>``; ``<name>`` is the
+method, optionally with a suffix such as ``laq_2bit``.
+
+Without ``--paper``:
 Per (config, method), over the seeds found: final test accuracy (mean ± std,
 quantized weights), the epochs / gradient evaluations / training seconds to
 first reach LAQ's final accuracy (LAQ's mean over seeds; mean over the seeds
@@ -16,24 +28,124 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 METHOD_ORDER = ("fp", "bwn-ste", "laq", "blaq")
+PAPER_ORDER = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m")
 
 
-def load_runs(runs_dir: Path) -> dict:
-  """``{config: {method: {seed: [rows]}}}`` for runs that finished (packed model written)."""
+def _run_epochs(config: dict) -> int:
+  """Epochs a run trains for (as ``train.run_epochs``, without importing JAX)."""
+  scale = {"laq-as-blaq": 2.0, "laq-as-blaq-m": 1.0 + 1.0 / config.get("m", 5)}
+  return max(1, int(round(config["num_epochs"] * scale.get(config["method"], 1.0))))
+
+
+def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
+  """``{config: {method: {seed: [rows]}}}`` for runs that finished (all their epochs);
+  with ``with_config``, ``{seed: (rows, config)}``."""
   out: dict = {}
   for metrics in sorted(runs_dir.glob("*/*_s*/metrics.jsonl")):
     run = metrics.parent
     method, _, seed = run.name.rpartition("_s")
     config = json.loads((run / "config.json").read_text())
     rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-    if not rows or rows[-1]["epoch"] != config["num_epochs"]:
+    if not rows or rows[-1]["epoch"] != _run_epochs(config):
       continue  # unfinished
-    out.setdefault(run.parent.name, {}).setdefault(method, {})[int(seed)] = rows
+    out.setdefault(run.parent.name, {}).setdefault(method, {})[int(seed)] = (
+        (rows, config) if with_config else rows)
   return out
+
+
+def _order(names):
+  known = [m for m in PAPER_ORDER if m in names]
+  return known + sorted(n for n in names if n not in known)
+
+
+def _at(rows, key, budget):
+  """Test accuracy of the last row with ``key <= budget`` (None if there is none)."""
+  within = [r for r in rows if r[key] <= budget * (1 + 1e-9)]
+  return within[-1]["test_acc"] if within else None
+
+
+def _cell(xs, scale=100.0, fmt="{:.2f}"):
+  got = [x for x in xs if x is not None]
+  if not got:
+    return "–"
+  s = _mean_std(got, scale, fmt)
+  return s if len(got) == len(xs) else f"{s} ({len(got)}/{len(xs)})"
+
+
+def paper_table(group: dict) -> str:
+  """The paper-protocol table of one run group ``{name: {seed: (rows, config)}}``."""
+  any_rows, any_cfg = next(iter(next(iter(group.values())).values()))
+  epochs = any_cfg["num_epochs"]
+  ref = group.get("laq") or next(iter(group.values()))
+  g_budget = float(np.mean([rows[-1]["grad_evals"] for rows, _ in ref.values()]))
+  t_budget = float(np.mean([rows[-1]["train_s"] for rows, _ in ref.values()]))
+  lines = [
+      f"Budgets: {epochs} epochs; {g_budget:.0f} gradient evaluations and "
+      f"{t_budget:.1f} training seconds ({'LAQ' if 'laq' in group else 'first method'}'s "
+      "final, mean over seeds). Accuracies in %, mean ± std over seeds.", "",
+      "| method | seeds | epochs run | grad. evals | test acc. at best val. | test acc., last "
+      f"| at {epochs} epochs | at {g_budget:.0f} grad. evals | at {t_budget:.1f} s "
+      "| loss fluct. (std of Δloss) | flip freq., last epoch |",
+      "|" + "---|" * 11,
+  ]
+  for name in _order(group):
+    runs = list(group[name].values())
+    rows_l = [rows for rows, _ in runs]
+    best = [r for r in (_best(rows) for rows in rows_l)]
+    lines.append(
+        f"| {name} | {len(runs)} | {rows_l[0][-1]['epoch']} "
+        f"| {_mean_std([rows[-1]['grad_evals'] for rows in rows_l], fmt='{:.0f}')} "
+        f"| {_cell(best)} | {_cell([rows[-1]['test_acc'] for rows in rows_l])} "
+        f"| {_cell([_at(rows, 'epoch', epochs) for rows in rows_l])} "
+        f"| {_cell([_at(rows, 'grad_evals', g_budget) for rows in rows_l])} "
+        f"| {_cell([_at(rows, 'train_s', t_budget) for rows in rows_l])} "
+        f"| {_cell([np.mean([r.get('loss_diff_std', np.nan) for r in rows]) for rows in rows_l], 1.0, '{:.4f}')} "
+        f"| {_cell([rows[-1]['osc_flip_frequency'] for rows in rows_l], 1.0, '{:.2e}')} |")
+  return "\n".join(lines)
+
+
+def _best(rows):
+  with_val = [r for r in rows if r.get("val_acc") is not None]
+  if not with_val:
+    return None
+  return max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
+
+
+TABLE1_KEYS = (("tw_amp_max", "max latent amplitude", "{:.3f}"),
+               ("tw_amp_median", "median latent amplitude", "{:.2e}"),
+               ("tw_flips_max", "max flips", "{:.1f}"),
+               ("tw_flips_mean", "mean flips", "{:.2f}"),
+               ("tw_flipped_frac", "weights that flip (%)", "{:.1f}"),
+               ("tw_top_amp", "amplitude of the most-flipping weight", "{:.3f}"))
+
+
+def table1(group: dict) -> Optional[str]:
+  """Table 1 per sampled weight (last row of each tracked run), or None."""
+  names = [n for n in _order(group)
+           if all("tw_amp_max" in rows[-1] for rows, _ in group[n].values())]
+  if not names:
+    return None
+  _, cfg = next(iter(group[names[0]].values()))
+  steps = next(iter(group[names[0]].values()))[0][-1]["tw_window_steps"]
+  lines = [f"Per-weight oscillation over the last {cfg.get('track_last_epochs', 1)} epoch(s) "
+           f"({steps} steps), {cfg.get('track_weights')} sampled weights (the same ones for "
+           "every method at a given seed); amplitude = peak-to-peak range of the latent "
+           "weight, flips = changes of its quantized code; mean ± std over seeds.", "",
+           "| run | bits | seeds | " + " | ".join(t for _, t, _ in TABLE1_KEYS) + " |",
+           "|" + "---|" * (3 + len(TABLE1_KEYS))]
+  for name in names:
+    runs = list(group[name].values())
+    cells = []
+    for key, _, fmt in TABLE1_KEYS:
+      scale = 100.0 if key == "tw_flipped_frac" else 1.0
+      cells.append(_mean_std([rows[-1][key] for rows, _ in runs], scale, fmt))
+    lines.append(f"| {name} | {runs[0][1]['bits']} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def _mean_std(xs, scale=1.0, fmt="{:.2f}"):
@@ -113,7 +225,21 @@ def main(argv=None):
   parser.add_argument("--plots", default=None, help="directory for accuracy plots")
   parser.add_argument("--configs", default="mnist_mlp,mnist_lenet5,fashion_lenet5,cifar10_vgg",
                       help="comma-separated sub-directories of --runs, in this order")
+  parser.add_argument("--paper", action="store_true",
+                      help="the paper-protocol tables (best validation, equal budgets, Table 1)")
   args = parser.parse_args(argv)
+  if args.paper:
+    runs = load_runs(Path(args.runs), with_config=True)
+    for config in args.configs.split(","):
+      if config not in runs:
+        continue
+      print(f"### {config}\n")
+      print(paper_table(runs[config]))
+      t1 = table1(runs[config])
+      if t1:
+        print("\n" + t1)
+      print()
+    return
   runs = load_runs(Path(args.runs))
   for config in args.configs.split(","):
     if config not in runs:

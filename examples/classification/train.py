@@ -2,9 +2,10 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole program; ``main.py`` only
 parses flags. Per epoch it writes one line of ``workdir/metrics.jsonl``
-(test accuracy with the quantized weights, train loss, gradient evaluations,
-training seconds excluding compilation and evaluation, oscillation
-statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True``
+(test accuracy with the quantized weights, validation accuracy when
+``config.val_split`` holds out the end of the training set, train loss and its
+step-to-step fluctuation, gradient evaluations, training seconds excluding
+compilation and evaluation, oscillation statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True``
 continues from the latest one bit for bit: the data order is a function of ``(seed, epoch)`` and nothing else is
 random), and at the end the bit-packed model (``model_packed.npz``), its size
 report and a plot of accuracy per epoch / gradient evaluation / second.
@@ -16,17 +17,25 @@ Methods (``config.method``):
   gradient taken at ``ŵ = mean|w| · sign(w)`` (``bits > 1``: the fitted
   k-bit uniform grid), latent weights clipped to [-1, 1].
 * ``laq``: :func:`blaq_jax.laq`; ``ŵ = Q_D(w)`` with Adam's curvature.
-* ``blaq``: :func:`blaq_jax.blaq` with ``config.a`` (two gradient evaluations
-  per step).
+* ``blaq``: :func:`blaq_jax.blaq` with ``config.a``, the two-stage update on
+  every step (two gradient evaluations per step).
+* ``blaq-m``: BLAQ as the paper runs it: the two-stage update during one epoch
+  in every ``config.m`` epochs (``bq.periodic_lookahead(m, steps_per_epoch,
+  phase=config.lookahead_phase)``; default phase ``m - 1``, "after every m
+  epochs") and LAQ bit for bit in the others; ``1 + 1/m`` gradient evaluations
+  per step on average.
+* ``laq-as-blaq``, ``laq-as-blaq-m``: LAQ trained for as many gradient
+  evaluations as ``blaq`` / ``blaq-m`` spend: ``2×`` / ``(1 + 1/m)×``
+  ``config.num_epochs`` epochs, the learning-rate schedule stretched by the same
+  factor (milestones, decay periods and the cosine horizon scale with it).
 * ``ste-dampen``, ``ste-freeze``, ``ste-alpha-blend``: BWN-STE with
   oscillation dampening (``config.dampen_weight``), iterative weight freezing
   (``config.freeze_threshold``) or alpha-blending (α from 0 to 1 over the
   first ``config.blend_end`` of training), Nagel et al. 2022 / Liu & Mattina
   2019; evaluated with the plain projection like ``bwn-ste``.
-* ``blaq-periodic``, ``blaq-reuse``, ``blaq-model``: the cheaper lookahead
-  forms of ``blaq_jax.contrib`` (lookahead every ``config.every``
-  steps; the trial gradient reused as the next step's gradient; the trial
-  gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
+* ``blaq-reuse``, ``blaq-model``: the cheaper lookahead forms of
+  ``blaq_jax.contrib`` (the trial gradient reused as the next
+  step's gradient; the trial gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
   gradient (and the batch-norm statistics and loss it logs) at the trial
   weights.
 
@@ -37,17 +46,40 @@ of one epoch, so each row reports the epoch just finished: ``osc_flip_frequency`
 / ``osc_amplitude_max`` (peak-to-peak range of the latent weights),
 ``osc_max_weight_flips`` and ``osc_cosine`` (between the last two updates). For
 ``fp`` the codes are those of the plain projection of the fp weights.
+
+Per-weight tracking (the paper's Table 1 follows "the same locked weight"):
+``config.track_weights = n`` follows ``n`` weights drawn uniformly (by
+``config.seed``) from all quantized kernels. Each jitted step returns their
+latent values ``w_t`` and the code indices of their quantized values ``ŵ_t``
+(the weights that step's forward pass used); the host keeps the last
+``config.track_last_epochs`` epochs. Each metrics row then gives, over that
+window and per sampled weight, the peak-to-peak range of the latent weight
+(``tw_amp_*``, max / median over the sample) and the number of changes of its
+code (``tw_flips_*``), and ``tw_top_flips`` / ``tw_top_amp`` for the sampled
+weight that flips most. The sample is the same for every method at a given
+seed and model, so LAQ and BLAQ rows describe the same weights; the traces
+are saved in ``tracked_weights.npz``. The code index is that of ``ŵ/α`` in
+the code book, with ``α`` the largest ``|ŵ|`` of the weight's scale group,
+exact whenever the group uses its top code (always at 1 bit);
+``tw_grid_mismatch`` counts sampled values off that grid (0 when exact).
+
+Losses: ``config.loss = "cross_entropy"`` or ``"squared_hinge"`` (the "L2-SVM"
+output of BinaryConnect / LAB / BLAQ, ``mean(max(0, 1 - t·y)²)`` over the batch
+and the classes with ``t = ±1``). ``loss_diff_std`` is the standard deviation of
+the step-to-step differences of the training loss within the epoch (a number
+for the paper's Fig. 5 claim that LAQ's loss fluctuates more);
+``step_losses.jsonl`` has every step's loss.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +92,32 @@ import blaq_jax.contrib as bq_contrib
 from examples.classification import input_pipeline
 from examples.classification import models
 
-METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-periodic", "blaq-reuse", "blaq-model",
-           "ste-dampen", "ste-freeze", "ste-alpha-blend")
+METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m",
+           "blaq-reuse", "blaq-model", "ste-dampen", "ste-freeze", "ste-alpha-blend")
 STE_FAMILY = ("bwn-ste", "ste-dampen", "ste-freeze", "ste-alpha-blend")
-LOSS_AWARE = ("laq", "blaq", "blaq-periodic", "blaq-reuse", "blaq-model")
+LOSS_AWARE = ("laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m", "blaq-reuse",
+              "blaq-model")
+LOSSES = ("cross_entropy", "squared_hinge")
+LR_SCHEDULES = ("cosine", "constant", "step", "step_every", "exponential")
+
+
+def epoch_scale(config) -> float:
+  """Run length / ``num_epochs``: > 1 for the LAQ runs at BLAQ's gradient budget."""
+  method, m = _get(config, "method"), _get(config, "m")
+  if method == "laq-as-blaq":
+    return 2.0
+  if method == "laq-as-blaq-m":
+    return 1.0 + 1.0 / m
+  return 1.0
+
+
+def run_epochs(config) -> int:
+  """Epochs the run trains for (``config`` may be a Config or its dict)."""
+  return max(1, int(round(_get(config, "num_epochs") * epoch_scale(config))))
+
+
+def _get(config, name):
+  return config[name] if isinstance(config, dict) else getattr(config, name)
 
 
 @dataclasses.dataclass
@@ -78,18 +132,30 @@ class Config:
   scheme: str = "linear"
   per_channel: bool = False
   a: float = 0.6            # BLAQ's mixing weight
-  every: int = 10           # blaq-periodic: lookahead every this many steps
+  m: int = 5                # blaq-m: the two-stage update in one epoch of every m
+  lookahead_phase: Optional[int] = None   # blaq-m: which epoch of each period (None: m-1)
   dampen_weight: float = 1e-2     # ste-dampen: lambda of Nagel et al.'s regulariser
   freeze_threshold: float = 0.02  # ste-freeze: EMA flip frequency above which weights freeze
   blend_end: float = 0.5          # ste-alpha-blend: alpha reaches 1 at this fraction of training
+  loss: str = "cross_entropy"   # or "squared_hinge" (±1 targets, the paper's L2-SVM)
   learning_rate: float = 1e-3
-  lr_schedule: str = "cosine"   # "cosine" (to 0 over num_epochs) or "constant"
+  # "cosine" (to 0 over the run), "constant", "step" (×lr_decay at each epoch of
+  # lr_milestones), "step_every" (×lr_decay every lr_decay_every epochs),
+  # "exponential" (×lr_decay per epoch). Epochs are scaled by epoch_scale().
+  lr_schedule: str = "cosine"
+  lr_milestones: tuple = ()
+  lr_decay: float = 0.1
+  lr_decay_every: int = 5
+  schedule_reading: Optional[str] = None   # paper_* configs: "reference" or "appendix"
   num_epochs: int = 10
   batch_size: int = 100
   eval_batch_size: int = 1000
   seed: int = 0
   train_subset: Optional[int] = None   # first n training examples only
   test_subset: Optional[int] = None
+  val_split: int = 0                   # hold out the last n training examples (validation)
+  track_weights: int = 0               # follow this many sampled quantized weights
+  track_last_epochs: int = 1           # ... over a window of this many epochs
   augment: Optional[str] = None        # "crop_flip" for CIFAR
   data_dir: Optional[str] = None
   download: bool = False
@@ -110,12 +176,21 @@ class Config:
                        f"got {self.model!r}")
     if not 0 <= self.a <= 1:
       raise ValueError(f"config.a must be in [0, 1], got {self.a}")
-    if self.lr_schedule not in ("cosine", "constant"):
-      raise ValueError(f"config.lr_schedule must be 'cosine' or 'constant', "
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, "
                        f"got {self.lr_schedule!r}")
-    for name in ("num_epochs", "batch_size", "eval_batch_size"):
+    if self.loss not in LOSSES:
+      raise ValueError(f"config.loss must be one of {LOSSES}, got {self.loss!r}")
+    for name in ("num_epochs", "batch_size", "eval_batch_size", "m", "lr_decay_every",
+                 "track_last_epochs"):
       if getattr(self, name) < 1:
         raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("val_split", "track_weights"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+    if self.lookahead_phase is not None and not 0 <= self.lookahead_phase < self.m:
+      raise ValueError(f"config.lookahead_phase must be in [0, m) = [0, {self.m}), "
+                       f"got {self.lookahead_phase}")
     return self
 
 
@@ -124,7 +199,12 @@ class Config:
 
 
 def load_data(config: Config):
-  """Normalised float32 train/test arrays (subsets applied)."""
+  """Normalised float32 train/test (and "val") arrays (subsets applied).
+
+  ``config.val_split = n`` holds out the last ``n`` training examples (after
+  ``train_subset``) as the validation set, as the reference code does (MNIST:
+  50k / 10k, CIFAR-10: 45k / 5k).
+  """
   data = input_pipeline.load(config.dataset, config.data_dir, config.download)
   out = {}
   for split, subset in (("train", config.train_subset), ("test", config.test_subset)):
@@ -132,6 +212,13 @@ def load_data(config: Config):
     if subset is not None:
       x, y = x[:subset], y[:subset]
     out[split] = (input_pipeline.normalize(config.dataset, x), y)
+  if config.val_split:
+    x, y = out["train"]
+    if config.val_split >= len(x):
+      raise ValueError(f"config.val_split {config.val_split} leaves no training examples "
+                       f"of {len(x)}")
+    cut = len(x) - config.val_split
+    out["train"], out["val"] = (x[:cut], y[:cut]), (x[cut:], y[cut:])
   return out
 
 
@@ -141,6 +228,14 @@ def load_data(config: Config):
 
 def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def per_example_loss(name: str, logits, labels):
+  """Per-example loss: cross-entropy, or squared hinge averaged over classes."""
+  if name == "squared_hinge":
+    t = 2.0 * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype) - 1.0
+    return jnp.mean(jnp.square(jax.nn.relu(1.0 - t * logits)), axis=-1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def build_model(config: Config, image_shape):
@@ -155,9 +250,20 @@ def build_model(config: Config, image_shape):
 
 
 def make_schedule(config: Config, steps_per_epoch: int):
+  """The learning rate per step; epochs (milestones, periods) scale with epoch_scale()."""
+  lr, scale = config.learning_rate, epoch_scale(config)
+  epoch_steps = lambda epochs: max(1, int(round(epochs * scale * steps_per_epoch)))
   if config.lr_schedule == "constant":
-    return config.learning_rate
-  return optax.cosine_decay_schedule(config.learning_rate, config.num_epochs * steps_per_epoch)
+    return lr
+  if config.lr_schedule == "step":
+    return optax.piecewise_constant_schedule(
+        lr, {epoch_steps(e): config.lr_decay for e in config.lr_milestones})
+  if config.lr_schedule == "step_every":
+    return optax.exponential_decay(lr, epoch_steps(config.lr_decay_every), config.lr_decay,
+                                   staircase=True)
+  if config.lr_schedule == "exponential":
+    return optax.exponential_decay(lr, epoch_steps(1), config.lr_decay, staircase=True)
+  return optax.cosine_decay_schedule(lr, run_epochs(config) * steps_per_epoch)
 
 
 def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
@@ -174,13 +280,13 @@ def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
                      bq.freeze_oscillations(config.freeze_threshold, spec))
   elif config.method == "ste-alpha-blend":
     tx = bq.ste(optax.adam(schedule), spec)
-  elif config.method == "laq":
+  elif config.method in ("laq", "laq-as-blaq", "laq-as-blaq-m"):
     tx = bq.laq(schedule, spec)
   elif config.method == "blaq":
     tx = bq.blaq(schedule, spec, a=config.a)
-  elif config.method == "blaq-periodic":
-    tx = bq.blaq(schedule, spec, a=config.a,
-                 lookahead_schedule=bq.periodic_lookahead(config.every, phase=0))
+  elif config.method == "blaq-m":
+    lookahead = bq.periodic_lookahead(config.m, steps_per_epoch, phase=config.lookahead_phase)
+    tx = bq.blaq(schedule, spec, a=config.a, lookahead_schedule=lookahead)
   elif config.method == "blaq-reuse":
     tx = bq_contrib.blaq_reuse(schedule, spec, a=config.a)
   else:
@@ -188,13 +294,95 @@ def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
 
 
-def grad_evals(config: Config, steps: int) -> int:
+def lookahead_steps(config: Config, steps: int, steps_per_epoch: int) -> int:
+  """Steps among the first ``steps`` on which ``blaq-m`` runs the two-stage update
+  (epoch ``e``, counted from 0, is active when ``e % m == phase``)."""
+  m = config.m
+  phase = m - 1 if config.lookahead_phase is None else config.lookahead_phase
+  full, rest = divmod(steps, steps_per_epoch)
+  active = sum(1 for e in range(full) if e % m == phase) * steps_per_epoch
+  return active + (rest if full % m == phase else 0)
+
+
+def grad_evals(config: Config, steps: int, steps_per_epoch: int = 1) -> int:
   """Gradient evaluations spent by ``steps`` training steps."""
   if config.method == "blaq":
     return 2 * steps
-  if config.method == "blaq-periodic":  # lookahead on steps 0, every, 2 every, ...
-    return steps + -(-steps // config.every)
+  if config.method == "blaq-m":
+    return steps + lookahead_steps(config, steps, steps_per_epoch)
   return steps
+
+
+class WeightTracker:
+  """Follows ``n`` weights sampled (by ``seed``) from the quantized kernels.
+
+  :meth:`gather` (inside the jitted step) returns their latent values and the
+  code-book indices of their quantized values; :meth:`window_stats` turns the
+  host-side traces of a window into the Table 1 figures.
+  """
+
+  def __init__(self, params, spec, n: int, seed: int):
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_s = jax.tree.leaves(spec, is_leaf=lambda x: x is None or isinstance(x, bq.QuantSpec))
+    self.size = 0
+    self.leaves = []          # (leaf index, path, spec, shape, flat indices)
+    if n <= 0:
+      return
+    cands = [(i, jax.tree_util.keystr(path, simple=True, separator="/"), s, np.shape(w))
+             for i, ((path, w), s) in enumerate(zip(flat_p, flat_s)) if s is not None]
+    sizes = np.array([int(np.prod(shape)) for *_, shape in cands])
+    total = int(sizes.sum())
+    if total == 0:
+      return
+    rng = np.random.default_rng([seed, 13])
+    picks = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for k, (i, path, s, shape) in enumerate(cands):
+      idx = picks[(picks >= starts[k]) & (picks < starts[k + 1])] - starts[k]
+      if len(idx):
+        self.leaves.append((i, path, s, shape, idx.astype(np.int32)))
+    self.size = sum(len(l[-1]) for l in self.leaves)
+
+  def paths(self) -> list[str]:
+    return [path for _, path, _, _, idx in self.leaves for _ in idx]
+
+  def flat_indices(self) -> np.ndarray:
+    return np.concatenate([idx for *_, idx in self.leaves])
+
+  def gather(self, params, qparams):
+    """``(w [n], codes [n] int32, off_grid [n] bool)`` of the sampled weights."""
+    pw, qw = jax.tree.leaves(params), jax.tree.leaves(qparams)
+    ws, codes, off = [], [], []
+    for i, _, spec, shape, idx in self.leaves:
+      w, q = pw[i].reshape(-1), qw[i].astype(jnp.float32)
+      axes = tuple(range(q.ndim - 1)) if spec.per_channel else tuple(range(q.ndim))
+      alpha = jnp.max(jnp.abs(q), axis=axes, keepdims=True)
+      alpha = jnp.broadcast_to(alpha, q.shape).reshape(-1)[idx]
+      ratio = q.reshape(-1)[idx] / jnp.where(alpha > 0, alpha, 1.0)
+      book = jnp.asarray(spec.codebook(), jnp.float32)
+      dist = jnp.abs(ratio[:, None] - book[None, :])
+      code = jnp.argmin(dist, axis=1).astype(jnp.int32)
+      ws.append(w[idx])
+      codes.append(code)
+      off.append(jnp.min(dist, axis=1) > 1e-3)
+    return jnp.concatenate(ws), jnp.concatenate(codes), jnp.concatenate(off)
+
+  @staticmethod
+  def window_stats(w: np.ndarray, codes: np.ndarray, off: np.ndarray) -> dict:
+    """Table 1 figures over a window: ``w``, ``codes`` of shape ``[steps, n]``."""
+    amp = w.max(0) - w.min(0)                         # peak-to-peak per weight
+    flips = np.count_nonzero(np.diff(codes, axis=0), axis=0)
+    top = int(np.argmax(flips))
+    return {
+        "tw_window_steps": int(w.shape[0]),
+        "tw_amp_max": float(amp.max()), "tw_amp_median": float(np.median(amp)),
+        "tw_amp_mean": float(amp.mean()),
+        "tw_flips_max": int(flips.max()), "tw_flips_mean": float(flips.mean()),
+        "tw_flips_median": float(np.median(flips)),
+        "tw_flipped_frac": float(np.mean(flips > 0)),
+        "tw_top_flips": int(flips[top]), "tw_top_amp": float(amp[top]),
+        "tw_grid_mismatch": int(np.count_nonzero(off)),
+    }
 
 
 class Trainer:
@@ -215,17 +403,12 @@ class Trainer:
         "batch_stats": batch_stats,
         "opt_state": self.tx.init(params),
     }
+    self.tracker = WeightTracker(params, self.spec, config.track_weights, config.seed)
     self.train_step = jax.jit(self._train_step)
     self.eval_step = jax.jit(self._eval_step)
     # Eager (once per epoch): op-by-op evaluation gives exactly the values of
     # bq.quantize_params, which the packed export reproduces bit for bit.
     self.quantized = self._quantized
-
-  def curvature(self, opt_state):
-    """``D`` for laq/blaq; None (``D = 1``) otherwise."""
-    if self.config.method in LOSS_AWARE:
-      return bq.curvature(opt_state)
-    return None
 
   def _quantized(self, params, opt_state):
     """The weights the forward pass uses (``ŵ``; ``w`` itself for fp)."""
@@ -240,10 +423,18 @@ class Trainer:
   def _loss(self, params, batch_stats, x, y):
     model = nnx.merge(self.graphdef, params, batch_stats, copy=True)
     logits = model(x, train=True)
-    return _cross_entropy(logits, y), (nnx.state(model, nnx.BatchStat), logits)
+    loss = jnp.mean(per_example_loss(self.config.loss, logits, y))
+    return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+  def _tracked_codes_source(self, params, opt_state):
+    """The quantized weights whose codes are tracked (the plain projection for fp)."""
+    if self.config.method == "fp":
+      return bq.quantize_params(params, self.spec)
+    return self._quantized(params, opt_state)
 
   def _train_step(self, state, x, y, step):
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
+    q = None
     if self.config.method == "blaq-reuse":
       # One gradient, at the trial weights; its loss and statistics are logged.
       trial = []
@@ -268,15 +459,20 @@ class Trainer:
           q, batch_stats, x, y)
       grad_fn = lambda p: jax.grad(self._loss, has_aux=True)(p, batch_stats, x, y)[0]
       updates, opt_state = self.tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    tracked = None
+    if self.tracker.size:
+      if q is None or self.config.method == "fp":
+        q = self._tracked_codes_source(params, state["opt_state"])
+      tracked = self.tracker.gather(params, q)      # w_t and the codes of ŵ_t
     params = optax.apply_updates(params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == y)
     new_state = {"params": params, "batch_stats": new_stats, "opt_state": opt_state}
-    return new_state, loss, correct
+    return new_state, loss, correct, tracked
 
   def _eval_step(self, qparams, batch_stats, x, y):
     model = nnx.merge(self.graphdef, qparams, batch_stats)
     logits = model(x, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    losses = per_example_loss(self.config.loss, logits, y)
     return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
 
   def evaluate(self, state, images, labels):
@@ -351,6 +547,17 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
   return [r for r in rows if r["epoch"] <= upto_epoch]
 
 
+def best_validation(rows: list[dict]) -> dict:
+  """Test accuracy at the best-validation epoch (the first of ties) and at the last."""
+  out = {"epochs": len(rows), "test_acc_last": rows[-1]["test_acc"] if rows else None}
+  with_val = [r for r in rows if r.get("val_acc") is not None]
+  if with_val:
+    best = max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))
+    out.update(best_val_epoch=best["epoch"], best_val_acc=best["val_acc"],
+               test_acc_at_best_val=best["test_acc"])
+  return out
+
+
 def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
   """Trains ``config`` writing into ``workdir``; returns the final metrics row."""
   config.validate()
@@ -366,6 +573,7 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
   trainer = Trainer(config, train_x.shape[1:], steps_per_epoch)
   state = trainer.init_state
   metrics_path = workdir / "metrics.jsonl"
+  losses_path = workdir / "step_losses.jsonl"
   # Compile before the clock starts: train_s counts training, not compilation.
   x0, y0 = next(iter(input_pipeline.train_batches(train_x, train_y, config.batch_size,
                                                   config.seed, 1, config.augment)))
@@ -379,11 +587,16 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
     print(f"resumed from epoch {start_epoch} (step {step})")
   rows = _read_metrics(metrics_path, start_epoch)
   metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  loss_rows = _read_metrics(losses_path, start_epoch)
+  losses_path.write_text("".join(json.dumps(r) + "\n" for r in loss_rows))
 
-  end_epoch = config.num_epochs
+  total_epochs = run_epochs(config)
+  end_epoch = total_epochs
   if config.stop_after_epoch is not None:
     end_epoch = min(end_epoch, config.stop_after_epoch)
   row = rows[-1] if rows else {}
+  # Host buffer of the tracked weights: one (w, codes, off-grid) triple per epoch.
+  window = collections.deque(maxlen=config.track_last_epochs)
   for epoch in range(start_epoch + 1, end_epoch + 1):
     batches = input_pipeline.train_batches(train_x, train_y, config.batch_size,
                                            config.seed, epoch, config.augment)
@@ -392,38 +605,62 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
       batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
                      mininterval=2.0)
     t0 = time.perf_counter()
-    losses, corrects = [], []
+    losses, corrects, tracked = [], [], []
     for x, y in batches:
-      state, loss, correct = trainer.train_step(state, x, y, step)
+      state, loss, correct, tr = trainer.train_step(state, x, y, step)
       losses.append(loss)
       corrects.append(correct)
+      if tr is not None:
+        tracked.append(tr)
       step += 1
-    train_loss = float(jnp.mean(jnp.stack(losses)))
-    train_acc = float(jnp.sum(jnp.stack(corrects))) / (steps_per_epoch * config.batch_size)
     jax.block_until_ready(state)
     train_s += time.perf_counter() - t0
+    step_losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
+    train_loss = float(step_losses.mean())
+    train_acc = float(jnp.sum(jnp.stack(corrects))) / (steps_per_epoch * config.batch_size)
+    diffs = np.diff(step_losses)
     test_loss, test_acc = trainer.evaluate(state, test_x, test_y)
     lr = trainer.schedule(step) if callable(trainer.schedule) else trainer.schedule
     row = {
-        "epoch": epoch, "step": step, "grad_evals": grad_evals(config, step),
+        "epoch": epoch, "step": step,
+        "grad_evals": grad_evals(config, step, steps_per_epoch),
         "train_s": round(train_s, 3), "train_loss": train_loss, "train_acc": train_acc,
+        "loss_diff_std": float(diffs.std()) if len(diffs) else 0.0,
+        "loss_diff_mean_abs": float(np.abs(diffs).mean()) if len(diffs) else 0.0,
         "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
         **trainer.osc_stats(state),
     }
+    if "val" in data:
+      row["val_loss"], row["val_acc"] = trainer.evaluate(state, *data["val"])
+    if tracked:
+      w, codes, off = (np.asarray(jax.device_get(jnp.stack(t))) for t in zip(*tracked))
+      window.append((w, codes, off))
+      row.update(WeightTracker.window_stats(*(np.concatenate(a) for a in zip(*window))))
     with open(metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f} "
+    with open(losses_path, "a") as f:
+      f.write(json.dumps({"epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
+              + "\n")
+    val = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+    print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f}{val} "
           f"flip_freq {row['osc_flip_frequency']:.2e} ({train_s:.1f}s)", flush=True)
     if config.checkpoint:
       save_checkpoint(workdir, state, {"epoch": epoch, "step": step, "train_s": train_s})
 
-  if end_epoch == config.num_epochs:
+  if window:
+    w, codes, off = (np.concatenate(a) for a in zip(*window))
+    np.savez(workdir / "tracked_weights.npz", w=w, codes=codes,
+             paths=np.asarray(trainer.tracker.paths()),
+             flat_index=trainer.tracker.flat_indices(), last_epoch=row.get("epoch", 0))
+  summary = best_validation(_read_metrics(metrics_path, end_epoch))
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  if end_epoch == total_epochs:
     if config.export:
       export_model(trainer, state, workdir)
     if config.plot:
       plot_metrics(metrics_path, workdir / "accuracy.png", title=f"{config.dataset} "
                    f"{config.model} {config.method} {config.bits}-bit")
-  return {"state": state, "metrics": row, "trainer": trainer}
+  return {"state": state, "metrics": row, "trainer": trainer, "summary": summary}
 
 
 def export_model(trainer: Trainer, state, workdir: Path) -> None:

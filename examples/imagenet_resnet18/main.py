@@ -5,7 +5,9 @@
         [--optimizer laq] [--bits 2] [--set batch_size=512 ...] [--multihost]
 
 ``--config`` names a module in ``configs/`` (``default``, ``resnet18_2bit``,
-``synthetic``). Flags override that config, and ``--set field=value``
+``synthetic``, ``paper_resnet18`` — the paper's protocol, BLAQ every 10 epochs
+from a full-precision checkpoint given by ``--init-from`` — and
+``cifar_imagefolder``). Flags override that config, and ``--set field=value``
 (repeatable) overrides any field of :class:`train.Config` (values parsed as
 Python literals). A run resumes from the latest checkpoint in ``--workdir``.
 ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
@@ -22,11 +24,12 @@ import jax
 from examples import config_cli
 from examples.imagenet_resnet18 import train
 
-CONFIGS = ("default", "resnet18_2bit", "synthetic")
+CONFIGS = ("default", "resnet18_2bit", "synthetic", "paper_resnet18", "cifar_imagefolder")
 
 # flag -> Config field type
 FLAGS = {"data_dir": str, "parallel": str, "optimizer": str, "bits": int, "a": float,
-         "batch_size": int, "num_train_steps": int, "learning_rate": float, "seed": int}
+         "batch_size": int, "num_train_steps": int, "learning_rate": float, "seed": int,
+         "m": int, "init_from": str}
 
 
 def get_config(name: str) -> train.Config:
@@ -37,7 +40,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
   parser.add_argument("--config", default="default", choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
-  choices = {"parallel": ("jit", "pmap"), "optimizer": ("blaq", "laq")}
+  choices = {"parallel": ("jit", "pmap"), "optimizer": train.OPTIMIZERS}
   for flag, typ in FLAGS.items():
     parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None,
                         choices=choices.get(flag))

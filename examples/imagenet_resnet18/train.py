@@ -6,6 +6,20 @@ into a ``pmap`` step (gradients and BatchNorm statistics averaged over the
 ``Mesh`` (global batch sharded on ``data``, params and optimizer state
 replicated). Checkpoints (orbax) hold one unreplicated copy of the state, so a
 run can resume in either mode.
+
+Optimizers (``config.optimizer``): ``laq``; ``blaq`` (the two-stage update on
+every step); ``blaq-m``, BLAQ as the paper runs it on ImageNet: the two-stage
+update during one epoch in every ``config.m`` (10) epochs, LAQ in the others
+(``bq.periodic_lookahead``); ``adam``, full precision (to train the starting
+point of the ALQ protocol, which the paper follows: quantized training starts
+from a pretrained full-precision ResNet18).
+
+``config.init_from`` loads such a full-precision starting point: the ``params``
+and ``batch_stats`` of an ``.npz`` file keyed by parameter path
+(``conv_init/kernel``, ``blocks/0/bn1/scale``, ...; :func:`save_params_npz`
+writes one) or of an orbax checkpoint of this example (a step directory of
+``<workdir>/checkpoints``, e.g. of an ``adam`` run). The optimizer state starts
+fresh. Ignored when the run resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -47,13 +61,16 @@ class Config:
   num_filters: int = 64
   half_precision: bool = True          # bfloat16 compute on GPU/TPU (float32 on CPU)
   # Quantization and optimizer.
-  optimizer: str = "blaq"              # "blaq" or "laq"
+  optimizer: str = "blaq"              # "laq", "blaq", "blaq-m" or "adam" (full precision)
   bits: int = 1
   scheme: str = "linear"
   first_last_bits: Optional[int] = 8   # conv_init and head kernels; None: full precision
-  a: float = 0.9                       # BLAQ: weight of the current gradient (Eq. 9-10)
-  m: Optional[int] = 10                # BLAQ: two-stage update in 1 epoch of every m; None: always
+  a: float = 0.9
+  m: int = 10                          # blaq-m: the two-stage update in one epoch of every m
+  init_from: str = ""                  # full-precision params (.npz or orbax step directory)
   learning_rate: float = 1e-3          # peak of the cosine schedule (Adam-scale)
+  lr_schedule: str = "warmup_cosine"   # or "exponential": ×lr_decay per epoch, no warm-up
+  lr_decay: float = 0.95
   warmup_epochs: float = 5.0
   num_epochs: float = 100.0
   batch_size: int = 256                # global, over all devices and processes
@@ -75,36 +92,93 @@ def compute_dtype(config: Config):
   return jnp.float32
 
 
+OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")
+
+
 def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: int,
                      batch_axis_name: Optional[str] = None):
-  """Returns ``(spec, tx, schedule)``: the quantization spec, LAQ or BLAQ, and the
-  warm-up + cosine learning rate (``batch_axis_name``: BLAQ's pmap axis)."""
+  """Returns ``(spec, tx, schedule)``: the quantization spec, the optimizer and the
+  learning rate (``batch_axis_name``: BLAQ's pmap axis)."""
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
   overrides = {}
   if config.first_last_bits != config.bits:
     overrides = {r"^conv_init/kernel": config.first_last_bits,
                  r"^head/kernel": config.first_last_bits}
   spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme, overrides=overrides)
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(num_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=0.0)
+  if config.lr_schedule == "exponential":
+    schedule = optax.exponential_decay(config.learning_rate, max(steps_per_epoch, 1),
+                                       config.lr_decay, staircase=True)
+  elif config.lr_schedule == "warmup_cosine":
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(num_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=0.0)
+  else:
+    raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'exponential', "
+                     f"got {config.lr_schedule!r}")
   if config.optimizer == "blaq":
-    lookahead = None if config.m is None else bq.periodic_lookahead(config.m, steps_per_epoch)
-    tx = bq.blaq(schedule, spec, a=config.a, lookahead_schedule=lookahead,
-                 batch_axis_name=batch_axis_name)
+    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name)
+  elif config.optimizer == "blaq-m":
+    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name,
+                 lookahead_schedule=bq.periodic_lookahead(config.m, steps_per_epoch))
   elif config.optimizer == "laq":
     tx = bq.laq(schedule, spec)
   else:
-    raise ValueError(f"optimizer must be 'blaq' or 'laq', got {config.optimizer!r}")
+    tx = optax.adam(schedule)
   return spec, tx, schedule
+
+
+def _path_dict(tree) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, x in flat:
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    out[key.removesuffix("/value")] = x
+  return out
+
+
+def save_params_npz(path: str, params, batch_stats) -> None:
+  """Writes ``params`` and ``batch_stats`` as an ``.npz`` keyed ``params/<path>`` and
+  ``batch_stats/<path>`` (the format ``config.init_from`` reads)."""
+  arrays = {f"params/{k}": np.asarray(v) for k, v in _path_dict(params).items()}
+  arrays.update({f"batch_stats/{k}": np.asarray(v) for k, v in _path_dict(batch_stats).items()})
+  np.savez(path, **arrays)
+
+
+def load_init(path: str, params, batch_stats):
+  """``(params, batch_stats)`` of ``path`` (``.npz`` or an orbax step directory),
+  checked leaf by leaf against the model's."""
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      stored = {k: f[k] for k in f.files}
+  else:
+    raw = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    stored = {f"{part}/{k}": np.asarray(v) for part in ("params", "batch_stats")
+              for k, v in _path_dict(raw[part]).items()}
+  out = []
+  for part, tree in (("params", params), ("batch_stats", batch_stats)):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for p, x in flat:
+      key = f"{part}/" + jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/value")
+      if key not in stored:
+        raise ValueError(f"init_from {path}: no array {key!r} (has e.g. {sorted(stored)[:4]})")
+      if np.shape(stored[key]) != np.shape(x):
+        raise ValueError(f"init_from {path}: {key} has shape {np.shape(stored[key])}, "
+                         f"the model's is {np.shape(x)}")
+      leaves.append(jnp.asarray(stored[key], dtype=x.dtype))
+    out.append(jax.tree.unflatten(treedef, leaves))
+  return tuple(out)
 
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
-  """The single-device train and eval steps (``dp.pmean``/``dp.psum`` reduce under pmap)."""
+def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, tx_kind: str = "blaq"):
+  """The single-device train and eval steps (``dp.pmean``/``dp.psum`` reduce under pmap);
+  ``tx_kind="adam"``: full precision (``ŵ = w``)."""
 
   def loss_fn(params, batch_stats, images, labels):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -112,8 +186,13 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
     loss = jnp.mean(cross_entropy(logits, labels))
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
+  def quantized(params, opt_state):
+    if isinstance(tx_kind, str) and tx_kind == "adam":
+      return params
+    return bq.quantize_params(params, spec, state=opt_state)
+
   def train_step(params, batch_stats, opt_state, images, labels):
-    q = bq.quantize_params(params, spec, state=opt_state)   # ŵ_t
+    q = quantized(params, opt_state)                                 # ŵ_t
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         q, batch_stats, images, labels)
     grads = dp.pmean(grads)
@@ -125,7 +204,7 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype):
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
-    q = bq.quantize_params(params, spec, state=opt_state)
+    q = quantized(params, opt_state)
     model = nnx.merge(graphdef, q, batch_stats)
     model.eval()
     logits = model(input_pipeline.normalize(images, dtype))
@@ -176,6 +255,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   spec, tx, schedule = create_optimizer(config, params, num_steps, steps_per_epoch,
                                         dp.axis_name)
+  if config.init_from:
+    params, batch_stats = load_init(config.init_from, params, batch_stats)
+    logging.info("initialised from %s", config.init_from)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
 
   manager = ocp.CheckpointManager(
@@ -190,7 +272,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
-  train_step, eval_step = make_steps(graphdef, spec, tx, dp, dtype)
+  train_step, eval_step = make_steps(graphdef, spec, tx, dp, dtype, config.optimizer)
   donate = (0, 1, 2) if jax.default_backend() != "cpu" else ()
   p_train_step = dp.parallelize(train_step, batch_argnums=(3, 4), donate_argnums=donate)
   p_eval_step = dp.parallelize(eval_step, batch_argnums=(3, 4))
@@ -248,7 +330,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       if done > timer_step:
         record["images_per_sec"] = ((done - timer_step) * config.batch_size
                                     / (time.perf_counter() - timer_start))
-      record["learning_rate"] = float(schedule(_host(dp, opt_state).count))
+      record["learning_rate"] = float(schedule(done))
       logging.info("train %s", record)
       write(record)
       summary.update(record)
