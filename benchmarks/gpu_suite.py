@@ -251,7 +251,8 @@ def environment() -> dict:
 
 def markdown(report: dict) -> str:
   env = report["env"]
-  lines = [f"# blaq_jax GPU suite{' (DRY RUN: tiny sizes, not figures)' if report['dry_run'] else ''}",
+  dry = " (DRY RUN: tiny sizes, not figures)" if report["dry_run"] else ""
+  lines = [f"# blaq_jax GPU suite{dry}",
            "", f"{env['device']} ({env['backend']}, {env['device_count']} device(s)), jax "
            f"{env['jax']}, commit {env['commit']}, {env['date_utc']} UTC.", "",
            "| part | status | note |", "|---|---|---|"]

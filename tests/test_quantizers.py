@@ -251,7 +251,8 @@ def test_warm_start_on_moving_weights_ends_at_the_cold_fixed_point(spec, slack):
   warm = err(quantizers.apply_scale(w, spec, alpha))
   cold = err(bq.quantize(w, spec, d))
   assert warm <= cold * (1 + slack)
-  assert np.mean(rounds) <= 3 if spec.bits < 8 else 8, rounds  # a warm start converges in a round or two
+  # a warm start converges in a round or two
+  assert np.mean(rounds) <= 3 if spec.bits < 8 else 8, rounds
 
 
 def test_bad_warm_start_falls_back_to_the_cold_start():

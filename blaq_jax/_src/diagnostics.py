@@ -208,7 +208,8 @@ def track_oscillations(spec, *, window: int = 100,
                     lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
 
     out = tree_lib.map_with_spec(
-        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes, state.flips, state.window_flips,
+        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes,
+        state.flips, state.window_flips,
         state.window_min, state.window_max, state.window_cosine, state.last_flips,
         state.last_amplitude, state.last_cosine, state.prev_updates)
     pick = lambda i: jax.tree.map(lambda o: o.values[i], out)

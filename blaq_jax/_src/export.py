@@ -346,7 +346,8 @@ def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dic
             "ratio": fp32 / max(total, 1)}
   if print_fn is not None:
     width = max([len(l["path"]) for l in layers] + [5])
-    print_fn(f"{'layer':<{width}} {'params':>10} {'bits':>4} {'fp32 B':>12} {'packed B':>12} {'ratio':>7}")
+    print_fn(f"{'layer':<{width}} {'params':>10} {'bits':>4} {'fp32 B':>12} "
+             f"{'packed B':>12} {'ratio':>7}")
     for l in layers:
       print_fn(f"{l['path']:<{width}} {l['params']:>10} {l['bits']:>4} {l['fp32_bytes']:>12} "
                f"{l['packed_bytes']:>12} {l['fp32_bytes'] / max(l['packed_bytes'], 1):>7.2f}")

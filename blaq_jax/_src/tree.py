@@ -241,9 +241,10 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
   """``fn(spec_leaf, *subtrees)`` over the leaves of ``spec`` (None included).
 
   NNX Variables in ``spec`` and ``trees`` are unwrapped for ``fn``, and put
-  back around the results where the first tree had them. Subtrees that are ``optax.MaskedNode`` (leaves masked out by
-  ``optax.masked`` / ``optax.multi_transform``) and params leaves that are
-  None pass through unchanged. If the first tree is optax's ``map_params``
+  back around the results where the first tree had them. Subtrees that are
+  ``optax.MaskedNode`` (leaves masked out by ``optax.masked`` /
+  ``optax.multi_transform``) and params leaves that are None pass through
+  unchanged. If the first tree is optax's ``map_params``
   placeholder, it is returned as it is (the state field is "like params").
   """
   if trees and is_params_placeholder(trees[0]):

@@ -5,8 +5,9 @@ parses flags. Per epoch it writes one line of ``workdir/metrics.jsonl``
 (test accuracy with the quantized weights, validation accuracy when
 ``config.val_split`` holds out the end of the training set, train loss and its
 step-to-step fluctuation, gradient evaluations, training seconds excluding
-compilation and evaluation, oscillation statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True``
-continues from the latest one bit for bit: the data order is a function of ``(seed, epoch)`` and nothing else is
+compilation and evaluation, oscillation statistics), an orbax checkpoint in
+``workdir/checkpoints`` (``resume=True`` continues from the latest one bit for
+bit: the data order is a function of ``(seed, epoch)`` and nothing else is
 random), and at the end the bit-packed model (``model_packed.npz``), its size
 report and a plot of accuracy per epoch / gradient evaluation / second.
 
@@ -35,9 +36,9 @@ Methods (``config.method``):
   2019; evaluated with the plain projection like ``bwn-ste``.
 * ``blaq-reuse``, ``blaq-model``: the cheaper lookahead forms of
   ``blaq_jax.contrib`` (the trial gradient reused as the next
-  step's gradient; the trial gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
-  gradient (and the batch-norm statistics and loss it logs) at the trial
-  weights.
+  step's gradient; the trial gradient predicted by the quadratic model).
+  ``blaq-reuse`` takes its one gradient (and the batch-norm statistics and
+  loss it logs) at the trial weights.
 
 Oscillation statistics (the analogue of the BLAQ paper's Table 1) come from
 :func:`blaq_jax.track_oscillations` chained after the optimizer with a window
