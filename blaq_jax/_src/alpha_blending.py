@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
 
 
 def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
 
 
 class DampeningState(NamedTuple):

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, integer_codes
+from blaq_jax._src.quantizers import check_scale, integer_codes
 
 
 class OscillationState(NamedTuple):
@@ -82,11 +82,25 @@ class OscillationState(NamedTuple):
   cosine_all: jax.Array
 
 
-class _Leaf:
-  """Per-leaf results (not a pytree node, so a tree of them maps leafwise)."""
+class _LeafStep(NamedTuple):
+  """One leaf's results of a step: its new state entries (the fields of
+  :class:`OscillationState` that are per leaf) and the sums that the cosine
+  over all leaves needs."""
 
-  def __init__(self, values):
-    self.values = values
+  codes: Any
+  flips: Any
+  window_flips: Any
+  window_min: Any
+  window_max: Any
+  window_cosine: Any
+  last_flips: Any
+  last_amplitude: Any
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  dot: Any
+  norm_u: Any
+  norm_prev: Any
 
 
 def _cosine(dot, n1, n2):
@@ -99,13 +113,6 @@ def _is_window(window) -> bool:
     return isinstance(window, (numbers.Integral, np.integer)) and window >= 1
   # A hyperparameter of optax.inject_hyperparams: an integer scalar array.
   return tree_lib.is_number(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
-
-
-def _codes0(w, spec, scale):
-  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
-  if tree_lib.is_abstract(w):
-    return jnp.zeros(w.shape, jnp.int32)
-  return integer_codes(w, spec, scale)
 
 
 def _copy(w):
@@ -142,10 +149,8 @@ def track_oscillations(spec, *, window: int = 100,
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
   tree_lib.check_spec_arg(spec, "track_oscillations")
 
-  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
-    trees = tuple(tree_lib.unwrap(t) for t in trees)
-    return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
-                                  spec, *trees)
+  def per_leaf(fn, *trees):
+    return tree_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "track_oscillations.init")
@@ -162,7 +167,7 @@ def track_oscillations(spec, *, window: int = 100,
     return OscillationState(
         count=jnp.zeros([], jnp.int32),
         window=jnp.asarray(window, jnp.int32),
-        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
         flips=per_scalar(),
         window_flips=per_leaf(zeros_i, params),
         # Copies (never the params' own buffers), so that params and an
@@ -186,8 +191,6 @@ def track_oscillations(spec, *, window: int = 100,
     roll = count % window == 0
 
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
-      if s is None:
-        return _Leaf((None,) * 14)
       new_w = (w + u).astype(w.dtype)  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       flipped = (new_codes != codes).astype(jnp.int32)
@@ -202,21 +205,25 @@ def track_oscillations(spec, *, window: int = 100,
       lflips = jnp.where(roll, wflips, lflips)
       lamp = jnp.where(roll, wmax - wmin, lamp)
       lcos = jnp.where(roll, wcos / window, lcos)
-      return _Leaf((new_codes, flips + jnp.sum(flipped).astype(jnp.float32),
-                    jnp.where(roll, 0, wflips), jnp.where(roll, new_w, wmin),
-                    jnp.where(roll, new_w, wmax), jnp.where(roll, 0.0, wcos),
-                    lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
+      return _LeafStep(
+          codes=new_codes, flips=flips + jnp.sum(flipped).astype(jnp.float32),
+          window_flips=jnp.where(roll, 0, wflips), window_min=jnp.where(roll, new_w, wmin),
+          window_max=jnp.where(roll, new_w, wmax), window_cosine=jnp.where(roll, 0.0, wcos),
+          last_flips=lflips, last_amplitude=lamp, last_cosine=lcos,
+          prev_updates=u.astype(prev.dtype), cosine=cos, dot=dot, norm_u=nu, norm_prev=np_)
 
-    out = tree_lib.map_with_spec(
-        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes,
-        state.flips, state.window_flips,
+    step = tree_lib.unzip(per_leaf(
+        leaf, updates, params, state.codes, state.flips, state.window_flips,
         state.window_min, state.window_max, state.window_cosine, state.last_flips,
-        state.last_amplitude, state.last_cosine, state.prev_updates)
-    pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
-    total = lambda i: sum(jax.tree.leaves(pick(i)), jnp.zeros([], jnp.float32))
+        state.last_amplitude, state.last_cosine, state.prev_updates), _LeafStep)
+    total = lambda tree: sum(jax.tree.leaves(tree), jnp.zeros([], jnp.float32))
     new_state = OscillationState(
-        count, state.window, *(pick(i) for i in range(11)),
-        _cosine(total(11), total(12), total(13)))
+        count=count, window=state.window, codes=step.codes, flips=step.flips,
+        window_flips=step.window_flips, window_min=step.window_min,
+        window_max=step.window_max, window_cosine=step.window_cosine,
+        last_flips=step.last_flips, last_amplitude=step.last_amplitude,
+        last_cosine=step.last_cosine, prev_updates=step.prev_updates, cosine=step.cosine,
+        cosine_all=_cosine(total(step.dot), total(step.norm_u), total(step.norm_prev)))
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -36,7 +36,7 @@ import numpy as np
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src import state as state_lib
-from blaq_jax._src.quantizers import QuantSpec, codes, fit_scale, nearest_code
+from blaq_jax._src.quantizers import QuantSpec, code_index, codes, fit_scale, nearest_code
 
 _META = "__meta__"
 
@@ -155,7 +155,7 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
       n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
       b = np.asarray(b)
       flat_b = b.reshape(-1)
-      idx = np.minimum(np.searchsorted(book[:n_codes], flat_b), n_codes - 1)
+      idx = np.asarray(code_index(flat_b, s))
       if not np.array_equal(book[idx], flat_b):
         raise ValueError(f"pack: leaf {name!r} has values outside its codebook")
       idx = np.where((flat_b == 0) & np.signbit(flat_b), n_codes, idx)  # -0.0

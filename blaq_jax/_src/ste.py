@@ -44,49 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, nearest_code, solve
-
-SCALES = ("fit", "none")
-
-
-def check_scale(scale, where: str) -> None:
-  if scale not in SCALES:
-    raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
-
-
-def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
-  """Returns ``(alpha, b)`` of the plain projection (``alpha = 1`` if ``scale="none"``)."""
-  if scale == "none":
-    w = jnp.asarray(w)
-    return jnp.ones([], w.dtype), nearest_code(w, spec)
-  return solve(w, spec, None)
-
-
-def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
-  """``Q(w)`` of the STE family, without a straight-through derivative."""
-  alpha, b = scale_and_codes(w, spec, scale)
-  return (alpha * b).astype(jnp.asarray(w).dtype)
-
-
-def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
-  """Index (int32) of each weight's code in ``spec.codebook()`` (ascending).
-
-  Neighbouring codes have neighbouring indices, so the sign of a change of
-  index is the direction in which the quantized weight moved.
-  """
-  _, b = scale_and_codes(w, spec, scale)
-  b = b.astype(jnp.float32)
-  if spec.is_binary:
-    return (b > 0).astype(jnp.int32)
-  if spec.scheme == "log":
-    depth = spec.log_depth
-    mag = jnp.abs(b)
-    j = jnp.round(-jnp.log2(jnp.where(mag > 0, mag, 1.0)))
-    level = jnp.where(mag > 0, jnp.sign(b) * (depth + 1 - j), 0.0)
-    return (level + depth + 1).astype(jnp.int32)
-  n = spec.levels
-  return (jnp.round(b * n) + n).astype(jnp.int32)
-
+from blaq_jax._src.quantizers import QuantSpec, check_scale, plain_quantize
 
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.

@@ -263,6 +263,26 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
   return result
 
 
+def map_quantized(fn: Callable[..., Any], spec, *trees):
+  """``fn(spec_leaf, *leaves)`` at the quantized leaves (spec not None), None
+  at the others; the trees are unwrapped first, so the result is a pure tree
+  (as an optimizer state is), whatever NNX Variables the inputs hold."""
+  trees = tuple(unwrap(t) for t in trees)
+  return map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs), spec, *trees)
+
+
+def unzip(tree, cls):
+  """A tree whose leaves are ``cls`` NamedTuples -> one ``cls`` of trees.
+
+  Per-leaf functions that compute several results return a ``cls``; this
+  turns the tree of them into a tree per field (None and ``optax.MaskedNode``
+  subtrees kept), so results are read back by name.
+  """
+  is_leaf = lambda x: isinstance(x, cls)
+  return cls(*(jax.tree.map(lambda o, f=f: getattr(o, f), tree, is_leaf=is_leaf)
+               for f in cls._fields))
+
+
 def rewrap(like, result):
   """``result`` (a pure tree) with the NNX Variables of ``like`` put back
   around its non-None leaves, so that a transform given Variable-wrapped
