@@ -60,10 +60,23 @@ def init_state(state_cls, params, spec, where: str):
   curv = tree_lib.map_with_spec(
       lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
   scale = tree_lib.map_with_spec(
-      lambda s, w: None if s is None else fit_scale(w, s), spec, params)
+      lambda s, w: None if s is None else initial_scale(w, s), spec, params)
   return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
                    nu=otu.tree_zeros_like(params), curvature=curv, scale=scale,
                    skipped=jnp.zeros([], jnp.int32))
+
+
+def initial_scale(w, spec):
+  """The cold-started plain scale; zeros of its shape for abstract params
+  (``jax.ShapeDtypeStruct`` leaves, e.g. a restore target): a scale <= 0 is
+  replaced by a cold start at the next update."""
+  if tree_lib.is_abstract(w):
+    axes = tuple(range(len(w.shape) - 1)) if spec.per_channel and w.shape else tuple(
+        range(len(w.shape)))
+    shape = tuple(1 if i in axes else n for i, n in enumerate(w.shape))
+    dtype = jnp.float32 if w.dtype in (jnp.bfloat16, jnp.float16) else w.dtype
+    return jnp.zeros(shape, dtype)
+  return fit_scale(w, spec)
 
 
 def next_scales(spec, params, den, scale):

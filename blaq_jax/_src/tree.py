@@ -216,12 +216,17 @@ def check_like_params(tree, params, what: str, where: str) -> None:
 
 
 def check_grad_fn_result(result, params, where: str):
-  """Checks what ``grad_fn(params)`` returned; returns it with NNX Variables unwrapped.
+  """Checks what ``grad_fn(params)`` returned; returns it wrapped like ``params``.
+
+  NNX Variables are unwrapped for the checks, and the result gets the
+  Variables of ``params`` (none if ``params`` is a pure tree), so that it
+  combines leafwise with the optimizer's moments.
 
   Raises a one-line error naming ``grad_fn`` and the path when it returned a
   ``(loss, grads)`` pair (``jax.value_and_grad``), a tree of another
   structure, or a leaf of another shape.
   """
+  like = params
   result, params = unwrap(result), unwrap(params)
   p_def = jax.tree.structure(params, is_leaf=is_masked)
   r_def = jax.tree.structure(result, is_leaf=is_masked)
@@ -231,7 +236,7 @@ def check_grad_fn_result(result, params, where: str):
         f"{where}: grad_fn returned a (loss, grads) pair; it must return the gradient "
         "only, a tree like params, e.g. grad_fn=lambda p: jax.grad(loss)(p, batch)")
   check_like_params(result, params, "grad_fn's gradients", where)
-  return result
+  return rewrap(like, result)
 
 
 # --- mapping ----------------------------------------------------------------
@@ -322,7 +327,7 @@ def zeros_like_params(params):
   sharding would not; use it for the "skip" branch of a ``lax.cond`` whose
   other branch returns ``new_params - params``.
   """
-  return map_none(jnp.zeros_like, unwrap(params))
+  return map_none(jnp.zeros_like, params)  # NNX Variables stay wrapped, like the updates
 
 
 def find_states(opt_state, types) -> list:
