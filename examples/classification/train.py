@@ -89,27 +89,28 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
-import blaq_jax.contrib as bq_contrib
+from examples import methods
 from examples.classification import input_pipeline
 from examples.classification import models
 
-METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m",
-           "blaq-reuse", "blaq-model", "ste-dampen", "ste-freeze", "ste-alpha-blend")
-STE_FAMILY = ("bwn-ste", "ste-dampen", "ste-freeze", "ste-alpha-blend")
-LOSS_AWARE = ("laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m", "blaq-reuse",
-              "blaq-model")
+METHODS = tuple(methods.METHODS)
 LOSSES = ("cross_entropy", "squared_hinge")
 LR_SCHEDULES = ("cosine", "constant", "step", "step_every", "exponential")
 
 
+def method_options(config, steps_per_epoch: int = 1) -> methods.Options:
+  """The method hyper-parameters of ``config`` (a Config or its dict)."""
+  g = lambda name: _get(config, name)
+  return methods.Options(
+      a=g("a"), m=g("m"), lookahead_phase=g("lookahead_phase"),
+      steps_per_epoch=steps_per_epoch, dampen_weight=g("dampen_weight"),
+      freeze_threshold=g("freeze_threshold"),
+      blend_steps=max(1, int(g("blend_end") * g("num_epochs") * steps_per_epoch)))
+
+
 def epoch_scale(config) -> float:
   """Run length / ``num_epochs``: > 1 for the LAQ runs at BLAQ's gradient budget."""
-  method, m = _get(config, "method"), _get(config, "m")
-  if method == "laq-as-blaq":
-    return 2.0
-  if method == "laq-as-blaq-m":
-    return 1.0 + 1.0 / m
-  return 1.0
+  return methods.get(_get(config, "method")).run_scale(method_options(config))
 
 
 def run_epochs(config) -> int:
@@ -269,49 +270,15 @@ def make_schedule(config: Config, steps_per_epoch: int):
 
 def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
   """The method's optimizer, chained with the oscillation tracker (window: one epoch)."""
-  if config.method == "fp":
-    tx = optax.adam(schedule)
-  elif config.method == "bwn-ste":
-    tx = bq.ste(optax.adam(schedule), spec)
-  elif config.method == "ste-dampen":
-    tx = optax.chain(bq.add_oscillation_dampening(config.dampen_weight, spec),
-                     bq.ste(optax.adam(schedule), spec))
-  elif config.method == "ste-freeze":
-    tx = optax.chain(bq.ste(optax.adam(schedule), spec),
-                     bq.freeze_oscillations(config.freeze_threshold, spec))
-  elif config.method == "ste-alpha-blend":
-    tx = bq.ste(optax.adam(schedule), spec)
-  elif config.method in ("laq", "laq-as-blaq", "laq-as-blaq-m"):
-    tx = bq.laq(schedule, spec)
-  elif config.method == "blaq":
-    tx = bq.blaq(schedule, spec, a=config.a)
-  elif config.method == "blaq-m":
-    lookahead = bq.periodic_lookahead(config.m, steps_per_epoch, phase=config.lookahead_phase)
-    tx = bq.blaq(schedule, spec, a=config.a, lookahead_schedule=lookahead)
-  elif config.method == "blaq-reuse":
-    tx = bq_contrib.blaq_reuse(schedule, spec, a=config.a)
-  else:
-    tx = bq_contrib.blaq_model(schedule, spec, a=config.a)
+  tx = methods.get(config.method).optimizer(schedule, spec,
+                                            method_options(config, steps_per_epoch))
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
-
-
-def lookahead_steps(config: Config, steps: int, steps_per_epoch: int) -> int:
-  """Steps among the first ``steps`` on which ``blaq-m`` runs the two-stage update
-  (epoch ``e``, counted from 0, is active when ``e % m == phase``)."""
-  m = config.m
-  phase = m - 1 if config.lookahead_phase is None else config.lookahead_phase
-  full, rest = divmod(steps, steps_per_epoch)
-  active = sum(1 for e in range(full) if e % m == phase) * steps_per_epoch
-  return active + (rest if full % m == phase else 0)
 
 
 def grad_evals(config: Config, steps: int, steps_per_epoch: int = 1) -> int:
   """Gradient evaluations spent by ``steps`` training steps."""
-  if config.method == "blaq":
-    return 2 * steps
-  if config.method == "blaq-m":
-    return steps + lookahead_steps(config, steps, steps_per_epoch)
-  return steps
+  options = method_options(config, steps_per_epoch)
+  return methods.get(config.method).grad_evals(options, steps)
 
 
 class WeightTracker:
@@ -391,13 +358,13 @@ class Trainer:
 
   def __init__(self, config: Config, image_shape, steps_per_epoch: int):
     self.config = config
+    self.method = methods.get(config.method)
+    self.options = method_options(config, steps_per_epoch)
     model = build_model(config, image_shape)
     self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     self.spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme,
                               per_channel=config.per_channel)
     self.schedule = make_schedule(config, steps_per_epoch)
-    self.blend_schedule = bq.alpha_blending_schedule(
-        0, max(1, int(config.blend_end * config.num_epochs * steps_per_epoch)))
     self.tx = make_optimizer(config, self.spec, self.schedule, steps_per_epoch)
     self.init_state = {
         "params": params,
@@ -413,13 +380,7 @@ class Trainer:
 
   def _quantized(self, params, opt_state):
     """The weights the forward pass uses (``ŵ``; ``w`` itself for fp)."""
-    if self.config.method == "fp":
-      return params
-    if self.config.method in STE_FAMILY:
-      # BWN: the plain projection (mean|w| sign(w) at 1 bit), exactly; the
-      # gradient is taken at these values, so no straight-through wrapper.
-      return bq.quantize_params(params, self.spec)
-    return bq.quantize_params(params, self.spec, state=opt_state)
+    return self.method.weights(params, self.spec, opt_state)
 
   def _loss(self, params, batch_stats, x, y):
     model = nnx.merge(self.graphdef, params, batch_stats, copy=True)
@@ -427,43 +388,16 @@ class Trainer:
     loss = jnp.mean(per_example_loss(self.config.loss, logits, y))
     return loss, (nnx.state(model, nnx.BatchStat), logits)
 
-  def _tracked_codes_source(self, params, opt_state):
-    """The quantized weights whose codes are tracked (the plain projection for fp)."""
-    if self.config.method == "fp":
-      return bq.quantize_params(params, self.spec)
-    return self._quantized(params, opt_state)
-
   def _train_step(self, state, x, y, step):
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
-    q = None
-    if self.config.method == "blaq-reuse":
-      # One gradient, at the trial weights; its loss and statistics are logged.
-      trial = []
-
-      def grad_fn(p):
-        (loss, aux), g = jax.value_and_grad(self._loss, has_aux=True)(p, batch_stats, x, y)
-        trial.append((loss, aux))
-        return g
-
-      updates, opt_state = self.tx.update(optax.tree.zeros_like(params), opt_state, params,
-                                          grad_fn=grad_fn)
-      loss, (new_stats, logits) = trial[0]
-    elif self.config.method == "ste-alpha-blend":
-      # Forward (1-α) w + α sg(Q(w)); the gradient flows to w through (1-α) w.
-      alpha = self.blend_schedule(step)
-      blended = lambda p: self._loss(bq.alpha_blend_params(p, self.spec, alpha), batch_stats, x, y)
-      (loss, (new_stats, logits)), grads = jax.value_and_grad(blended, has_aux=True)(params)
-      updates, opt_state = self.tx.update(grads, opt_state, params)
-    else:
-      q = self._quantized(params, opt_state)
-      (loss, (new_stats, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-          q, batch_stats, x, y)
-      grad_fn = lambda p: jax.grad(self._loss, has_aux=True)(p, batch_stats, x, y)[0]
-      updates, opt_state = self.tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    updates, opt_state, loss, (new_stats, logits) = self.method.step(
+        self.tx, self.spec, params, opt_state, lambda p: self._loss(p, batch_stats, x, y),
+        count=step, options=self.options)
     tracked = None
     if self.tracker.size:
-      if q is None or self.config.method == "fp":
-        q = self._tracked_codes_source(params, state["opt_state"])
+      # The codes of ŵ_t (for fp: of the plain projection of its weights).
+      q = (self._quantized(params, state["opt_state"]) if self.method.quantized
+           else bq.quantize_params(params, self.spec))
       tracked = self.tracker.gather(params, q)      # w_t and the codes of ŵ_t
     params = optax.apply_updates(params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == y)
@@ -666,11 +600,10 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
 
 def export_model(trainer: Trainer, state, workdir: Path) -> None:
   """Writes ``model_packed.npz`` (bit-packed ``ŵ``) and ``size_report.txt``."""
-  cfg = trainer.config
-  params = state["params"]
-  if cfg.method == "fp":
+  params, forward = state["params"], trainer.method.forward
+  if forward == "identity":
     packed = bq.pack(params, jax.tree.map(lambda _: None, params))
-  elif cfg.method in STE_FAMILY:
+  elif forward == "plain":
     packed = bq.pack(params, trainer.spec)
   else:
     packed = bq.pack(params, trainer.spec, state=state["opt_state"])

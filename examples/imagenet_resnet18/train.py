@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import blaq_jax as bq
+from examples import methods
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
 
@@ -92,7 +93,7 @@ def compute_dtype(config: Config):
   return jnp.float32
 
 
-OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")
+OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
 
 
 def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: int,
@@ -117,15 +118,9 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
   else:
     raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'exponential', "
                      f"got {config.lr_schedule!r}")
-  if config.optimizer == "blaq":
-    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name)
-  elif config.optimizer == "blaq-m":
-    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name,
-                 lookahead_schedule=bq.periodic_lookahead(config.m, steps_per_epoch))
-  elif config.optimizer == "laq":
-    tx = bq.laq(schedule, spec)
-  else:
-    tx = optax.adam(schedule)
+  options = methods.Options(a=config.a, m=config.m, steps_per_epoch=steps_per_epoch,
+                            batch_axis_name=batch_axis_name)
+  tx = methods.get(config.optimizer).optimizer(schedule, spec, options)
   return spec, tx, schedule
 
 
@@ -176,9 +171,10 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, tx_kind: str = "blaq"):
-  """The single-device train and eval steps (``dp.pmean``/``dp.psum`` reduce under pmap);
-  ``tx_kind="adam"``: full precision (``ŵ = w``)."""
+def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, method: str = "blaq"):
+  """The single-device train and eval steps of ``method`` (a name of
+  ``examples/methods.py``; ``dp.pmean``/``dp.psum`` reduce under pmap)."""
+  method = methods.get(method)
 
   def loss_fn(params, batch_stats, images, labels):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -186,26 +182,18 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, tx_kind: str = "b
     loss = jnp.mean(cross_entropy(logits, labels))
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-  def quantized(params, opt_state):
-    if isinstance(tx_kind, str) and tx_kind == "adam":
-      return params
-    return bq.quantize_params(params, spec, state=opt_state)
-
   def train_step(params, batch_stats, opt_state, images, labels):
-    q = quantized(params, opt_state)                                 # ŵ_t
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        q, batch_stats, images, labels)
-    grads = dp.pmean(grads)
-    # BLAQ's lookahead gradient g*; blaq pmeans it itself (batch_axis_name).
-    grad_fn = jax.grad(lambda p: loss_fn(p, batch_stats, images, labels)[0])
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    # The gradient at ŵ_t, pmean-ed; BLAQ's lookahead gradient g* is pmean-ed
+    # by blaq itself (batch_axis_name).
+    updates, opt_state, loss, (logits, new_stats) = method.step(
+        tx, spec, params, opt_state, lambda p: loss_fn(p, batch_stats, images, labels),
+        reduce=dp.pmean)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
-    q = quantized(params, opt_state)
-    model = nnx.merge(graphdef, q, batch_stats)
+    model = nnx.merge(graphdef, method.weights(params, spec, opt_state), batch_stats)
     model.eval()
     logits = model(input_pipeline.normalize(images, dtype))
     mask = labels >= 0
