@@ -159,7 +159,7 @@ def _paper_jobs(group_dir: Path, configs, methods, seeds, extra) -> list:
       for method in methods:
         workdir = group_dir / config / f"{method}_s{seed}"
         argv = ["-m", "examples.classification.main", "--config", config, "--method", method,
-                "--seed", str(seed), "--workdir", str(workdir), "--no-progress", "--resume",
+                "--seed", str(seed), "--workdir", str(workdir), "--no-progress",
                 *extra(config)]
         jobs.append((argv, workdir.parent / f"{method}_s{seed}.log"))
   return jobs

@@ -27,6 +27,15 @@ def set_field(config, item: str) -> None:
   setattr(config, key, parsed)
 
 
+def add_resume_flags(parser) -> None:
+  """``--fresh`` and ``--force``: what to do with a workdir that holds another run."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--fresh", action="store_true",
+                     help="delete the workdir's checkpoints and logs and start over")
+  group.add_argument("--force", action="store_true",
+                     help="resume even if the saved config differs from this one")
+
+
 def apply_args(config, args, flags) -> None:
   """Copies the flags in ``flags`` that were given, then applies every ``--set``."""
   for flag in flags:

@@ -6,13 +6,13 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from PIL import Image
 
 import blaq_jax as bq
 
+from examples import checkpointing
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import main
 from examples.imagenet_resnet18 import models
@@ -111,12 +111,15 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   assert np.isfinite(first["loss"]) and first["eval_images"] == 2 * N_VAL
   assert 0.0 <= first["eval_accuracy"] <= 1.0
   assert int(first["state"]["opt_state"].count) == 2
-  saved = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  assert saved.latest_step() == 2
-  restored = saved.restore(2, args=ocp.args.StandardRestore(first["state"]))
+  saved = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                    dataclasses.asdict(config))
+  step, restored, meta = saved.restore(first["state"])
+  assert (step, meta) == (2, {"step": 2})
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(first["state"])):
     np.testing.assert_array_equal(a, b)
   saved.close()
+  with pytest.raises(checkpointing.ResumeError, match="holds a run with bits=1, this run has"):
+    train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
 

@@ -2,7 +2,7 @@
 
     python -m examples.classification.main --config mnist_mlp --method blaq \\
         --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --m 5 --seed 0 \\
-        --num-epochs 10 --data-dir DIR --download --resume]
+        --num-epochs 10 --data-dir DIR --download] [--fresh | --force]
 
 ``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
 ``fashion_lenet5``, ``cifar10_vgg``, and the paper's protocol
@@ -12,6 +12,10 @@ reference|appendix`` picks); every flag overrides that config, and
 ``--set field=value`` (repeatable) overrides any other field of
 :class:`examples.classification.train.Config` (values are parsed as Python
 literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
+
+Running the same command again resumes from the latest checkpoint in
+``--workdir``; a different config there is refused (``--fresh`` starts over,
+``--force`` resumes anyway), as in the ImageNet example.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def parse_args(argv=None):
                            "or its appendix does (configs/paper.py); flags still override")
   parser.add_argument("--download", action="store_true",
                       help="fetch the canonical files into --data-dir (md5-checked)")
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  config_cli.add_resume_flags(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--no-export", action="store_true")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -70,7 +74,7 @@ def main(argv=None):
   if args.no_export:
     config.export = False
   config_cli.apply_args(config, args, FLAGS)
-  result = train.train_and_evaluate(config, args.workdir, resume=args.resume)
+  result = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   print({k: v for k, v in result["metrics"].items()})
 
 

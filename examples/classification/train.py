@@ -6,10 +6,12 @@ parses flags. Per epoch it writes one line of ``workdir/metrics.jsonl``
 ``config.val_split`` holds out the end of the training set, train loss and its
 step-to-step fluctuation, gradient evaluations, training seconds excluding
 compilation and evaluation, oscillation statistics), an orbax checkpoint in
-``workdir/checkpoints`` (``resume=True`` continues from the latest one bit for
-bit: the data order is a function of ``(seed, epoch)`` and nothing else is
-random), and at the end the bit-packed model (``model_packed.npz``), its size
-report and a plot of accuracy per epoch / gradient evaluation / second.
+``workdir/checkpoints`` (``examples/checkpointing.py``: running the same config
+again continues from the latest one bit for bit, the data order being a
+function of ``(seed, epoch)`` and nothing else random; another config is
+refused unless ``fresh`` or ``force``), and at the end the bit-packed model
+(``model_packed.npz``), its size report and a plot of accuracy per epoch /
+gradient evaluation / second.
 
 Methods (``config.method``):
 
@@ -77,10 +79,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,7 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
+from examples import checkpointing
 from examples import methods
 from examples.classification import input_pipeline
 from examples.classification import models
@@ -269,7 +271,8 @@ def make_schedule(config: Config, steps_per_epoch: int):
 
 
 def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
-  """The method's optimizer, chained with the oscillation tracker (window: one epoch)."""
+  """The method's optimizer, chained with the oscillation tracker (window: one
+  epoch); the state is ``(method's state, tracker's state)``."""
   tx = methods.get(config.method).optimizer(schedule, spec,
                                             method_options(config, steps_per_epoch))
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
@@ -366,6 +369,7 @@ class Trainer:
                               per_channel=config.per_channel)
     self.schedule = make_schedule(config, steps_per_epoch)
     self.tx = make_optimizer(config, self.spec, self.schedule, steps_per_epoch)
+    self.tracker_tx = bq.track_oscillations(self.spec, window=steps_per_epoch)
     self.init_state = {
         "params": params,
         "batch_stats": batch_stats,
@@ -428,48 +432,54 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints (orbax): the state's leaves, in tree order, plus a JSON sidecar.
+# Checkpoints (examples/checkpointing.py): what resume needs and nothing more.
+
+# Config fields that may change when a run resumes (where the data is, what to
+# write, how far to go this time); any other change refuses to resume.
+FREE_ON_RESUME = ("stop_after_epoch", "data_dir", "download", "checkpoint", "export", "plot",
+                  "progress")
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
+class _TrackerCheckpoint(NamedTuple):
+  """The part of the oscillation tracker's state that an epoch's end does not
+  fix: at an epoch's end the window has just rolled, so the window extremes
+  are the params, its counters zero, and the last window's per-weight
+  figures are overwritten before they are next read."""
+
+  count: Any
+  flips: Any
+  codes: Any          # uint8 (a code index is < 2^8)
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  cosine_all: Any
 
 
-def save_checkpoint(workdir: Path, state, meta: dict) -> None:
-  ckpt_dir = workdir / "checkpoints"
-  ckpt_dir.mkdir(parents=True, exist_ok=True)
-  epoch = meta["epoch"]
-  leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
-  path = (ckpt_dir / f"epoch_{epoch}").resolve()
-  if path.exists():
-    shutil.rmtree(path)
-  ckptr = _checkpointer()
-  ckptr.save(path, leaves)
-  ckptr.wait_until_finished()
-  (ckpt_dir / f"epoch_{epoch}.json").write_text(json.dumps(meta))
-  for old in ckpt_dir.glob("epoch_*.json"):  # keep the latest only
-    e = int(old.stem.split("_")[1])
-    if e < epoch:
-      old.unlink()
-      shutil.rmtree(ckpt_dir / f"epoch_{e}", ignore_errors=True)
+def checkpoint_state(state) -> dict:
+  """What a checkpoint holds of the training state (taken at an epoch's end)."""
+  inner, tracker = state["opt_state"]
+  fields = {f: getattr(tracker, f) for f in _TrackerCheckpoint._fields}
+  fields["codes"] = jax.tree.map(lambda c: c.astype(jnp.uint8), tracker.codes)
+  return {"params": state["params"], "batch_stats": state["batch_stats"],
+          "opt_state": inner, "tracker": _TrackerCheckpoint(**fields)}
 
 
-def latest_checkpoint(workdir: Path) -> Optional[int]:
-  metas = sorted(int(p.stem.split("_")[1]) for p in (workdir / "checkpoints").glob("epoch_*.json")
-                 if (workdir / "checkpoints" / p.stem).is_dir())
-  return metas[-1] if metas else None
+def state_from_checkpoint(saved: dict, trainer: "Trainer") -> dict:
+  """The full training state of :func:`checkpoint_state`'s output."""
+  params = saved["params"]
+  tracker = trainer.tracker_tx.init(params)   # window extremes = params, counters 0
+  kept = saved["tracker"]._replace(
+      codes=jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), saved["tracker"].codes))
+  tracker = tracker._replace(**kept._asdict())
+  return {"params": params, "batch_stats": saved["batch_stats"],
+          "opt_state": (saved["opt_state"], tracker)}
 
 
-def restore_checkpoint(workdir: Path, epoch: int, like):
-  path = (workdir / "checkpoints" / f"epoch_{epoch}").resolve()
-  leaves, treedef = jax.tree.flatten(like)
-  target = {f"{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
-  restored = _checkpointer().restore(path, target)
-  new = [jnp.asarray(restored[f"{i:05d}"], dtype=np.asarray(x).dtype)
-         for i, x in enumerate(leaves)]
-  meta = json.loads((workdir / "checkpoints" / f"epoch_{epoch}.json").read_text())
-  return jax.tree.unflatten(treedef, new), meta
+def open_checkpoints(config: Config, workdir: Path, *, fresh: bool = False,
+                     force: bool = False) -> checkpointing.Checkpoints:
+  return checkpointing.Checkpoints(workdir / "checkpoints", dataclasses.asdict(config),
+                                   free=FREE_ON_RESUME, max_to_keep=2, fresh=fresh,
+                                   force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -493,12 +503,18 @@ def best_validation(rows: list[dict]) -> dict:
   return out
 
 
-def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
-  """Trains ``config`` writing into ``workdir``; returns the final metrics row."""
+def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
+                       force: bool = False) -> dict:
+  """Trains ``config`` writing into ``workdir``; returns the final metrics row.
+
+  A ``workdir`` holding a checkpoint of the same config resumes from it (bit
+  for bit); one of another config is refused with a one-line
+  :class:`checkpointing.ResumeError` naming the field, unless ``fresh``
+  (delete it, start over) or ``force`` (resume with this config).
+  """
   config.validate()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
   data = load_data(config)
   train_x, train_y = data["train"]
   test_x, test_y = data["test"]
@@ -515,15 +531,22 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
   trainer.train_step = trainer.train_step.lower(state, x0, y0, 0).compile()
 
   start_epoch, step, train_s = 0, 0, 0.0
-  last = latest_checkpoint(workdir) if resume else None
-  if last is not None:
-    state, meta = restore_checkpoint(workdir, last, state)
-    start_epoch, step, train_s = meta["epoch"], meta["step"], meta["train_s"]
-    print(f"resumed from epoch {start_epoch} (step {step})")
+  ckpts = None
+  if config.checkpoint or (workdir / "checkpoints").exists():
+    ckpts = open_checkpoints(config, workdir, fresh=fresh, force=force)
+    restored = ckpts.restore(jax.eval_shape(lambda: checkpoint_state(state)))
+    if restored is not None:
+      _, saved, meta = restored
+      state = state_from_checkpoint(saved, trainer)
+      start_epoch, step, train_s = meta["epoch"], meta["step"], meta["train_s"]
+      print(f"resumed from epoch {start_epoch} (step {step})")
+    if not config.checkpoint:
+      ckpts.close()
+  # The logs hold this run only: cut back to the epoch resumed from (or emptied).
+  for path in (metrics_path, losses_path):
+    checkpointing.truncate_jsonl(path, "epoch", start_epoch)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
   rows = _read_metrics(metrics_path, start_epoch)
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  loss_rows = _read_metrics(losses_path, start_epoch)
-  losses_path.write_text("".join(json.dumps(r) + "\n" for r in loss_rows))
 
   total_epochs = run_epochs(config)
   end_epoch = total_epochs
@@ -580,8 +603,11 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
     print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f}{val} "
           f"flip_freq {row['osc_flip_frequency']:.2e} ({train_s:.1f}s)", flush=True)
     if config.checkpoint:
-      save_checkpoint(workdir, state, {"epoch": epoch, "step": step, "train_s": train_s})
+      ckpts.save(epoch, checkpoint_state(state),
+                 {"epoch": epoch, "step": step, "train_s": train_s})
 
+  if config.checkpoint:
+    ckpts.close()   # waits for the last save
   if window:
     w, codes, off = (np.concatenate(a) for a in zip(*window))
     np.savez(workdir / "tracked_weights.npz", w=w, codes=codes,

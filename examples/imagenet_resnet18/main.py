@@ -9,7 +9,9 @@
 from a full-precision checkpoint given by ``--init-from`` — and
 ``cifar_imagefolder``). Flags override that config, and ``--set field=value``
 (repeatable) overrides any field of :class:`train.Config` (values parsed as
-Python literals). A run resumes from the latest checkpoint in ``--workdir``.
+Python literals). A run resumes from the latest checkpoint in ``--workdir`` if
+that was written with the same config (``--fresh`` starts over, ``--force``
+resumes anyway), as in the classification example.
 ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
 multi-node GPU clusters); every process runs the same command.
 """
@@ -48,6 +50,7 @@ def parse_args(argv=None):
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  config_cli.add_resume_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -65,7 +68,7 @@ def main(argv=None):
     config.synthetic = True
   config_cli.apply_args(config, args, FLAGS)
   logging.info("config %s", config)
-  summary = train.train_and_evaluate(config, args.workdir)
+  summary = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   summary.pop("state")
   print(summary)
 

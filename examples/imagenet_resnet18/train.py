@@ -39,11 +39,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import blaq_jax as bq
+from examples import checkpointing
 from examples import methods
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
 
 NUM_IMAGENET_TRAIN_IMAGES = 1_281_167
+
+# Config fields that may change when a run resumes (where the data is, how it is
+# read and logged, the parallel mode, how far to run); any other change refuses.
+FREE_ON_RESUME = ("data_dir", "num_data_threads", "parallel", "num_train_steps",
+                  "eval_every_steps", "steps_per_eval", "log_every_steps",
+                  "checkpoint_every_steps", "max_checkpoints_to_keep", "init_from")
 
 
 @dataclasses.dataclass
@@ -148,7 +155,10 @@ def load_init(path: str, params, batch_stats):
     with np.load(path) as f:
       stored = {k: f[k] for k in f.files}
   else:
-    raw = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):   # a step of examples/checkpointing.py
+      path = os.path.join(path, "state")
+    raw = ocp.StandardCheckpointer().restore(path)
     stored = {f"{part}/{k}": np.asarray(v) for part in ("params", "batch_stats")
               for k, v in _path_dict(raw[part]).items()}
   out = []
@@ -211,8 +221,13 @@ def _host(dp: bq.DataParallel, tree):
   return jax.device_get(dp.unreplicate(tree))
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
+                       force: bool = False) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+  A checkpoint of another config is refused with a one-line
+  :class:`checkpointing.ResumeError` naming the field, unless ``fresh``
+  (delete it, start over) or ``force`` (resume with this config).
 
   Returns a summary: ``start_step``, ``step``, the last logged train metrics,
   ``images_per_sec`` (global, compilation excluded) and the last eval metrics.
@@ -248,15 +263,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     logging.info("initialised from %s", config.init_from)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
 
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.max_checkpoints_to_keep,
-          save_interval_steps=config.checkpoint_every_steps))
-  start_step = manager.latest_step() or 0
-  if start_step:
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(jax.device_get(state)))
-    logging.info("resumed from %s at step %d", manager.directory, start_step)
+  ckpts = checkpointing.Checkpoints(
+      os.path.join(workdir, "checkpoints"), dataclasses.asdict(config), free=FREE_ON_RESUME,
+      max_to_keep=config.max_checkpoints_to_keep, fresh=fresh, force=force)
+  start_step = 0
+  restored = ckpts.restore(jax.device_get(state))
+  if restored is not None:
+    start_step, state, _ = restored
+    logging.info("resumed from %s at step %d", ckpts.directory, start_step)
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
@@ -293,6 +307,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   log_path = os.path.join(workdir, "metrics.jsonl")
   os.makedirs(workdir, exist_ok=True)
+  if is_main:   # the log holds this run only, up to the step it resumes from
+    checkpointing.truncate_jsonl(log_path, "step", start_step if start_step else None)
 
   def write(record):
     if is_main:
@@ -327,12 +343,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       summary.update(evaluate(done))
       write({k: v for k, v in summary.items() if k.startswith("eval") or k == "step"})
     if done % config.checkpoint_every_steps == 0 or done == num_steps:
-      manager.save(done, args=ocp.args.StandardSave(_host(
-          dp, {"params": params, "batch_stats": batch_stats, "opt_state": opt_state})),
-          force=done == num_steps)
+      ckpts.save(done, _host(dp, {"params": params, "batch_stats": batch_stats,
+                                  "opt_state": opt_state}), {"step": done})
     summary["step"] = done
-  manager.wait_until_finished()
-  manager.close()
+  ckpts.close()
   summary["state"] = _host(dp, {"params": params, "batch_stats": batch_stats,
                                "opt_state": opt_state})
   return summary
