@@ -144,7 +144,8 @@ def test_main_cli(tmp_path, data_dir, capsys):
   assert config["method"] == "laq" and config["model_kwargs"] == {"hidden": [8]}
   assert config["learning_rate"] == 1e-2 and config["num_epochs"] == 1
   assert _rows(tmp_path)[0]["step"] == 2
-  with pytest.raises(ValueError, match="--set expects"):
+  assert "\n  test_acc " in capsys.readouterr().out   # a readable summary, not a dict
+  with pytest.raises(ValueError, match="has no field 'nope'"):
     main_lib.main(["--config", "mnist_mlp", "--workdir", str(tmp_path), "--set", "nope=1"])
 
 

@@ -147,13 +147,16 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
 
 
 def test_synthetic_mode_and_cli(tmp_path, capsys):
-  main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
-             "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
-             "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
-             "--set", "num_classes=10", "--set", "log_every_steps=1"])
+  summary = main.main([
+      "--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
+      "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
+      "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
+      "--set", "num_classes=10", "--set", "log_every_steps=1"])
   out = capsys.readouterr().out
-  summary = eval(out.strip().splitlines()[-1])  # the printed summary dict
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   assert summary["images_per_sec"] > 0 and "eval_accuracy" not in summary
-  with pytest.raises(ValueError, match="--set expects"):
+  assert "\n  step " in out and "images_per_sec" in out   # a readable summary, not a dict
+  with pytest.raises(ValueError, match="has no field 'no_such_field'"):
     main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--set", "no_such_field=1"])
+  with pytest.raises(ValueError, match="config.batch_size must be >= 1, got 0"):
+    main.main(["--config", "synthetic", "--workdir", str(tmp_path / "b"), "--batch-size", "0"])

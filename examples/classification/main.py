@@ -28,13 +28,10 @@ from examples.classification import train
 CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg",
            "paper_mnist_mlp", "paper_mnist_lenet5", "paper_fashion_lenet5", "paper_cifar10_vgg")
 
-# flag -> Config field
-FLAGS = {
-    "method": str, "bits": int, "scheme": str, "a": float, "m": int, "seed": int,
-    "num_epochs": int, "learning_rate": float, "batch_size": int, "train_subset": int,
-    "test_subset": int, "val_split": int, "loss": str, "track_weights": int,
-    "track_last_epochs": int, "data_dir": str, "stop_after_epoch": int,
-}
+# Config fields with a flag of their own (typed by train.Config, as --set is).
+FLAGS = ("method", "bits", "scheme", "a", "m", "seed", "num_epochs", "learning_rate",
+         "batch_size", "train_subset", "test_subset", "val_split", "loss", "track_weights",
+         "track_last_epochs", "data_dir", "stop_after_epoch")
 
 
 def get_config(name: str) -> train.Config:
@@ -45,10 +42,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="Train a low-bit classifier (blaq_jax).")
   parser.add_argument("--config", required=True, choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="metrics, checkpoints, packed model")
-  for flag, typ in FLAGS.items():
-    kw = ({"choices": train.METHODS} if flag == "method" else
-          {"choices": train.LOSSES} if flag == "loss" else {})
-    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, **kw)
+  config_cli.add_field_flags(parser, train.Config(), FLAGS,
+                             choices={"method": train.METHODS, "loss": train.LOSSES})
   parser.add_argument("--schedule-reading", choices=("reference", "appendix"), default=None,
                       help="the paper's learning-rate schedule, read as its reference code "
                            "or its appendix does (configs/paper.py); flags still override")
@@ -75,8 +70,14 @@ def main(argv=None):
     config.export = False
   config_cli.apply_args(config, args, FLAGS)
   result = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
-  print({k: v for k, v in result["metrics"].items()})
+  keys = ("epoch", "step", "grad_evals", "train_s", "train_loss", "test_acc", "val_acc",
+          "osc_flip_frequency")
+  row = {k: result["metrics"][k] for k in keys if k in result["metrics"]}
+  print(config_cli.format_summary(
+      f"{config.dataset} {config.model} {config.method} {config.bits}-bit "
+      f"-> {args.workdir}", {**row, **result["summary"]}))
+  return result
 
 
 if __name__ == "__main__":
-  main()
+  config_cli.run_main(main)

@@ -28,10 +28,9 @@ from examples.imagenet_resnet18 import train
 
 CONFIGS = ("default", "resnet18_2bit", "synthetic", "paper_resnet18", "cifar_imagefolder")
 
-# flag -> Config field type
-FLAGS = {"data_dir": str, "parallel": str, "optimizer": str, "bits": int, "a": float,
-         "batch_size": int, "num_train_steps": int, "learning_rate": float, "seed": int,
-         "m": int, "init_from": str}
+# Config fields with a flag of their own (typed by train.Config, as --set is).
+FLAGS = ("data_dir", "parallel", "optimizer", "bits", "a", "batch_size", "num_train_steps",
+         "learning_rate", "seed", "m", "init_from")
 
 
 def get_config(name: str) -> train.Config:
@@ -42,10 +41,9 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
   parser.add_argument("--config", default="default", choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
-  choices = {"parallel": ("jit", "pmap"), "optimizer": train.OPTIMIZERS}
-  for flag, typ in FLAGS.items():
-    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None,
-                        choices=choices.get(flag))
+  config_cli.add_field_flags(parser, train.Config(), FLAGS,
+                             choices={"parallel": ("jit", "pmap"),
+                                      "optimizer": train.OPTIMIZERS})
   parser.add_argument("--synthetic", action="store_true", help="random batches, no data")
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
@@ -70,8 +68,10 @@ def main(argv=None):
   logging.info("config %s", config)
   summary = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   summary.pop("state")
-  print(summary)
+  print(config_cli.format_summary(
+      f"{config.model} {config.optimizer} {config.bits}-bit -> {args.workdir}", summary))
+  return summary
 
 
 if __name__ == "__main__":
-  main()
+  config_cli.run_main(main)

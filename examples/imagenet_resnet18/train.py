@@ -45,6 +45,7 @@ from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
 
 NUM_IMAGENET_TRAIN_IMAGES = 1_281_167
+OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
 
 # Config fields that may change when a run resumes (where the data is, how it is
 # read and logged, the parallel mode, how far to run); any other change refuses.
@@ -69,7 +70,7 @@ class Config:
   num_filters: int = 64
   half_precision: bool = True          # bfloat16 compute on GPU/TPU (float32 on CPU)
   # Quantization and optimizer.
-  optimizer: str = "blaq"              # "laq", "blaq", "blaq-m" or "adam" (full precision)
+  optimizer: str = "blaq-m"            # "laq", "blaq", "blaq-m" or "adam" (full precision)
   bits: int = 1
   scheme: str = "linear"
   first_last_bits: Optional[int] = 8   # conv_init and head kernels; None: full precision
@@ -93,6 +94,22 @@ class Config:
   max_checkpoints_to_keep: int = 2
   seed: int = 0
 
+  def validate(self):
+    """Raises a one-line ``ValueError`` naming the first bad field."""
+    for name, options in (("optimizer", OPTIMIZERS), ("parallel", ("jit", "pmap")),
+                          ("lr_schedule", ("warmup_cosine", "exponential"))):
+      if getattr(self, name) not in options:
+        raise ValueError(f"config.{name} must be one of {options}, got {getattr(self, name)!r}")
+    for name in ("batch_size", "image_size", "resize_size", "num_data_threads", "m",
+                 "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
+    if not self.num_epochs > 0:
+      raise ValueError(f"config.num_epochs must be > 0, got {self.num_epochs}")
+    if not 0 <= self.a <= 1:
+      raise ValueError(f"config.a must be in [0, 1], got {self.a}")
+    return self
+
 
 def compute_dtype(config: Config):
   if config.half_precision and jax.default_backend() in ("gpu", "tpu"):
@@ -100,7 +117,6 @@ def compute_dtype(config: Config):
   return jnp.float32
 
 
-OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
 
 
 def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: int,
@@ -232,6 +248,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   Returns a summary: ``start_step``, ``step``, the last logged train metrics,
   ``images_per_sec`` (global, compilation excluded) and the last eval metrics.
   """
+  config.validate()
   dp = bq.data_parallel(config.parallel)
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
