@@ -45,6 +45,17 @@ def add_oscillation_dampening(
 ) -> optax.GradientTransformationExtraArgs:
   """Adds ``2 λ(t) (w - Q(w))`` to the updates of quantized leaves.
 
+  For a quantized leaf, with ``Q`` the plain (``D = 1``) projection and ``sg``
+  a stop-gradient, it adds the gradient of ``λ(t) · ||sg(Q(w)) - w||²``::
+
+      g_t ← g_t + 2 λ(t) (w_t - Q(w_t))
+
+  Put it before the optimizer, as ``optax.add_decayed_weights``.
+
+  References:
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
+
   Args:
     weight: ``λ``, a float ``>= 0`` or a schedule of the step count (or a
       hyperparameter of ``optax.inject_hyperparams``).

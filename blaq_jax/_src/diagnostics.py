@@ -128,6 +128,20 @@ def track_oscillations(spec, *, window: int = 100,
   Flips are counted on the codes of the plain (``D = 1``) projection of the
   post-update weights ``params + updates``.
 
+  Per quantized leaf, with ``w_{t+1} = w_t + u_t`` and ``z_t`` the code
+  indices of its plain projection::
+
+      flips      Σ_t Σ_i [z_{t+1,i} ≠ z_{t,i}]             (since init, and per window)
+      frequency  window flips / (n · window)
+      amplitude  max_t w_{t,i} - min_t w_{t,i}              (per weight, over the window)
+      cosine     <u_t, u_{t-1}> / (|u_t| |u_{t-1}|)          (near -1: zig-zag)
+
+  References:
+    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
+
   Args:
     spec: the tree from :func:`blaq_jax.quant_spec`.
     window: length (in steps) of the tumbling window for per-weight flip
@@ -260,6 +274,12 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   * ``path/cosine_mean``: its mean over the window (per leaf only);
 
   plus ``window_steps``, the number of steps the window covers.
+
+  References:
+    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
 
   Raises:
     ValueError: if ``opt_state`` holds no (or more than one) tracker state.

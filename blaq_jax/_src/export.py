@@ -118,6 +118,15 @@ def _pairs(params, spec, curvature, scale):
 def pack(params, spec, curvature=None, *, state=None) -> dict:
   """Packs the quantized leaves of ``params`` into bit codes plus scales.
 
+  Per quantized leaf: ``ŵ = α · b`` with ``b ∈ C`` (the code set of its spec),
+  stored as ``index(b)`` in the sorted codebook, ``bits`` bits each, plus
+  ``α``; ``ceil(n · bits / 8) + 4 · (number of scales)`` bytes against ``4 n``
+  in float32.
+
+  References:
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+
   Args:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
       None leaves are skipped, NNX Variables unwrapped).
@@ -246,6 +255,13 @@ def unpack(packed, like=None):
   the size its shape and bits imply, and match the sha256 that :func:`pack`
   stored with them, so truncated codes or an edited shape, bits, spec or
   dtype raise a one-line ValueError naming the leaf (and the file).
+
+  Per quantized leaf ``ŵ = α · codebook[index]`` in the leaf's dtype, bit for
+  bit the ``ŵ`` that was packed.
+
+  References:
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
 
   Args:
     packed: the dict returned by :func:`pack`, or a path written by

@@ -83,6 +83,19 @@ def freeze_oscillations(
 ) -> optax.GradientTransformationExtraArgs:
   """Freezes weights whose oscillation frequency (EMA) exceeds ``threshold(t)``.
 
+  For every weight of a quantized leaf, with ``z_t`` the index of its code
+  under the plain projection ``Q`` after step ``t``::
+
+      o_t = [z_t ≠ z_{t-1} and sign(z_t - z_{t-1}) = -(sign of its previous change)]
+      f_t = (1 - m) f_{t-1} + m o_t                       (m = momentum)
+      if f_t > threshold(t):  w ← Q(w), and every later update of w is 0
+
+  Chain it after the optimizer (and after :func:`blaq_jax.ste`'s clipping).
+
+  References:
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
+
   Args:
     threshold: a float or a schedule of the step count; weights with
       ``frequency > threshold`` freeze (a threshold ``>= 1`` freezes nothing).

@@ -54,6 +54,17 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
   identity, so ``jax.grad`` through it returns the coarse gradient
   ``∇ℓ(ŵ)`` unchanged.
 
+  Forward ``ŵ = Q(w) = α · code(w / α)``; backward ``∂ŵ/∂w := I`` (the
+  straight-through estimator), so ``∇_w ℓ(Q(w)) = ∇ℓ(ŵ)``.
+
+  References:
+    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
+    with binary weights during propagations", NeurIPS 2015.
+    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
+    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
+    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks", 2020 (coarse gradient).
+
   Args:
     w: a floating array.
     spec: the :class:`QuantSpec` of ``w``.
@@ -83,6 +94,17 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
   Leaves whose spec is None are returned unchanged. ``jax.grad`` of a loss of
   ``ste_quantize_params(params, spec)`` with respect to ``params`` is the
   gradient at the quantized weights (the coarse gradient).
+
+  Per quantized leaf ``ŵ = Q(w)`` forward and ``∂ŵ/∂w := I`` backward (see
+  :func:`ste_quantize`).
+
+  References:
+    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
+    with binary weights during propagations", NeurIPS 2015.
+    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
+    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
+    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks", 2020 (coarse gradient).
 
   Args:
     params: the latent parameters.
@@ -121,6 +143,24 @@ def ste(
     tx = bq.ste(optax.adam(1e-3), spec)
     grads = jax.grad(lambda p: loss(bq.ste_quantize_params(p, spec)))(params)
     updates, state = tx.update(grads, state, params)
+
+  The straight-through (coarse-gradient) step, for a quantized leaf::
+
+      ŵ_t     = Q(w_t) = α · code(w_t / α)       (ste_quantize_params)
+      g_t     = ∇ℓ(ŵ_t)                          (given as ``updates``)
+      u_t     = optimizer.update(g_t)
+      w_{t+1} = clip(w_t + u_t, -c, c)
+
+  with ``α`` the least-squares scale (``scale="fit"``; BWN: ``α = mean|w|``
+  at 1 bit) or 1 (``scale="none"``; BinaryConnect: ``Q(w) = sign(w)``).
+
+  References:
+    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
+    with binary weights during propagations", NeurIPS 2015.
+    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
+    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
+    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks", 2020 (coarse gradient).
 
   Args:
     optimizer: any optax transform (extra keyword arguments of ``update`` are

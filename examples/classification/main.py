@@ -10,8 +10,10 @@
 ``paper_cifar10_vgg``, whose learning-rate schedule ``--schedule-reading
 reference|appendix`` picks); every flag overrides that config, and
 ``--set field=value`` (repeatable) overrides any other field of
-:class:`examples.classification.train.Config` (values are parsed as Python
-literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
+:class:`examples.classification.train.Config`; flags and ``--set`` are parsed
+by the type of the field (``--set batch_size=abc`` is a one-line error naming
+``batch_size``; dicts and tuples as Python literals, e.g. ``--set
+'model_kwargs={"hidden": (512, 512, 512)}'``).
 
 Running the same command again resumes from the latest checkpoint in
 ``--workdir``; a different config there is refused (``--fresh`` starts over,

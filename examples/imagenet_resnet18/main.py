@@ -8,8 +8,8 @@
 ``synthetic``, ``paper_resnet18`` — the paper's protocol, BLAQ every 10 epochs
 from a full-precision checkpoint given by ``--init-from`` — and
 ``cifar_imagefolder``). Flags override that config, and ``--set field=value``
-(repeatable) overrides any field of :class:`train.Config` (values parsed as
-Python literals). A run resumes from the latest checkpoint in ``--workdir`` if
+(repeatable) overrides any field of :class:`train.Config` (parsed by the
+field's type, as the flags are). A run resumes from the latest checkpoint in ``--workdir`` if
 that was written with the same config (``--fresh`` starts over, ``--force``
 resumes anyway), as in the classification example.
 ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
