@@ -82,25 +82,11 @@ class OscillationState(NamedTuple):
   cosine_all: jax.Array
 
 
-class _LeafStep(NamedTuple):
-  """One leaf's results of a step: its new state entries (the fields of
-  :class:`OscillationState` that are per leaf) and the sums that the cosine
-  over all leaves needs."""
-
-  codes: Any
-  flips: Any
-  window_flips: Any
-  window_min: Any
-  window_max: Any
-  window_cosine: Any
-  last_flips: Any
-  last_amplitude: Any
-  last_cosine: Any
-  prev_updates: Any
-  cosine: Any
-  dot: Any
-  norm_u: Any
-  norm_prev: Any
+# The fields of OscillationState that hold one entry per leaf.
+_PER_LEAF = tuple(f for f in OscillationState._fields if f not in ("count", "window", "cosine_all"))
+# One leaf's results of a step: its entries of the new state, and the sums the
+# cosine over all leaves needs.
+_LeafStep = NamedTuple("_LeafStep", [(f, Any) for f in _PER_LEAF + ("dot", "norm_u", "norm_prev")])
 
 
 def _cosine(dot, n1, n2):
@@ -227,16 +213,11 @@ def track_oscillations(spec, *, window: int = 100,
           prev_updates=u.astype(prev.dtype), cosine=cos, dot=dot, norm_u=nu, norm_prev=np_)
 
     step = tree_lib.unzip(per_leaf(
-        leaf, updates, params, state.codes, state.flips, state.window_flips,
-        state.window_min, state.window_max, state.window_cosine, state.last_flips,
-        state.last_amplitude, state.last_cosine, state.prev_updates), _LeafStep)
+        leaf, updates, params, *(getattr(state, f) for f in _PER_LEAF if f != "cosine")),
+        _LeafStep)
     total = lambda tree: sum(jax.tree.leaves(tree), jnp.zeros([], jnp.float32))
     new_state = OscillationState(
-        count=count, window=state.window, codes=step.codes, flips=step.flips,
-        window_flips=step.window_flips, window_min=step.window_min,
-        window_max=step.window_max, window_cosine=step.window_cosine,
-        last_flips=step.last_flips, last_amplitude=step.last_amplitude,
-        last_cosine=step.last_cosine, prev_updates=step.prev_updates, cosine=step.cosine,
+        count=count, window=state.window, **{f: getattr(step, f) for f in _PER_LEAF},
         cosine_all=_cosine(total(step.dot), total(step.norm_u), total(step.norm_prev)))
     return updates, new_state
 

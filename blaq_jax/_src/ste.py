@@ -25,13 +25,7 @@ So a user swaps methods by changing one argument: ``quant_spec(params,
 bits=1)`` with ``scale="none"`` is BinaryConnect, with ``scale="fit"`` BWN;
 ``bits=4`` gives 4-bit uniform.
 
-References:
-  Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-  with binary weights during propagations", NeurIPS 2015.
-  Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-  Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-  Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-  Quantized Networks", 2020 (coarse gradient).
+References: in the docstring of :func:`ste`.
 """
 
 from __future__ import annotations
@@ -58,12 +52,8 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
   straight-through estimator), so ``∇_w ℓ(Q(w)) = ∇ℓ(ŵ)``.
 
   References:
-    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-    with binary weights during propagations", NeurIPS 2015.
-    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-    Quantized Networks", 2020 (coarse gradient).
+    BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
+    ECCV 2016) and the coarse gradient (Long, Yin & Xin, 2020); see :func:`ste`.
 
   Args:
     w: a floating array.
@@ -99,12 +89,8 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
   :func:`ste_quantize`).
 
   References:
-    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-    with binary weights during propagations", NeurIPS 2015.
-    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-    Quantized Networks", 2020 (coarse gradient).
+    BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
+    ECCV 2016) and the coarse gradient (Long, Yin & Xin, 2020); see :func:`ste`.
 
   Args:
     params: the latent parameters.
