@@ -28,6 +28,7 @@ from blaq_jax._src.parallel import data_parallel
 from blaq_jax._src.quantizers import QuantSpec
 from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
+from blaq_jax._src.quantizers import quantize_with_scale
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
 from blaq_jax._src.state import curvature
@@ -67,6 +68,7 @@ __all__ = (
     "quantize",
     "quantize_activation",
     "quantize_params",
+    "quantize_with_scale",
     "save_packed",
     "sign_activation",
     "size_report",

@@ -248,7 +248,7 @@ def test_warm_start_on_moving_weights_ends_at_the_cold_fixed_point(spec, slack):
   def err(q):
     return float(jnp.sum(d * (w - q) ** 2))
 
-  warm = err(quantizers.apply_scale(w, spec, alpha))
+  warm = err(quantizers.quantize_with_scale(w, spec, alpha))
   cold = err(bq.quantize(w, spec, d))
   assert warm <= cold * (1 + slack)
   # a warm start converges in a round or two

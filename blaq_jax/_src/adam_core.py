@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from optax import tree_utils as otu
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import apply_scale, fit_scale
+from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
 
 
 class Hyper(NamedTuple):
@@ -90,7 +90,7 @@ def next_scales(spec, params, den, scale):
 def project(spec, params, scale):
   """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
   return tree_lib.map_with_spec(
-      lambda s, w, a: w if s is None else apply_scale(w, s, a), spec, params, scale)
+      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
 
 def moment(old, g, decay):

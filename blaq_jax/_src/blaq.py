@@ -13,7 +13,7 @@ import optax
 from blaq_jax._src import adam_core as core
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
-from blaq_jax._src.quantizers import apply_scale, fit_scale
+from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
 
 
 class BLAQState(NamedTuple):
@@ -244,7 +244,7 @@ def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> Forwar
   den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
   w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
   trial = tree_lib.map_with_spec(
-      lambda s, w, d, a0: w if s is None else apply_scale(w, s, fit_scale(w, s, d, a0)),
+      lambda s, w, d, a0: w if s is None else quantize_with_scale(w, s, fit_scale(w, s, d, a0)),
       spec, w_trial, den1, state.scale)
   return ForwardStep(mu1, nu1, den1, trial)
 

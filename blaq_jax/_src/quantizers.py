@@ -274,7 +274,7 @@ def codes(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
   return nearest_code(_safe_div(wf, jnp.asarray(alpha, wf.dtype)), spec)
 
 
-def apply_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
+def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
   """``ŵ = alpha · code(w / alpha)``: the projection at a given scale (elementwise).
 
   Computed in the compute dtype and cast to ``w``'s dtype.
@@ -312,7 +312,7 @@ def quantize(w: jax.Array, spec: QuantSpec,
   """
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
-  return apply_scale(w, spec, fit_scale(w, spec, curvature))
+  return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
 
 
 # The plain (``D = 1``) projection of the STE family, dampening, freezing,

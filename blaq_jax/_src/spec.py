@@ -9,7 +9,7 @@ import jax
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src import state as state_lib
-from blaq_jax._src.quantizers import QuantSpec, apply_scale, quantize
+from blaq_jax._src.quantizers import QuantSpec, quantize_with_scale, quantize
 
 Override = Union[int, QuantSpec, None]
 
@@ -192,7 +192,7 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   if state is not None:
     scale = state_lib.find_field(state, "scale", "quantize_params")
     return tree_lib.map_with_spec(
-        lambda s, w, a: w if s is None else apply_scale(w, s, a), spec, params, scale)
+        lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
   def fn(s, w, d=None):
     if s is None:

@@ -47,7 +47,7 @@ import optax
 from blaq_jax._src import adam_core as core
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
-from blaq_jax._src.quantizers import apply_scale
+from blaq_jax._src.quantizers import quantize_with_scale
 
 
 def _check(where, a):
@@ -176,7 +176,7 @@ def blaq_model(
     def predict(s, g, w, alpha, d1, trial):
       if s is None:
         return g
-      current = apply_scale(w, s, alpha)
+      current = quantize_with_scale(w, s, alpha)
       return g + (d1 * inv_lr).astype(g.dtype) * (trial - current)
 
     g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.scale,
