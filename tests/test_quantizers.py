@@ -255,13 +255,19 @@ def test_warm_start_on_moving_weights_ends_at_the_cold_fixed_point(spec, slack):
   assert np.mean(rounds) <= 3 if spec.bits < 8 else 8, rounds
 
 
-def test_bad_warm_start_falls_back_to_the_cold_start():
+def test_bad_warm_start_starts_from_the_mean():
+  """Zeros (an abstract init) or non-finite scales restart the alternation
+  from sum(D|w|)/sum(D) and still end at a fixed point near the cold one."""
   w = jax.random.normal(jax.random.key(0), (32, 4)) * 0.1
   spec = bq.QuantSpec(3)
+  err = lambda a: float(jnp.sum((w - quantizers.quantize_with_scale(w, spec, a)) ** 2))
   cold = quantizers.fit_scale(w, spec)
   for bad in (0.0, -1.0, jnp.nan, jnp.inf):
-    np.testing.assert_allclose(quantizers.fit_scale(w, spec, None, jnp.full((1, 1), bad)),
-                               cold, rtol=1e-6)
+    alpha = quantizers.fit_scale(w, spec, None, jnp.full((1, 1), bad))
+    assert float(alpha[0, 0]) > 0
+    again = quantizers.fit_scale(w, spec, None, alpha)
+    np.testing.assert_allclose(again, alpha, rtol=1e-6)  # a fixed point
+    assert err(alpha) <= err(cold) * 1.05
 
 
 def test_no_gradient_through_the_scale():

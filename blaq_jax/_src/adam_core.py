@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from optax import tree_utils as otu
 
 from blaq_jax._src import tree as tree_lib
@@ -47,13 +48,14 @@ def learning_rate_at(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def init_state(state_cls, params, spec, where: str):
-  """``state_cls(count, mu, nu, curvature, scale, skipped)`` at step 0.
+def init_state(state_cls, params, spec, where: str, **extra):
+  """``state_cls(count, mu, nu, [curvature,] scale, skipped, **extra)`` at step 0.
 
-  ``mu``, ``nu`` are zeros; ``curvature`` holds ``D = 1`` and ``scale`` the
-  cold-started scale of the plain projection (``D = 1``, as before the first
-  step) for quantized leaves only (None elsewhere); ``count`` and ``skipped``
-  are distinct buffers, so the state can be donated.
+  ``mu``, ``nu`` are zeros; ``curvature`` (where the state has that field)
+  holds ``D = 1`` and ``scale`` the cold-started scale of the plain
+  projection (``D = 1``, as before the first step) for quantized leaves only
+  (None elsewhere); ``count`` and ``skipped`` are distinct buffers, so the
+  state can be donated.
   """
   tree_lib.check_float_params(params, where)
   tree_lib.check_spec_matches(spec, params, where)
@@ -61,9 +63,11 @@ def init_state(state_cls, params, spec, where: str):
       lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
   scale = tree_lib.map_with_spec(
       lambda s, w: None if s is None else initial_scale(w, s), spec, params)
+  if "curvature" in state_cls._fields:
+    extra["curvature"] = curv
   return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
-                   nu=otu.tree_zeros_like(params), curvature=curv, scale=scale,
-                   skipped=jnp.zeros([], jnp.int32))
+                   nu=otu.tree_zeros_like(params), scale=scale,
+                   skipped=jnp.zeros([], jnp.int32), **extra)
 
 
 def initial_scale(w, spec):
@@ -106,10 +110,18 @@ def second_moment(old, g, decay):
   return jax.tree.map(lambda o, x: (o + (1 - decay) * (x * x - o)).astype(o.dtype), old, g)
 
 
+def as_float(x):
+  """``x`` as a scalar array of the default float type (float64 under x64)."""
+  return jnp.asarray(x, jnp.result_type(float))
+
+
 def denominator(nu, count, b2, eps):
   """``D = sqrt(nu / (1 - b2^count)) + eps`` (Adam's bias-corrected scale)."""
-  bc = 1 - b2 ** count
-  return jax.tree.map(lambda v: jnp.sqrt(v / bc.astype(v.dtype)) + eps, nu)
+  # b2 as an array of the default float type, as LAQState stores it, so that
+  # curvature(state) recomputes the very D the update used.
+  bc = 1 - as_float(b2) ** count
+  bc = jnp.where(bc > 0, bc, 1)  # count 0 (a first step skipped): nu = 0, D = eps
+  return tree_lib.map_none(lambda v: jnp.sqrt(v / bc.astype(v.dtype)) + eps, nu)
 
 
 def step_latent(spec, params, mu, den, count, lr, b1, clip):
@@ -156,20 +168,20 @@ def check_not_masked(params, where: str) -> None:
         "multi_transform (leaves with spec None already take the full-precision step)")
 
 
-def guarded(ok, step, state, params):
-  """Runs ``step() -> (updates, new_state)`` if ``ok``, else skips the step.
+def select(ok, new, old):
+  """Leafwise ``where(ok, new, old)`` with a scalar ``ok`` (``new`` if ok is None).
 
-  A skipped step (a non-finite gradient) returns zero updates (in the params'
-  dtype and sharding) and ``state`` with ``skipped`` grown by 1. The choice is
-  a ``lax.cond`` around the whole update, not a select of two finished
-  results (which measured slower). ``ok=None`` means no check at all: the
-  check is a reduction over every gradient that the update must wait for,
-  which costs a visible share of the step on CPU.
+  Inside the elementwise update XLA fuses it into the same loop, so skipping
+  a step costs no extra pass over the weights (a ``lax.cond`` around the
+  update would cut that fusion), and a skipped step keeps ``old`` exactly.
   """
   if ok is None:
-    return step()
+    return new
+  return tree_lib.map_none(lambda n, o: jnp.where(ok, n, o), new, old)
 
-  def skip():
-    return tree_lib.zeros_like_params(params), state._replace(skipped=state.skipped + 1)
 
-  return jax.lax.cond(ok, step, skip)
+def counted(ok, count, skipped):
+  """``(count, skipped)`` after a step that is applied if ``ok`` (None: always)."""
+  if ok is None:
+    return optax.safe_increment(count), skipped
+  return count + ok.astype(count.dtype), skipped + (~ok).astype(skipped.dtype)

@@ -129,9 +129,10 @@ def blaq(
   the committed second moment mixes ``v1`` and ``v*`` with the same ``a`` as
   Eq. 10. Every mix is ``a x + (1-a) y`` of quantities LAQ computes the same
   way, so ``a = 1`` reproduces LAQ's trajectory bit for bit (``grad_fn`` is
-  still called). A step whose ``g_t`` is not finite is skipped without
-  calling ``grad_fn``; one whose ``g*`` is not finite is skipped too (params,
-  moments, scales and count stay; ``skipped`` grows by 1).
+  still called). A step whose ``g_t`` or ``g*`` is not finite is skipped
+  (params, moments, curvature, scales and count stay; ``skipped`` grows by
+  1); the skip is a select inside the fused update, not a branch, so
+  ``grad_fn`` is still evaluated on such a step.
 
   Cost: on a two-stage step, two gradient evaluations (the caller's and
   ``grad_fn``'s) and two projections; with ``periodic_lookahead(m, ...)``
@@ -201,30 +202,26 @@ def blaq(
           "grad_fn=lambda p: jax.grad(loss)(p, batch)")
     core.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
-    count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
+    ok_t = core.all_finite(updates) if skip_nonfinite else None
 
     def two_stage():
+      count = optax.safe_increment(state.count)
       stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
       g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq.update")
       if batch_axis_name is not None:
         g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-      ok = core.all_finite(g_trial) if skip_nonfinite else None
-      return core.guarded(
-          ok, lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
-          state, params)
+      ok = None if ok_t is None else ok_t & core.all_finite(g_trial)
+      return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
 
     def one_stage():
-      return laq_step(spec, hyper, state, updates, params, lr, count)
+      return laq_step(spec, hyper, state, updates, params, lr, ok_t)
 
     if lookahead_schedule is None:
-      step = two_stage
-    else:
-      active = (lookahead_schedule(state.count) if callable(lookahead_schedule)
-                else lookahead_schedule)
-      step = lambda: jax.lax.cond(jnp.asarray(active, bool), two_stage, one_stage)
-    ok_t = core.all_finite(updates) if skip_nonfinite else None
-    return core.guarded(ok_t, step, state, params)
+      return two_stage()
+    active = (lookahead_schedule(state.count) if callable(lookahead_schedule)
+              else lookahead_schedule)
+    return jax.lax.cond(jnp.asarray(active, bool), two_stage, one_stage)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -250,21 +247,26 @@ def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> Forwar
 
 
 def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
-              count):
+              ok=None):
   """Eq. 7-10: the step from ``w_t`` with the mixed gradient and curvature.
 
-  Returns ``(updates, new_state)``; ``new_state`` keeps ``state``'s type and
-  ``skipped`` field and replaces ``count, mu, nu, curvature, scale``.
+  Applied if ``ok`` (a scalar bool; None: always); a skipped step selects the
+  old values leafwise. Returns ``(updates, new_state)``; ``new_state`` keeps
+  ``state``'s type and replaces ``count, mu, nu, curvature, scale, skipped``.
   """
   b1, b2 = hyper.b1, hyper.b2
+  count, skipped = core.counted(ok, state.count, state.skipped)
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
   # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
-  mu = core.mix(a, stage1.mu, core.moment(state.mu, g_trial, b1))
+  mu = core.select(ok, core.mix(a, stage1.mu, core.moment(state.mu, g_trial, b1)), state.mu)
   nu_trial = core.second_moment(state.nu, g_trial, b2)
-  nu = core.mix(a, stage1.nu, nu_trial)
-  den_mix = core.mix(a, stage1.den, core.denominator(nu_trial, count, b2, hyper.eps))
-  new_params = core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip)
-  curv = core.quantized_curvature(spec, den_mix)
-  scale = core.next_scales(spec, new_params, curv, state.scale)
-  new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale)
+  nu = core.select(ok, core.mix(a, stage1.nu, nu_trial), state.nu)
+  den_trial = core.denominator(nu_trial, count, b2, hyper.eps)
+  den_mix = core.mix(a, stage1.den, den_trial)
+  new_params = core.select(
+      ok, core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
+  curv = core.select(ok, core.quantized_curvature(spec, den_mix), state.curvature)
+  scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
+  new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
+                             skipped=skipped)
   return core.updates_from(new_params, params), new_state

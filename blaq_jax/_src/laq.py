@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import adam_core as core
@@ -17,34 +18,44 @@ class LAQState(NamedTuple):
   Attributes:
     count: number of applied (finite) steps.
     mu: Adam first moment.
-    nu: Adam second moment.
-    curvature: ``D`` for quantized leaves (None elsewhere); ones at init.
+    nu: Adam second moment; the curvature ``D = sqrt(nu / (1 - b2^count)) +
+      eps`` is computed from it where it is needed (:func:`blaq_jax.curvature`),
+      not stored.
     scale: per quantized leaf the scale ``alpha`` of ``ŵ = Q_D(w)`` for the
       current params (None elsewhere); what the forward pass quantizes with.
     skipped: number of steps skipped for non-finite gradients.
+    b2, eps: Adam's constants (scalars), for :func:`blaq_jax.curvature`.
   """
 
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  curvature: Any
   scale: Any
   skipped: jax.Array
+  b2: jax.Array
+  eps: jax.Array
 
 
-def laq_step(spec, hyper: core.Hyper, state, g, params, lr, count):
-  """One LAQ step; returns ``(updates, new_state)`` of ``state``'s type.
+def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
+  """One LAQ step, applied if ``ok`` (a scalar bool; None: always).
 
-  Shared by :func:`laq` and the steps of :func:`blaq_jax.blaq` that skip the
-  lookahead, so that both run the same operations.
+  Returns ``(updates, new_state)`` of ``state``'s type; a state with a
+  ``curvature`` field (BLAQ's) gets ``D`` stored there. Shared by :func:`laq`
+  and the steps of :func:`blaq_jax.blaq` that skip the lookahead, so that
+  both run the same operations. A skipped step selects the old values
+  leafwise (one fused pass, no ``lax.cond``), so it is exact.
   """
-  mu = core.moment(state.mu, g, hyper.b1)
-  nu = core.second_moment(state.nu, g, hyper.b2)
+  count, skipped = core.counted(ok, state.count, state.skipped)
+  mu = core.select(ok, core.moment(state.mu, g, hyper.b1), state.mu)
+  nu = core.select(ok, core.second_moment(state.nu, g, hyper.b2), state.nu)
   den = core.denominator(nu, count, hyper.b2, hyper.eps)
-  new_params = core.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip)
-  curv = core.quantized_curvature(spec, den)
-  scale = core.next_scales(spec, new_params, curv, state.scale)
-  new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale)
+  new_params = core.select(
+      ok, core.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
+  den = core.quantized_curvature(spec, den)
+  scale = core.select(ok, core.next_scales(spec, new_params, den, state.scale), state.scale)
+  new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
+  if "curvature" in state._fields:
+    new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))
   return core.updates_from(new_params, params), new_state
 
 
@@ -76,10 +87,14 @@ def laq(
   so the next forward pass gets exactly the ``ŵ_{t+1}`` the update assumed
   with ``quantize_params(params, spec, state=state)``, and the projection is
   warm-started as the paper's Algorithm 2 and the LAQ reference code do (it
-  usually converges in one or two rounds). At init ``D = 1`` and ``α`` is the
-  cold-started plain projection. Leaves whose spec is None take the same Adam
-  step without clipping. Steps whose gradient is not finite are skipped:
-  params, moments, scales and the step count stay, ``skipped`` grows by 1.
+  takes a few rounds, see benchmarks/README.md). At init ``D = 1`` and ``α``
+  is the cold-started plain projection. The state holds ``m, v`` and the
+  scales, not ``D``: the update computes ``D`` from ``v`` where it needs it,
+  so the state is Adam's plus one scale per quantized tensor (or channel).
+  Leaves whose spec is None take the same Adam step without clipping. Steps
+  whose gradient is not finite are skipped: params, moments, scales and the
+  step count stay, ``skipped`` grows by 1; the skip is a select inside the
+  fused update, not a branch.
   (optax's own answer is the wrapper ``optax.apply_if_finite``; this
   transform does it itself, so that a skipped step also leaves the
   quantization state alone.)
@@ -107,17 +122,17 @@ def laq(
   hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
-    return core.init_state(LAQState, params, spec, "laq.init")
+    return core.init_state(LAQState, params, spec, "laq.init",
+                           b2=core.as_float(b2), eps=core.as_float(eps))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("laq.update: params are required (pass params=...)")
     tree_lib.check_like_params(updates, params, "updates", "laq.update")
-    count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
     ok = core.all_finite(updates) if skip_nonfinite else None
-    return core.guarded(
-        ok, lambda: laq_step(spec, hyper, state, updates, params, lr, count), state, params)
+    updates, new_state = laq_step(spec, hyper, state, updates, params, lr, ok)
+    return updates, new_state._replace(b2=core.as_float(b2), eps=core.as_float(eps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -164,6 +164,7 @@ def nearest_code(x: jax.Array, spec: QuantSpec) -> jax.Array:
 
 GRID_SIZE = 32   # candidate scales per level of a cold start
 GRID_LEVELS = 3  # each level searches between the neighbours of the last best
+GRID_BATCH = 8   # candidates evaluated together (a vectorised pass each)
 
 
 def _compute_dtype(dtype):
@@ -187,21 +188,26 @@ def _cold_start(wf, d, spec, wsum, axes):
 
   ``GRID_LEVELS`` geometric grids of ``GRID_SIZE`` scales, the first over
   ``[mean_D|w|/2, max|w|]``, each next one between the neighbours of the
-  previous best; every level is one vectorised pass over the weights. The
+  previous best; each level evaluates ``GRID_BATCH`` candidates per
+  vectorised pass over the weights (``lax.map``). The
   fixed points of the alternation are the stationary points of ``E``, so the
   alternation that follows starts next to the best one in the range.
   """
   absw = jnp.abs(wf)
   lo = 0.5 * _safe_div(wsum(d * absw), wsum(d))
   hi = jnp.maximum(jnp.max(absw, axis=axes, keepdims=True), lo)
-  frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype).reshape((-1,) + (1,) * wf.ndim)
-  w_k, d_k = wf[None], d[None]
-  red = tuple(a + 1 for a in axes)
+  frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
+
+  def error(cand):  # E at one candidate scale per group
+    return jnp.sum(d * (wf - cand * nearest_code(_safe_div(wf, cand), spec)) ** 2,
+                   axis=axes, keepdims=True)
+
   for _ in range(GRID_LEVELS):
     ratio = _safe_div(hi, lo)
-    cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac
-    err = jnp.sum(d_k * (w_k - cands * nearest_code(_safe_div(w_k, cands), spec)) ** 2,
-                  axis=red, keepdims=True)
+    cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac.reshape(
+        (-1,) + (1,) * wf.ndim)
+    # A few candidates per pass: memory stays a small multiple of the leaf's.
+    err = jax.lax.map(error, cands, batch_size=GRID_BATCH)
     best = jnp.argmin(err, axis=0, keepdims=True)
     pick = lambda k: jnp.take_along_axis(cands, jnp.clip(best + k, 0, GRID_SIZE - 1), 0)[0]
     lo, hi = pick(-1), pick(1)
@@ -218,7 +224,7 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
     curvature: ``D`` (None for 1).
     scale: a warm start (the previous step's ``alpha``, shape as returned);
       None for a cold start from the grid. Non-positive or non-finite entries
-      fall back to the cold start.
+      start from ``sum(D|w|) / sum(D)`` instead.
     with_rounds: also return the number of alternation rounds run.
 
   Returns:
@@ -244,8 +250,9 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
   else:
     warm = jax.lax.stop_gradient(jnp.asarray(scale, wf.dtype))
     good = jnp.isfinite(warm) & (warm > 0)
-    alpha0 = jax.lax.cond(jnp.all(good), lambda: jnp.broadcast_to(warm, wsum(wf).shape),
-                          lambda: _cold_start(wf, d, spec, wsum, axes))
+    # Where the warm start is unusable (zeros of an abstract init), start from
+    # the weighted mean |w|; the grid's memory is not paid in every step.
+    alpha0 = jnp.where(good, warm, _safe_div(wsum(d * jnp.abs(wf)), wsum(d)))
 
   def cond(carry):
     i, _, done = carry

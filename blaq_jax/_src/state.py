@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import jax
 
+from blaq_jax._src import adam_core as core
 from blaq_jax._src import tree as tree_lib
 
-_FIELDS = ("curvature", "scale")
-
-
 def _is_quant_state(x) -> bool:
-  """A LAQ/BLAQ-shaped state: a NamedTuple with ``curvature`` and ``scale``."""
+  """A LAQ/BLAQ-shaped state: a NamedTuple with ``scale`` and either a stored
+  ``curvature`` (BLAQ) or what it is computed from (LAQ: ``nu``, ``b2``, ``eps``)."""
   fields = getattr(type(x), "_fields", None)
-  return isinstance(x, tuple) and fields is not None and all(f in fields for f in _FIELDS)
+  if not isinstance(x, tuple) or fields is None or "scale" not in fields:
+    return False
+  return "curvature" in fields or all(f in fields for f in ("nu", "count", "b2", "eps"))
+
+
+def _curvature_of(s):
+  if "curvature" in s._fields:
+    return s.curvature
+  den = core.denominator(s.nu, s.count, s.b2, s.eps)
+  return jax.tree.map(lambda a, d: None if a is None else d, s.scale, den,
+                      is_leaf=lambda x: x is None or tree_lib.is_masked(x))
 
 
 def _merge(trees):
@@ -38,10 +47,11 @@ def find_field(opt_state, field: str, where: str):
            if _is_quant_state(s)]
   if not found:
     raise ValueError(
-        f"{where}: the optimizer state holds no LAQ/BLAQ state (a state with "
-        "'curvature' and 'scale' fields); build the optimizer with blaq_jax.laq or "
+        f"{where}: the optimizer state holds no LAQ/BLAQ state (a state with a "
+        "'scale' field); build the optimizer with blaq_jax.laq or "
         "blaq_jax.blaq")
-  return _merge([getattr(s, field) for s in found])
+  get = _curvature_of if field == "curvature" else (lambda s: getattr(s, field))
+  return _merge([get(s) for s in found])
 
 
 def curvature(opt_state):
@@ -50,7 +60,11 @@ def curvature(opt_state):
   Works on the state of :func:`blaq_jax.laq` / :func:`blaq_jax.blaq` alone or
   nested in ``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``
   or ``optax.multi_transform`` (several LAQ/BLAQ states are merged leafwise).
-  Entries are arrays for quantized leaves and None elsewhere. For the weights
+  Entries are arrays for quantized leaves and None elsewhere: BLAQ's stored
+  ``D_mix``, or LAQ's ``D = sqrt(v / (1 - b2^count)) + eps`` computed from its
+  second moment (LAQ does not store ``D``; this equals the ``D`` its update
+  used up to the rounding of ``b2^t``, about 1e-6 relative in float32). For
+  the weights
   the model runs with, use ``quantize_params(params, spec, state=opt_state)``,
   which also uses the stored scales.
 

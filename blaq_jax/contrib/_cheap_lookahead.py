@@ -126,12 +126,9 @@ def blaq_reuse(
       g_trial = jax.lax.pmean(g_trial, batch_axis_name)
     a_t = jnp.where(state.count == 0, 0.0, a)
 
-    def compute():
-      updates, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t,
-                                     lr, count)
-      return updates, new_state._replace(trial_grad=g_trial)
-
-    return core.guarded(core.all_finite(g_trial), compute, state, params)
+    ok = core.all_finite(g_trial)
+    updates, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t, lr, ok)
+    return updates, new_state._replace(trial_grad=core.select(ok, g_trial, state.trial_grad))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -181,10 +178,8 @@ def blaq_model(
 
     g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.scale,
                                      stage1.den, stage1.trial)
-    return core.guarded(
-        core.all_finite(updates),
-        lambda: backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, count),
-        state, params)
+    return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
+                     core.all_finite(updates))
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
                                                update_fn)
