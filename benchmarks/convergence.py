@@ -11,7 +11,8 @@ methods x seeds and compares, on the same footing:
   evaluations as ``blaq`` (its cosine schedule spans the longer run);
 
 and optionally any other method of the training program (``fp``, ``bwn-ste``,
-...; a suffix ``_2x`` runs a method twice as long). Every run writes its per-epoch ``metrics.jsonl`` (test accuracy with
+...; a suffix ``_2x`` runs a method twice as long). Every run writes its
+per-epoch ``metrics.jsonl`` (test accuracy with
 the quantized weights, gradient evaluations, training seconds, flip rate of
 the quantized weights) under ``--out``; finished runs are reused, so an
 interrupted sweep continues where it stopped.

@@ -159,7 +159,7 @@ def _paper_jobs(group_dir: Path, configs, methods, seeds, extra) -> list:
       for method in methods:
         workdir = group_dir / config / f"{method}_s{seed}"
         argv = ["-m", "examples.classification.main", "--config", config, "--method", method,
-                "--seed", str(seed), "--workdir", str(workdir), "--no-progress", "--resume",
+                "--seed", str(seed), "--workdir", str(workdir), "--no-progress",
                 *extra(config)]
         jobs.append((argv, workdir.parent / f"{method}_s{seed}.log"))
   return jobs
@@ -251,7 +251,8 @@ def environment() -> dict:
 
 def markdown(report: dict) -> str:
   env = report["env"]
-  lines = [f"# blaq_jax GPU suite{' (DRY RUN: tiny sizes, not figures)' if report['dry_run'] else ''}",
+  dry = " (DRY RUN: tiny sizes, not figures)" if report["dry_run"] else ""
+  lines = [f"# blaq_jax GPU suite{dry}",
            "", f"{env['device']} ({env['backend']}, {env['device_count']} device(s)), jax "
            f"{env['jax']}, commit {env['commit']}, {env['date_utc']} UTC.", "",
            "| part | status | note |", "|---|---|---|"]

@@ -64,7 +64,7 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
-import blaq_jax.contrib as bq_contrib
+from examples import methods as methods_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ ALL_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "blaq_1bit",
 # On request: any width (laq_8bit, ...), the scheduled lookahead
 # (blaq_every5_1bit), LAQ/BLAQ without the non-finite skip (laq_noskip_1bit, ...)
 # and blaq_jax.contrib's one-gradient forms (blaq_reuse_1bit, blaq_model_1bit).
-VARIANT_KINDS = ("blaq_reuse", "blaq_model")
+# Each maps to an entry of examples/methods.py (bwn_ste_2bit -> "bwn-ste" at 2 bits).
 METHOD_RE = re.compile(
     r"^(bwn_ste|laq|laq_noskip|blaq|blaq_noskip|blaq_every(\d+)|blaq_reuse|blaq_model)_([1-8])bit$")
 
@@ -109,9 +109,9 @@ TARGETS = (
 
 @dataclasses.dataclass
 class Method:
-  name: str
-  kind: str                # "adam" | "ste" | "laq" | "blaq" | one of VARIANT_KINDS
-  grad_evals: float
+  name: str                # the benchmark's name (adam, laq_1bit, blaq_every5_1bit, ...)
+  method: methods_lib.Method   # its entry in examples/methods.py
+  grad_evals: float        # per step, on average
   tx: optax.GradientTransformation
   spec: Any = None
 
@@ -149,33 +149,20 @@ def make_methods(names, params, *, lr: float, first_last_bits: Optional[int],
   out = []
   for name in names:
     if name == "adam":
-      out.append(Method(name, "adam", 1, optax.adam(lr)))
-      continue
-    match = METHOD_RE.match(name)
-    if match is None:
-      raise ValueError(f"--methods: unknown method {name!r}; expected adam or "
-                       "{bwn_ste,laq,blaq,blaq_every<m>,laq_noskip,blaq_noskip,blaq_reuse,"
-                       "blaq_model}_<k>bit with k in 1..8")
-    kind, every, bits = match.group(1), match.group(2), int(match.group(3))
-    spec = spec_for(bits)
-    if kind == "bwn_ste":
-      out.append(Method(name, "ste", 1, bq.ste(optax.adam(lr), spec), spec))
-    elif kind == "laq":
-      out.append(Method(name, "laq", 1, bq.laq(lr, spec), spec))
-    elif kind == "blaq":
-      out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a), spec))
-    elif every is not None:  # the two-stage update on every m-th step
-      m = int(every)
-      tx = bq.blaq(lr, spec, a=a, lookahead_schedule=bq.periodic_lookahead(m))
-      out.append(Method(name, "blaq", 1 + 1 / m, tx, spec))
-    elif kind == "laq_noskip":  # no check for non-finite gradients
-      out.append(Method(name, "laq", 1, bq.laq(lr, spec, skip_nonfinite=False), spec))
-    elif kind == "blaq_noskip":
-      out.append(Method(name, "blaq", 2, bq.blaq(lr, spec, a=a, skip_nonfinite=False), spec))
-    elif kind == "blaq_reuse":
-      out.append(Method(name, kind, 1, bq_contrib.blaq_reuse(lr, spec, a=a), spec))
+      kind, every, bits = "fp", None, None
     else:
-      out.append(Method(name, kind, 1, bq_contrib.blaq_model(lr, spec, a=a), spec))
+      match = METHOD_RE.match(name)
+      if match is None:
+        raise ValueError(f"--methods: unknown method {name!r}; expected adam or "
+                         "{bwn_ste,laq,blaq,blaq_every<m>,laq_noskip,blaq_noskip,blaq_reuse,"
+                         "blaq_model}_<k>bit with k in 1..8")
+      kind, every, bits = match.group(1), match.group(2), int(match.group(3))
+    # blaq_every{m}: the two-stage update on every m-th step (blaq-m, one step per "epoch").
+    entry = methods_lib.get("blaq-m" if every else kind.replace("_", "-"))
+    options = methods_lib.Options(a=a, m=int(every) if every else 5, steps_per_epoch=1)
+    spec = None if bits is None else spec_for(bits)
+    out.append(Method(name, entry, entry.grad_evals_per_step(options),
+                      entry.optimizer(lr, spec, options), spec))
   return out
 
 
@@ -190,34 +177,12 @@ def make_loss(graphdef, apply):
 
 
 def make_step(method: Method, loss_fn):
-  """The canonical training step of ``method`` (see /README and DESIGN)."""
-  tx, spec, kind = method.tx, method.spec, method.kind
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  """The training step of ``method``: ``examples/methods.py``'s ``Method.step``."""
+  tx, spec = method.tx, method.spec
 
   def step(params, stats, opt_state, x, y):
-    if kind == "adam":
-      (loss, new_stats), g = value_and_grad(params, stats, x, y)
-      updates, opt_state = tx.update(g, opt_state, params)
-    elif kind == "ste":
-      ste_loss = lambda p, *args: loss_fn(bq.ste_quantize_params(p, spec), *args)
-      (loss, new_stats), g = jax.value_and_grad(ste_loss, has_aux=True)(params, stats, x, y)
-      updates, opt_state = tx.update(g, opt_state, params)
-    elif kind == "blaq_reuse":  # one gradient, at the trial weights
-      aux = []
-
-      def grad_fn(p):
-        (loss, new_stats), g = value_and_grad(p, stats, x, y)
-        aux.append((loss, new_stats))
-        return g
-
-      updates, opt_state = tx.update(optax.tree.zeros_like(params), opt_state, params,
-                                     grad_fn=grad_fn)
-      loss, new_stats = aux[0]
-    else:
-      q = bq.quantize_params(params, spec, state=opt_state)
-      (loss, new_stats), g = value_and_grad(q, stats, x, y)
-      grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, stats, x, y)[0]
-      updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+    updates, opt_state, loss, new_stats = method.method.step(
+        tx, spec, params, opt_state, lambda p: loss_fn(p, stats, x, y))
     return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
   return step
@@ -225,15 +190,10 @@ def make_step(method: Method, loss_fn):
 
 def make_update_only(method: Method):
   """The step without its gradient evaluations (given ``g``)."""
-  tx, spec, kind = method.tx, method.spec, method.kind
+  tx, spec, entry = method.tx, method.spec, method.method
 
   def update_only(params, opt_state, g):
-    if kind in ("laq", "blaq") + VARIANT_KINDS:
-      q = bq.quantize_params(params, spec, state=opt_state)
-    elif kind == "ste":
-      q = bq.ste_quantize_params(params, spec)
-    else:
-      q = None
+    q = entry.weights(params, spec, opt_state) if entry.quantized else None
     # Elementwise stand-in for BLAQ's lookahead gradient; it reads its argument,
     # so the trial projection is not dead code.
     grad_fn = lambda p: jax.tree.map(lambda w, gw: gw + 1e-12 * w, p, g)

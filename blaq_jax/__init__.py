@@ -1,5 +1,7 @@
 """blaq_jax: training neural networks with 1- to 8-bit weights in JAX/Optax."""
 
+import importlib.metadata as _metadata
+
 from blaq_jax._src.activations import quantize_activation
 from blaq_jax._src.activations import sign_activation
 from blaq_jax._src.alpha_blending import alpha_blend_params
@@ -35,7 +37,10 @@ from blaq_jax._src.ste import ste
 from blaq_jax._src.ste import ste_quantize
 from blaq_jax._src.ste import ste_quantize_params
 
-__version__ = "0.1.0"
+try:
+  __version__ = _metadata.version("blaq_jax")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+  __version__ = "0+unknown"
 
 __all__ = (
     "BLAQState",

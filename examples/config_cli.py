@@ -1,10 +1,22 @@
-"""Command-line helpers shared by the examples' ``main.py`` files."""
+"""Command-line helpers shared by the examples' ``main.py`` files.
+
+A config is a dataclass whose defaults live in its class; ``configs/*.py``
+return one with the fields that differ. On the command line every field is set
+one way, typed by the dataclass's own annotations: a flag for the common ones
+(``--batch-size 32``) or ``--set field=value`` for any; both go through
+:func:`parse_value`, so ``--set batch_size=abc`` is a one-line error naming the
+field. :func:`run_main` turns the errors a user can cause into one line on
+stderr (exit status 2) instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib
+import sys
+import typing
+from typing import Any, Union
 
 
 def load_config(package: str, name: str, names):
@@ -14,24 +26,132 @@ def load_config(package: str, name: str, names):
   return importlib.import_module(f"{package}.configs.{name}").get_config()
 
 
-def set_field(config, item: str) -> None:
-  """Applies ``--set field=value`` (a Python literal, else a string) to a dataclass."""
-  key, sep, value = item.partition("=")
-  fields = {f.name for f in dataclasses.fields(config)}
-  if not sep or key not in fields:
-    raise ValueError(f"--set expects field=value with field in {sorted(fields)}, got {item!r}")
+def field_types(config) -> dict[str, Any]:
+  """``{field: type}`` of a dataclass instance (string annotations resolved)."""
+  hints = typing.get_type_hints(type(config))
+  return {f.name: hints[f.name] for f in dataclasses.fields(config)}
+
+
+def _type_name(tp) -> str:
+  if typing.get_origin(tp) is Union:
+    return " or ".join(_type_name(a) for a in typing.get_args(tp))
+  if tp is type(None):
+    return "None"
+  return getattr(tp, "__name__", str(tp))
+
+
+def _parse(tp, text: str):
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin is Union:
+    if type(None) in args and text.strip() in ("None", "none", "null"):
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _parse(arg, text)
+      except ValueError:
+        pass
+    raise ValueError
+  if tp is bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError
+  if tp is int:
+    return int(text)          # "1.5" and "abc" are errors
+  if tp is float:
+    return float(text)
+  if tp is str:
+    try:
+      value = ast.literal_eval(text)   # a quoted string: --set model='ResNet1'
+    except (ValueError, SyntaxError):
+      return text
+    return value if isinstance(value, str) else text
   try:
-    parsed = ast.literal_eval(value)
+    value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    parsed = value
-  setattr(config, key, parsed)
+    raise ValueError from None
+  kind = origin or tp
+  if kind is tuple and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(kind, type) and not isinstance(value, kind):
+    raise ValueError
+  return value
+
+
+def parse_value(config, name: str, text: str, source: str = "--set"):
+  """``text`` parsed as the type of field ``name`` of ``config``."""
+  types = field_types(config)
+  if name not in types:
+    raise ValueError(f"{source}: {type(config).__name__} has no field {name!r}; "
+                     f"fields: {', '.join(types)}")
+  try:
+    return _parse(types[name], text)
+  except ValueError:
+    raise ValueError(f"{source}: {name} must be {_type_name(types[name])}, "
+                     f"got {text!r}") from None
+
+
+def set_field(config, item: str) -> None:
+  """Applies ``--set field=value`` (typed by the dataclass) to ``config``."""
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise ValueError(f"--set expects field=value, got {item!r}")
+  setattr(config, key, parse_value(config, key.strip(), value))
+
+
+def add_field_flags(parser, config, names, choices=None) -> None:
+  """``--field-name VALUE`` for each field in ``names`` (parsed by :func:`parse_value`)."""
+  types = field_types(config)
+  for name in names:
+    parser.add_argument("--" + name.replace("_", "-"), default=None, metavar=name.upper(),
+                        choices=(choices or {}).get(name), help=_type_name(types[name]))
+
+
+def add_resume_flags(parser) -> None:
+  """``--fresh`` and ``--force``: what to do with a workdir that holds another run."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--fresh", action="store_true",
+                     help="delete the workdir's checkpoints and logs and start over")
+  group.add_argument("--force", action="store_true",
+                     help="resume even if the saved config differs from this one")
 
 
 def apply_args(config, args, flags) -> None:
-  """Copies the flags in ``flags`` that were given, then applies every ``--set``."""
-  for flag in flags:
-    value = getattr(args, flag)
+  """Sets the fields in ``flags`` that were given, then applies every ``--set``."""
+  for name in flags:
+    value = getattr(args, name)
     if value is not None:
-      setattr(config, flag, value)
+      flag = "--" + name.replace("_", "-")
+      setattr(config, name, parse_value(config, name, value, source=flag))
   for item in args.set:
     set_field(config, item)
+
+
+def format_summary(title: str, summary: dict) -> str:
+  """A readable end-of-run summary: one ``key: value`` line per entry."""
+  width = max((len(k) for k in summary), default=0)
+  lines = [title]
+  for key, value in summary.items():
+    if isinstance(value, float):
+      value = f"{value:.6g}"
+    lines.append(f"  {key:<{width}}  {value}")
+  return "\n".join(lines)
+
+
+# The errors a user's input causes (a bad flag value, a missing or corrupt
+# file, a workdir of another run); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, EOFError, PermissionError)
+
+
+def run_main(main, argv=None) -> None:
+  """Runs ``main(argv)``; a user error ends the process with one line on stderr."""
+  try:
+    main(argv)
+  except USER_ERRORS as e:
+    message = str(e).strip().splitlines()
+    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+    raise SystemExit(2) from None

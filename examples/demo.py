@@ -35,8 +35,9 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
+from examples import methods as methods_lib
 
-METHODS = ("FP", "BWN-STE", "LAQ", "BLAQ")
+METHODS = ("fp", "bwn-ste", "laq", "blaq")   # names of examples/methods.py
 
 
 class MLP(nnx.Module):
@@ -64,38 +65,19 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
   return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
 
 
-def make_optimizer(method: str, spec, learning_rate, window: int):
-  if method == "FP":
-    core = optax.adam(learning_rate)
-  elif method == "BWN-STE":
-    core = bq.ste(optax.adam(learning_rate), spec)
-  elif method == "LAQ":
-    core = bq.laq(learning_rate, spec)
-  elif method == "BLAQ":
-    core = bq.blaq(learning_rate, spec, a=0.6)
-  else:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  return optax.chain(core, bq.track_oscillations(spec, window=window))
-
-
 class Trainer:
   """One method's jitted training epoch with evaluation (compiled once, reused
   for every seed)."""
 
   def __init__(self, method: str, *, epochs: int, steps_per_epoch: int, lr: float):
-    self.method = method
+    self.method = method = methods_lib.get(method)
     self.graphdef, params, _ = nnx.split(MLP(rngs=nnx.Rngs(0)), nnx.Param, ...)
     self.spec = spec = bq.quant_spec(params, bits=1)
     schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
-    self.tx = tx = make_optimizer(method, spec, schedule, window=steps_per_epoch)
+    options = methods_lib.Options(a=0.6, steps_per_epoch=steps_per_epoch)
+    self.tx = tx = optax.chain(method.optimizer(schedule, spec, options),
+                               bq.track_oscillations(spec, window=steps_per_epoch))
     graphdef = self.graphdef
-
-    def forward_params(params, opt_state):
-      if method == "FP":
-        return params
-      if method == "BWN-STE":
-        return bq.ste_quantize_params(params, spec)
-      return bq.quantize_params(params, spec, state=opt_state)
 
     def loss_fn(p, rest, x, y):
       m = nnx.merge(graphdef, p, rest, copy=True)
@@ -106,10 +88,8 @@ class Trainer:
     def step(carry, batch):
       params, rest, opt_state = carry
       x, y = batch
-      q = forward_params(params, opt_state)
-      (loss, new_rest), g = jax.value_and_grad(loss_fn, has_aux=True)(q, rest, x, y)
-      grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, rest, x, y)[0]
-      updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+      updates, opt_state, loss, new_rest = method.step(
+          tx, spec, params, opt_state, lambda p: loss_fn(p, rest, x, y), options=options)
       return (optax.apply_updates(params, updates), new_rest, opt_state), loss
 
     @jax.jit
@@ -118,7 +98,7 @@ class Trainer:
       evaluates the quantized model on the test set (one compiled function)."""
       (params, rest, opt_state), losses = jax.lax.scan(
           step, (params, rest, opt_state), (x, y))
-      m = nnx.merge(graphdef, forward_params(params, opt_state), rest, copy=True)
+      m = nnx.merge(graphdef, method.weights(params, spec, opt_state), rest, copy=True)
       acc = jnp.mean(jnp.argmax(m(x_test, train=False), -1) == y_test)
       return params, rest, opt_state, jnp.mean(losses), acc, bq.oscillation_stats(opt_state)
 
@@ -153,7 +133,7 @@ def run_digits(*, epochs: int, seeds: int, batch_size: int, lr: float, train_lim
     trainer = Trainer(method, epochs=epochs, steps_per_epoch=len(data[0]) // batch_size, lr=lr)
     runs = [trainer.train(seed, data, epochs=epochs, batch_size=batch_size)
             for seed in range(seeds)]
-    results[method] = {"runs": runs, "seconds": time.perf_counter() - t0}
+    results[methods_lib.get(method).label] = {"runs": runs, "seconds": time.perf_counter() - t0}
   return data, results
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import blaq_jax as bq
+from examples import checkpointing
 from examples.classification import input_pipeline as ip
 from examples.classification import main as main_lib
 from examples.classification import models
@@ -104,13 +105,20 @@ def test_vgg_small_one_epoch(tmp_path, data_dir):
   assert row["step"] == 1 and row["grad_evals"] == 1 and 0 <= row["test_acc"] <= 1
 
 
-def test_resume_is_bit_exact(tmp_path, data_dir):
+def test_resume_is_bit_exact(tmp_path, data_dir, capsys):
   full, split = tmp_path / "full", tmp_path / "split"
   a = train.train_and_evaluate(_config(data_dir, export=False), full)
   train.train_and_evaluate(_config(data_dir, export=False, stop_after_epoch=1), split)
   assert [r["epoch"] for r in _rows(split)] == [1]
-  assert train.latest_checkpoint(split) == 1
-  b = train.train_and_evaluate(_config(data_dir, export=False), split, resume=True)
+  assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["1"]
+  # A run killed during its next save leaves a temporary directory behind.
+  (split / "checkpoints" / "2.orbax-checkpoint-tmp-7" / "state").mkdir(parents=True)
+  # Another config is refused in one line naming the field; nothing is written.
+  with pytest.raises(checkpointing.ResumeError, match=r"holds a run with seed=0, this run "):
+    train.train_and_evaluate(_config(data_dir, export=False, seed=1), split)
+  assert [r["epoch"] for r in _rows(split)] == [1]
+  b = train.train_and_evaluate(_config(data_dir, export=False), split)   # same config: resume
+  assert "resumed from epoch 1" in capsys.readouterr().out
   la, lb = jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
@@ -120,6 +128,11 @@ def test_resume_is_bit_exact(tmp_path, data_dir):
   assert [drop(r) for r in _rows(full)] == [drop(r) for r in _rows(split)]
   rows = _rows(full)
   assert rows[1]["train_loss"] < rows[0]["train_loss"]  # BLAQ learns
+  # --fresh starts over in the used folder: its logs hold the new run only.
+  train.train_and_evaluate(_config(data_dir, export=False, seed=1, num_epochs=1), split,
+                           fresh=True)
+  assert [r["epoch"] for r in _rows(split)] == [1]
+  assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["1"]
 
 
 def test_main_cli(tmp_path, data_dir, capsys):
@@ -131,7 +144,8 @@ def test_main_cli(tmp_path, data_dir, capsys):
   assert config["method"] == "laq" and config["model_kwargs"] == {"hidden": [8]}
   assert config["learning_rate"] == 1e-2 and config["num_epochs"] == 1
   assert _rows(tmp_path)[0]["step"] == 2
-  with pytest.raises(ValueError, match="--set expects"):
+  assert "\n  test_acc " in capsys.readouterr().out   # a readable summary, not a dict
+  with pytest.raises(ValueError, match="has no field 'nope'"):
     main_lib.main(["--config", "mnist_mlp", "--workdir", str(tmp_path), "--set", "nope=1"])
 
 

@@ -6,13 +6,13 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from PIL import Image
 
 import blaq_jax as bq
 
+from examples import checkpointing
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import main
 from examples.imagenet_resnet18 import models
@@ -111,12 +111,15 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   assert np.isfinite(first["loss"]) and first["eval_images"] == 2 * N_VAL
   assert 0.0 <= first["eval_accuracy"] <= 1.0
   assert int(first["state"]["opt_state"].count) == 2
-  saved = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  assert saved.latest_step() == 2
-  restored = saved.restore(2, args=ocp.args.StandardRestore(first["state"]))
+  saved = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                    dataclasses.asdict(config))
+  step, restored, meta = saved.restore(first["state"])
+  assert (step, meta) == (2, {"step": 2})
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(first["state"])):
     np.testing.assert_array_equal(a, b)
   saved.close()
+  with pytest.raises(checkpointing.ResumeError, match="holds a run with bits=1, this run has"):
+    train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
@@ -144,13 +147,16 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
 
 
 def test_synthetic_mode_and_cli(tmp_path, capsys):
-  main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
-             "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
-             "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
-             "--set", "num_classes=10", "--set", "log_every_steps=1"])
+  summary = main.main([
+      "--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
+      "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
+      "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
+      "--set", "num_classes=10", "--set", "log_every_steps=1"])
   out = capsys.readouterr().out
-  summary = eval(out.strip().splitlines()[-1])  # the printed summary dict
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   assert summary["images_per_sec"] > 0 and "eval_accuracy" not in summary
-  with pytest.raises(ValueError, match="--set expects"):
+  assert "\n  step " in out and "images_per_sec" in out   # a readable summary, not a dict
+  with pytest.raises(ValueError, match="has no field 'no_such_field'"):
     main.main(["--config", "synthetic", "--workdir", str(tmp_path), "--set", "no_such_field=1"])
+  with pytest.raises(ValueError, match="config.batch_size must be >= 1, got 0"):
+    main.main(["--config", "synthetic", "--workdir", str(tmp_path / "b"), "--batch-size", "0"])

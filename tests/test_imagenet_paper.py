@@ -87,9 +87,7 @@ def test_paper_resnet18_tiny_from_a_full_precision_checkpoint(tmp_path, optimize
   model = models.create_model("ResNet1", num_classes=10, num_filters=4,
                               rngs=nnx.Rngs(1))
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  for source in (npz, str(fp_dir / "checkpoints" / "2" / "default")):
-    if not os.path.exists(source):
-      source = str(fp_dir / "checkpoints" / "2")
+  for source in (npz, str(fp_dir / "checkpoints" / "2")):
     p, s = train.load_init(source, params, stats)
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(fp["state"]["params"])):
       np.testing.assert_array_equal(a, b)

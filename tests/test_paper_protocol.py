@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import blaq_jax as bq
+from examples import methods
 from examples.classification import input_pipeline as ip
 from examples.classification import main as main_lib
 from examples.classification import models
@@ -146,23 +147,24 @@ def test_step_schedules_and_budget_scaling():
 
 
 def test_lookahead_accounting():
-  cfg = train.Config(method="blaq-m", m=5)
-  assert train.lookahead_steps(cfg, 50, 10) == 10              # epoch 5 of 5 (index 4)
-  assert train.lookahead_steps(cfg, 45, 10) == 5
-  assert train.grad_evals(cfg, 100, 10) == 120
-  cfg.lookahead_phase = 0
-  assert train.lookahead_steps(cfg, 11, 10) == 10
+  o = methods.Options(m=5, steps_per_epoch=10)
+  assert methods.lookahead_steps(o, 50) == 10              # epoch 5 of 5 (index 4)
+  assert methods.lookahead_steps(o, 45) == 5
+  assert train.grad_evals(train.Config(method="blaq-m", m=5), 100, 10) == 120
+  assert methods.lookahead_steps(methods.Options(m=5, steps_per_epoch=10,
+                                                 lookahead_phase=0), 11) == 10
   assert train.grad_evals(train.Config(method="blaq"), 7) == 14
   assert train.grad_evals(train.Config(method="laq-as-blaq"), 7) == 7
+  assert methods.get("blaq-m").grad_evals_per_step(o) == 1.2
 
 
 def test_lookahead_accounting_matches_the_schedule():
   for m, spe, phase in ((5, 3, None), (2, 4, 0), (3, 1, 2)):
-    cfg = train.Config(method="blaq-m", m=m, lookahead_phase=phase)
+    o = methods.Options(m=m, steps_per_epoch=spe, lookahead_phase=phase)
     sched = bq.periodic_lookahead(m, spe, phase=phase)
     active = [bool(sched(jnp.asarray(c))) for c in range(4 * m * spe)]
     for steps in range(len(active) + 1):
-      assert train.lookahead_steps(cfg, steps, spe) == sum(active[:steps]), (m, spe, steps)
+      assert methods.lookahead_steps(o, steps) == sum(active[:steps]), (m, spe, steps)
 
 
 def _tiny(data_dir, **kw):

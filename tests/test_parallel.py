@@ -185,7 +185,8 @@ for mode in ("jit", "pmap"):
   params, x, y = t._problem()
   mine = slice(16 * pid, 16 * pid + 16)          # this process's half of the batch
   p, _, _ = t._parallel_run("blaq", mode, data=(params, x[mine], y[mine]))
-  np.save(f"{{out}}/{{mode}}_{{pid}}.npy", np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)]))
+  flat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])
+  np.save(f"{{out}}/{{mode}}_{{pid}}.npy", flat)
 """
 
 

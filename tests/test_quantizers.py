@@ -251,7 +251,8 @@ def test_warm_start_on_moving_weights_ends_at_the_cold_fixed_point(spec, slack):
   warm = err(quantizers.quantize_with_scale(w, spec, alpha))
   cold = err(bq.quantize(w, spec, d))
   assert warm <= cold * (1 + slack)
-  assert np.mean(rounds) <= 3 if spec.bits < 8 else 8, rounds  # a warm start converges in a round or two
+  # a warm start converges in a round or two
+  assert np.mean(rounds) <= 3 if spec.bits < 8 else 8, rounds
 
 
 def test_bad_warm_start_starts_from_the_mean():
@@ -274,3 +275,17 @@ def test_no_gradient_through_the_scale():
   spec = bq.QuantSpec(3)
   g = jax.grad(lambda w: jnp.sum(bq.quantize(w, spec)))(w)
   np.testing.assert_array_equal(g, 0)  # codes are piecewise constant, alpha is fixed
+
+
+@pytest.mark.parametrize("spec", [bq.QuantSpec(1), bq.QuantSpec(2), bq.QuantSpec(2, "ternary"),
+                                  bq.QuantSpec(3), bq.QuantSpec(3, "log"),
+                                  bq.QuantSpec(8), bq.QuantSpec(8, "log")])
+def test_code_index_is_the_position_in_the_codebook(spec):
+  book = spec.codebook()
+  idx = quantizers.code_index(jnp.asarray(book, jnp.float32), spec)
+  np.testing.assert_array_equal(idx, np.arange(len(book)))
+  if not spec.is_binary:  # -0.0 (which rounding produces) is the code 0
+    assert book[int(quantizers.code_index(jnp.asarray(-0.0), spec))] == 0
+  w = jax.random.normal(jax.random.key(0), (64,)) * 0.3
+  _, b = quantizers.scale_and_codes(w, spec)
+  np.testing.assert_allclose(book[quantizers.integer_codes(w, spec)], b, rtol=1e-6)

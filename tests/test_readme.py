@@ -30,3 +30,17 @@ def test_usage_example_runs(capsys):
   initial = float(namespace["loss"](bq.quantize_params(
       {"w1": jnp.full((4, 8), 0.1), "w2": jnp.full((8, 1), 0.1), "b": jnp.zeros(1)}, spec), x, y))
   assert printed < 0.5 * initial
+
+
+def test_public_factories_carry_their_math_and_references():
+  """``help(bq.<factory>)`` shows the update and where it comes from, as optax's alias.py."""
+  import blaq_jax as bq
+  import blaq_jax.contrib as contrib
+  names = ["laq", "blaq", "ste", "ste_quantize", "ste_quantize_params",
+           "add_oscillation_dampening", "freeze_oscillations", "alpha_blend_params",
+           "alpha_blending_schedule", "track_oscillations", "oscillation_stats", "pack",
+           "unpack", "quant_spec", "quantize_params", "data_parallel"]
+  fns = [getattr(bq, n) for n in names] + [contrib.blaq_reuse, contrib.blaq_model]
+  for fn in fns:
+    doc = fn.__doc__
+    assert "References:" in doc and ("::" in doc or "=" in doc), fn.__name__

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from examples import demo
+from examples import methods
 from examples.toy_2d import main as toy_main
 from examples.toy_2d import train as toy_train
 
@@ -42,7 +43,7 @@ def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "toy_2d.png") > 0
   check_toy(results["toy"], 100, out)
   digits = results["digits"]
-  assert set(digits) == set(demo.METHODS)
+  assert set(digits) == {methods.get(m).label for m in demo.METHODS}
   for method, res in digits.items():
     assert f"| {method} |" in out
     (run,) = res["runs"]

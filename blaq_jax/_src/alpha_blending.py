@@ -33,11 +33,23 @@ import jax
 import jax.numpy as jnp
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
 
 
 def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
   """Returns ``(1 - α) w + α sg(Q(w))`` for quantized leaves, ``w`` elsewhere.
+
+  Per quantized leaf, with ``Q`` the plain projection and ``sg`` a
+  stop-gradient::
+
+      w_AB = (1 - α) · w + α · sg(Q(w)),        ∂w_AB/∂w = (1 - α)
+
+  so no straight-through estimate is needed; ``α`` goes from 0 to 1 on
+  :func:`alpha_blending_schedule`.
+
+  References:
+    Liu & Mattina, "Learning low-precision neural networks without
+    Straight-Through Estimator (STE)", IJCAI 2019.
 
   Args:
     params: the latent parameters.
@@ -65,6 +77,14 @@ def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.
   ``1 - ((end_step - t) / (end_step - start_step))^power`` (Liu & Mattina use
   ``power = 3``; ``power = 1`` is a linear ramp). Returns an optax-style
   schedule (a function of the step count).
+
+  Math::
+
+      α(t) = 1 - clip((end_step - t) / (end_step - start_step), 0, 1)^power
+
+  References:
+    Liu & Mattina, "Learning low-precision neural networks without
+    Straight-Through Estimator (STE)", IJCAI 2019.
   """
   for name, v in (("start_step", start_step), ("end_step", end_step)):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:

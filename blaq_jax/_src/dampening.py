@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
 
 
 class DampeningState(NamedTuple):
@@ -44,6 +44,17 @@ def add_oscillation_dampening(
     scale: str = "fit",
 ) -> optax.GradientTransformationExtraArgs:
   """Adds ``2 λ(t) (w - Q(w))`` to the updates of quantized leaves.
+
+  For a quantized leaf, with ``Q`` the plain (``D = 1``) projection and ``sg``
+  a stop-gradient, it adds the gradient of ``λ(t) · ||sg(Q(w)) - w||²``::
+
+      g_t ← g_t + 2 λ(t) (w_t - Q(w_t))
+
+  Put it before the optimizer, as ``optax.add_decayed_weights``.
+
+  References:
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
 
   Args:
     weight: ``λ``, a float ``>= 0`` or a schedule of the step count (or a

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, integer_codes
+from blaq_jax._src.quantizers import check_scale, integer_codes
 
 
 class OscillationState(NamedTuple):
@@ -82,11 +82,11 @@ class OscillationState(NamedTuple):
   cosine_all: jax.Array
 
 
-class _Leaf:
-  """Per-leaf results (not a pytree node, so a tree of them maps leafwise)."""
-
-  def __init__(self, values):
-    self.values = values
+# The fields of OscillationState that hold one entry per leaf.
+_PER_LEAF = tuple(f for f in OscillationState._fields if f not in ("count", "window", "cosine_all"))
+# One leaf's results of a step: its entries of the new state, and the sums the
+# cosine over all leaves needs.
+_LeafStep = NamedTuple("_LeafStep", [(f, Any) for f in _PER_LEAF + ("dot", "norm_u", "norm_prev")])
 
 
 def _cosine(dot, n1, n2):
@@ -101,13 +101,6 @@ def _is_window(window) -> bool:
   return tree_lib.is_number(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
 
 
-def _codes0(w, spec, scale):
-  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
-  if tree_lib.is_abstract(w):
-    return jnp.zeros(w.shape, jnp.int32)
-  return integer_codes(w, spec, scale)
-
-
 def _copy(w):
   if tree_lib.is_abstract(w):
     return jnp.zeros_like(w)
@@ -120,6 +113,20 @@ def track_oscillations(spec, *, window: int = 100,
 
   Flips are counted on the codes of the plain (``D = 1``) projection of the
   post-update weights ``params + updates``.
+
+  Per quantized leaf, with ``w_{t+1} = w_t + u_t`` and ``z_t`` the code
+  indices of its plain projection::
+
+      flips      Σ_t Σ_i [z_{t+1,i} ≠ z_{t,i}]             (since init, and per window)
+      frequency  window flips / (n · window)
+      amplitude  max_t w_{t,i} - min_t w_{t,i}              (per weight, over the window)
+      cosine     <u_t, u_{t-1}> / (|u_t| |u_{t-1}|)          (near -1: zig-zag)
+
+  References:
+    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
 
   Args:
     spec: the tree from :func:`blaq_jax.quant_spec`.
@@ -142,10 +149,8 @@ def track_oscillations(spec, *, window: int = 100,
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
   tree_lib.check_spec_arg(spec, "track_oscillations")
 
-  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
-    trees = tuple(tree_lib.unwrap(t) for t in trees)
-    return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
-                                  spec, *trees)
+  def per_leaf(fn, *trees):
+    return tree_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "track_oscillations.init")
@@ -162,7 +167,7 @@ def track_oscillations(spec, *, window: int = 100,
     return OscillationState(
         count=jnp.zeros([], jnp.int32),
         window=jnp.asarray(window, jnp.int32),
-        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
         flips=per_scalar(),
         window_flips=per_leaf(zeros_i, params),
         # Copies (never the params' own buffers), so that params and an
@@ -186,8 +191,6 @@ def track_oscillations(spec, *, window: int = 100,
     roll = count % window == 0
 
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
-      if s is None:
-        return _Leaf((None,) * 14)
       new_w = (w + u).astype(w.dtype)  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       flipped = (new_codes != codes).astype(jnp.int32)
@@ -202,20 +205,20 @@ def track_oscillations(spec, *, window: int = 100,
       lflips = jnp.where(roll, wflips, lflips)
       lamp = jnp.where(roll, wmax - wmin, lamp)
       lcos = jnp.where(roll, wcos / window, lcos)
-      return _Leaf((new_codes, flips + jnp.sum(flipped).astype(jnp.float32),
-                    jnp.where(roll, 0, wflips), jnp.where(roll, new_w, wmin),
-                    jnp.where(roll, new_w, wmax), jnp.where(roll, 0.0, wcos),
-                    lflips, lamp, lcos, u.astype(prev.dtype), cos, dot, nu, np_))
+      return _LeafStep(
+          codes=new_codes, flips=flips + jnp.sum(flipped).astype(jnp.float32),
+          window_flips=jnp.where(roll, 0, wflips), window_min=jnp.where(roll, new_w, wmin),
+          window_max=jnp.where(roll, new_w, wmax), window_cosine=jnp.where(roll, 0.0, wcos),
+          last_flips=lflips, last_amplitude=lamp, last_cosine=lcos,
+          prev_updates=u.astype(prev.dtype), cosine=cos, dot=dot, norm_u=nu, norm_prev=np_)
 
-    out = tree_lib.map_with_spec(
-        leaf, spec, tree_lib.unwrap(updates), tree_lib.unwrap(params), state.codes, state.flips, state.window_flips,
-        state.window_min, state.window_max, state.window_cosine, state.last_flips,
-        state.last_amplitude, state.last_cosine, state.prev_updates)
-    pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
-    total = lambda i: sum(jax.tree.leaves(pick(i)), jnp.zeros([], jnp.float32))
+    step = tree_lib.unzip(per_leaf(
+        leaf, updates, params, *(getattr(state, f) for f in _PER_LEAF if f != "cosine")),
+        _LeafStep)
+    total = lambda tree: sum(jax.tree.leaves(tree), jnp.zeros([], jnp.float32))
     new_state = OscillationState(
-        count, state.window, *(pick(i) for i in range(11)),
-        _cosine(total(11), total(12), total(13)))
+        count=count, window=state.window, **{f: getattr(step, f) for f in _PER_LEAF},
+        cosine_all=_cosine(total(step.dot), total(step.norm_u), total(step.norm_prev)))
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -252,6 +255,12 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   * ``path/cosine_mean``: its mean over the window (per leaf only);
 
   plus ``window_steps``, the number of steps the window covers.
+
+  References:
+    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
+    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
 
   Raises:
     ValueError: if ``opt_state`` holds no (or more than one) tracker state.

@@ -43,21 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.ste import check_scale, integer_codes, plain_quantize
-
-
-def _codes0(w, spec, scale):
-  """The integer codes of ``w`` at init (zeros for a ``ShapeDtypeStruct``)."""
-  if tree_lib.is_abstract(w):
-    return jnp.zeros(w.shape, jnp.int32)
-  return integer_codes(w, spec, scale)
-
-
-class _Leaf:
-  """Per-leaf results (not a pytree node, so a tree of them maps leafwise)."""
-
-  def __init__(self, values):
-    self.values = values
+from blaq_jax._src.quantizers import check_scale, integer_codes, plain_quantize
 
 
 class FreezingState(NamedTuple):
@@ -78,6 +64,16 @@ class FreezingState(NamedTuple):
   frozen: Any
 
 
+class _LeafStep(NamedTuple):
+  """One leaf's results of a step: its update and its new state entries."""
+
+  update: Any
+  codes: Any
+  direction: Any
+  frequency: Any
+  frozen: Any
+
+
 def freeze_oscillations(
     threshold: optax.ScalarOrSchedule,
     spec,
@@ -86,6 +82,19 @@ def freeze_oscillations(
     scale: str = "fit",
 ) -> optax.GradientTransformationExtraArgs:
   """Freezes weights whose oscillation frequency (EMA) exceeds ``threshold(t)``.
+
+  For every weight of a quantized leaf, with ``z_t`` the index of its code
+  under the plain projection ``Q`` after step ``t``::
+
+      o_t = [z_t ≠ z_{t-1} and sign(z_t - z_{t-1}) = -(sign of its previous change)]
+      f_t = (1 - m) f_{t-1} + m o_t                       (m = momentum)
+      if f_t > threshold(t):  w ← Q(w), and every later update of w is 0
+
+  Chain it after the optimizer (and after :func:`blaq_jax.ste`'s clipping).
+
+  References:
+    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022.
 
   Args:
     threshold: a float or a schedule of the step count; weights with
@@ -112,17 +121,15 @@ def freeze_oscillations(
         f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
   tree_lib.check_spec_arg(spec, "freeze_oscillations")
 
-  def per_leaf(fn, *trees):  # the state is a pure tree (NNX Variables unwrapped)
-    trees = tuple(tree_lib.unwrap(t) for t in trees)
-    return tree_lib.map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs),
-                                  spec, *trees)
+  def per_leaf(fn, *trees):
+    return tree_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "freeze_oscillations.init")
     tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
     return FreezingState(
         count=jnp.zeros([], jnp.int32),
-        codes=per_leaf(lambda s, w: _codes0(w, s, scale), params),
+        codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
         direction=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.int32), params),
         frequency=per_leaf(lambda s, w: jnp.zeros_like(w, jnp.float32), params),
         frozen=per_leaf(lambda s, w: jnp.zeros_like(w, bool), params))
@@ -136,7 +143,7 @@ def freeze_oscillations(
 
     def leaf(s, u, w, codes, direction, freq, frozen):
       if s is None:
-        return _Leaf((u, None, None, None, None))
+        return _LeafStep(u, None, None, None, None)
       new_w = jnp.where(frozen, w, (w + u).astype(w.dtype))  # as optax.apply_updates
       new_codes = integer_codes(new_w, s, scale)
       step = jnp.sign(new_codes - codes)
@@ -145,14 +152,14 @@ def freeze_oscillations(
       freq = freq + (momentum * (oscillated.astype(freq.dtype) - freq)).astype(freq.dtype)
       newly = (freq > thr) & ~frozen
       new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
-      return _Leaf(((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly))
+      return _LeafStep((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly)
 
     out = tree_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
                                  tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
-    pick = lambda i: jax.tree.map(lambda o: o.values[i], out)
-    new_state = FreezingState(optax.safe_increment(state.count), pick(1), pick(2),
-                              pick(3), pick(4))
-    return tree_lib.rewrap(updates, pick(0)), new_state
+    step = tree_lib.unzip(out, _LeafStep)
+    new_state = FreezingState(optax.safe_increment(state.count), step.codes, step.direction,
+                              step.frequency, step.frozen)
+    return tree_lib.rewrap(updates, step.update), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -101,6 +101,18 @@ def data_parallel(
 ) -> DataParallel:
   """Returns the functions that make a single-device step data-parallel.
 
+  With ``K`` devices (or processes) each holding a slice ``B_k`` of the global
+  batch ``B``, both modes take the single-device step on ``B``::
+
+      g = (1/K) Σ_k ∇ℓ(ŵ; B_k) = ∇ℓ(ŵ; B)       (equal slices)
+
+  ``"pmap"`` writes the mean (``dp.pmean``, and BLAQ's ``batch_axis_name`` for
+  ``g*``); ``"jit"`` shards ``B`` over a mesh and XLA inserts it.
+
+  References:
+    JAX documentation, "Distributed arrays and automatic parallelization" and
+    ``jax.pmap``; ``optax.contrib.sam`` (``batch_axis_name``).
+
   Args:
     mode: ``"pmap"`` (``jax.pmap`` over this process's devices, state with a
       leading device axis, gradients ``pmean``-ed over ``axis_name``) or

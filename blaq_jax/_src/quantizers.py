@@ -320,3 +320,62 @@ def quantize(w: jax.Array, spec: QuantSpec,
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+
+
+# The plain (``D = 1``) projection of the STE family, dampening, freezing,
+# alpha-blending and the diagnostics, and the index of a code in the codebook.
+
+SCALES = ("fit", "none")
+
+
+def check_scale(scale, where: str) -> None:
+  """Raises a ``ValueError`` naming ``where`` unless ``scale`` is in :data:`SCALES`."""
+  if scale not in SCALES:
+    raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
+
+
+def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
+  """Returns ``(alpha, b)`` of the plain projection (``alpha = 1`` if ``scale="none"``)."""
+  if scale == "none":
+    w = jnp.asarray(w)
+    return jnp.ones([], w.dtype), nearest_code(w, spec)
+  return solve(w, spec, None)
+
+
+def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
+  """``Q(w)`` of the STE family, without a straight-through derivative."""
+  alpha, b = scale_and_codes(w, spec, scale)
+  return (alpha * b).astype(jnp.asarray(w).dtype)
+
+
+def code_index(b: jax.Array, spec: QuantSpec) -> jax.Array:
+  """Index (int32) of each code value ``b`` in ``spec.codebook()`` (ascending).
+
+  ``b`` holds code values (e.g. from :func:`codes`); ``-0.0`` maps to the index
+  of ``0``. A value that is not a code maps to some index in range, so a
+  caller that may see one compares ``codebook()[index]`` with ``b``.
+  Neighbouring codes have neighbouring indices, so the sign of a change of
+  index is the direction in which the quantized weight moved.
+  """
+  b = jnp.asarray(b).astype(jnp.float32)
+  if spec.is_binary:
+    return (b > 0).astype(jnp.int32)
+  if spec.scheme == "log":
+    depth = spec.log_depth
+    mag = jnp.abs(b)
+    j = jnp.round(-jnp.log2(jnp.where(mag > 0, mag, 1.0)))
+    level = jnp.where(mag > 0, jnp.sign(b) * (depth + 1 - j), 0.0)
+    idx = level + depth + 1
+  else:
+    n = spec.levels
+    idx = jnp.round(b * n) + n
+  top = len(spec.codebook()) - 1
+  return jnp.clip(jnp.nan_to_num(idx), 0, top).astype(jnp.int32)
+
+
+def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
+  """:func:`code_index` of the plain projection's codes of ``w`` (zeros when
+  ``w`` is a ``jax.ShapeDtypeStruct``, so that a state can be built abstractly)."""
+  if isinstance(w, jax.ShapeDtypeStruct):
+    return jnp.zeros(w.shape, jnp.int32)
+  return code_index(scale_and_codes(w, spec, scale)[1], spec)

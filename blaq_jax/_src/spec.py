@@ -32,6 +32,20 @@ def quant_spec(
 ):
   """Returns a pytree like ``params`` with a :class:`QuantSpec` or None per leaf.
 
+  Each selected leaf gets the code set ``C`` of its :class:`QuantSpec`::
+
+      bits=1                   C = {-1, +1}
+      bits=k, "linear"         C = {-1, ..., -1/n, 0, 1/n, ..., 1},  n = 2^(k-1) - 1
+      bits=2, "ternary"        C = {-1, 0, +1}
+      bits=k, "log"            C = {0} ∪ {±2^-j : j = 0 .. 2^(k-1) - 2}
+
+  and the projection ``Q_D(w) = α · b``, ``(α, b) = argmin Σ D (w - α b)²``.
+
+  References:
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018
+    (linear and logarithmic code sets).
+    Li, Zhang & Liu, "Ternary Weight Networks", 2016.
+
   Args:
     params: the parameter pytree (dicts, tuples, Flax NNX ``State`` such as
       ``nnx.state(model, nnx.Param)``; NNX Variables are unwrapped, so the
@@ -151,6 +165,18 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   elementwise map. Without ``state`` each leaf is projected from a cold start
   to the alternation's fixed point (:func:`blaq_jax.quantize`), with ``D = 1``
   or the given curvature.
+
+  Per quantized leaf::
+
+      ŵ = α · code(w / α),   α = argmin_α min_{b ∈ C} Σ D (w - α b)²
+
+  with ``D`` and the warm-start ``α`` of the LAQ/BLAQ state when ``state`` is
+  given (exactly the ``ŵ`` its last update assumed), ``D`` = ``curvature`` or
+  1 otherwise (a cold start).
+
+  References:
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
 
   Args:
     params: the latent (full-precision) parameters.

@@ -25,13 +25,7 @@ So a user swaps methods by changing one argument: ``quant_spec(params,
 bits=1)`` with ``scale="none"`` is BinaryConnect, with ``scale="fit"`` BWN;
 ``bits=4`` gives 4-bit uniform.
 
-References:
-  Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-  with binary weights during propagations", NeurIPS 2015.
-  Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-  Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-  Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-  Quantized Networks", 2020 (coarse gradient).
+References: in the docstring of :func:`ste`.
 """
 
 from __future__ import annotations
@@ -44,49 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, nearest_code, solve
-
-SCALES = ("fit", "none")
-
-
-def check_scale(scale, where: str) -> None:
-  if scale not in SCALES:
-    raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
-
-
-def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
-  """Returns ``(alpha, b)`` of the plain projection (``alpha = 1`` if ``scale="none"``)."""
-  if scale == "none":
-    w = jnp.asarray(w)
-    return jnp.ones([], w.dtype), nearest_code(w, spec)
-  return solve(w, spec, None)
-
-
-def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
-  """``Q(w)`` of the STE family, without a straight-through derivative."""
-  alpha, b = scale_and_codes(w, spec, scale)
-  return (alpha * b).astype(jnp.asarray(w).dtype)
-
-
-def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
-  """Index (int32) of each weight's code in ``spec.codebook()`` (ascending).
-
-  Neighbouring codes have neighbouring indices, so the sign of a change of
-  index is the direction in which the quantized weight moved.
-  """
-  _, b = scale_and_codes(w, spec, scale)
-  b = b.astype(jnp.float32)
-  if spec.is_binary:
-    return (b > 0).astype(jnp.int32)
-  if spec.scheme == "log":
-    depth = spec.log_depth
-    mag = jnp.abs(b)
-    j = jnp.round(-jnp.log2(jnp.where(mag > 0, mag, 1.0)))
-    level = jnp.where(mag > 0, jnp.sign(b) * (depth + 1 - j), 0.0)
-    return (level + depth + 1).astype(jnp.int32)
-  n = spec.levels
-  return (jnp.round(b * n) + n).astype(jnp.int32)
-
+from blaq_jax._src.quantizers import QuantSpec, check_scale, plain_quantize
 
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.
@@ -95,6 +47,13 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
   stop_gradient(Q(w) - w)`` is off by rounding) and whose derivative is the
   identity, so ``jax.grad`` through it returns the coarse gradient
   ``∇ℓ(ŵ)`` unchanged.
+
+  Forward ``ŵ = Q(w) = α · code(w / α)``; backward ``∂ŵ/∂w := I`` (the
+  straight-through estimator), so ``∇_w ℓ(Q(w)) = ∇ℓ(ŵ)``.
+
+  References:
+    BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
+    ECCV 2016) and the coarse gradient (Long, Yin & Xin, 2020); see :func:`ste`.
 
   Args:
     w: a floating array.
@@ -125,6 +84,13 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
   Leaves whose spec is None are returned unchanged. ``jax.grad`` of a loss of
   ``ste_quantize_params(params, spec)`` with respect to ``params`` is the
   gradient at the quantized weights (the coarse gradient).
+
+  Per quantized leaf ``ŵ = Q(w)`` forward and ``∂ŵ/∂w := I`` backward (see
+  :func:`ste_quantize`).
+
+  References:
+    BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
+    ECCV 2016) and the coarse gradient (Long, Yin & Xin, 2020); see :func:`ste`.
 
   Args:
     params: the latent parameters.
@@ -163,6 +129,24 @@ def ste(
     tx = bq.ste(optax.adam(1e-3), spec)
     grads = jax.grad(lambda p: loss(bq.ste_quantize_params(p, spec)))(params)
     updates, state = tx.update(grads, state, params)
+
+  The straight-through (coarse-gradient) step, for a quantized leaf::
+
+      ŵ_t     = Q(w_t) = α · code(w_t / α)       (ste_quantize_params)
+      g_t     = ∇ℓ(ŵ_t)                          (given as ``updates``)
+      u_t     = optimizer.update(g_t)
+      w_{t+1} = clip(w_t + u_t, -c, c)
+
+  with ``α`` the least-squares scale (``scale="fit"``; BWN: ``α = mean|w|``
+  at 1 bit) or 1 (``scale="none"``; BinaryConnect: ``Q(w) = sign(w)``).
+
+  References:
+    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
+    with binary weights during propagations", NeurIPS 2015.
+    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
+    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
+    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks", 2020 (coarse gradient).
 
   Args:
     optimizer: any optax transform (extra keyword arguments of ``update`` are

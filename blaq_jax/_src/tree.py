@@ -246,9 +246,10 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
   """``fn(spec_leaf, *subtrees)`` over the leaves of ``spec`` (None included).
 
   NNX Variables in ``spec`` and ``trees`` are unwrapped for ``fn``, and put
-  back around the results where the first tree had them. Subtrees that are ``optax.MaskedNode`` (leaves masked out by
-  ``optax.masked`` / ``optax.multi_transform``) and params leaves that are
-  None pass through unchanged. If the first tree is optax's ``map_params``
+  back around the results where the first tree had them. Subtrees that are
+  ``optax.MaskedNode`` (leaves masked out by ``optax.masked`` /
+  ``optax.multi_transform``) and params leaves that are None pass through
+  unchanged. If the first tree is optax's ``map_params``
   placeholder, it is returned as it is (the state field is "like params").
   """
   if trees and is_params_placeholder(trees[0]):
@@ -265,6 +266,26 @@ def map_with_spec(fn: Callable[..., Any], spec, *trees):
   if trees and pure[0] is not trees[0]:
     result = rewrap(trees[0], result)
   return result
+
+
+def map_quantized(fn: Callable[..., Any], spec, *trees):
+  """``fn(spec_leaf, *leaves)`` at the quantized leaves (spec not None), None
+  at the others; the trees are unwrapped first, so the result is a pure tree
+  (as an optimizer state is), whatever NNX Variables the inputs hold."""
+  trees = tuple(unwrap(t) for t in trees)
+  return map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs), spec, *trees)
+
+
+def unzip(tree, cls):
+  """A tree whose leaves are ``cls`` NamedTuples -> one ``cls`` of trees.
+
+  Per-leaf functions that compute several results return a ``cls``; this
+  turns the tree of them into a tree per field (None and ``optax.MaskedNode``
+  subtrees kept), so results are read back by name.
+  """
+  is_leaf = lambda x: isinstance(x, cls)
+  return cls(*(jax.tree.map(lambda o, f=f: getattr(o, f), tree, is_leaf=is_leaf)
+               for f in cls._fields))
 
 
 def rewrap(like, result):

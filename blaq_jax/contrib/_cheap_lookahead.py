@@ -92,7 +92,19 @@ def blaq_reuse(
 
   ``update(updates, state, params, *, grad_fn)`` ignores ``updates`` (pass
   e.g. ``optax.tree.zeros_like(params)``; do not spend a gradient on it) and
-  calls ``grad_fn`` once, at the trial weights.
+  calls ``grad_fn`` once, at the trial weights. One step (BLAQ's Eq. 4-10 with
+  ``g_t`` replaced by the previous trial gradient; ``a = 0`` at the first step)::
+
+      g_t  := g*_{t-1}                                  (0 at t = 0)
+      stage 1:  m1, v1 ← Adam moments of g_t;  w* = clip(w_t - lr m̂1 / D1);  ŵ* = Q_{D1}(w*)
+      g*_t = grad_fn(ŵ*)                                (the one gradient)
+      stage 2:  w_{t+1} = clip(w_t - lr m̂(a g_t + (1-a) g*_t) / (a D1 + (1-a) D*))
+
+  References:
+    Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
+    Loss-Aware Quantization Training", AAAI 2024.
+    Popov, "A modification of the Arrow-Hurwicz method for search of saddle
+    points", Mathematical Notes 1980 (past extragradient).
   """
   _check("blaq_reuse", a)
   core.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
@@ -134,7 +146,18 @@ def blaq_model(
   """BLAQ with ``g*`` predicted by the quadratic model: no second gradient.
 
   ``update(grads, state, params)``; ``grads`` taken at
-  ``quantize_params(params, spec, state=state)`` as for LAQ.
+  ``quantize_params(params, spec, state=state)`` as for LAQ. One step (BLAQ's
+  Eq. 4-10 with ``g*`` from LAQ's local quadratic model, ``H = D1 / lr``)::
+
+      stage 1:  m1, v1 ← Adam moments of g_t;  w* = clip(w_t - lr m̂1 / D1);  ŵ* = Q_{D1}(w*)
+      g*  ≈ g_t + (D1 / lr) ⊙ (ŵ* - ŵ_t)                (no gradient evaluation)
+      stage 2:  w_{t+1} = clip(w_t - lr m̂(a g_t + (1-a) g*) / (a D1 + (1-a) D*))
+
+  References:
+    Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
+    Loss-Aware Quantization Training", AAAI 2024.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018
+    (the quadratic model).
   """
   _check("blaq_model", a)
   core.check_hyperparams("blaq_model", b1, b2, eps, clip)

@@ -26,6 +26,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -100,8 +101,12 @@ def read_idx(path) -> np.ndarray:
   """Reads an IDX file (optionally gzip-compressed) into a numpy array."""
   path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:   # a truncated or damaged download
+    raise ValueError(f"read_idx: {path} is damaged ({e}); delete it and fetch it "
+                     "again (--download)") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise ValueError(f"read_idx: {path} is not an IDX file (bad magic number)")
   type_code, ndim = data[2], data[3]
@@ -209,8 +214,12 @@ def load_idx_dataset(name: str, data_dir=None, download: bool = False):
 
 
 def _read_cifar_batch(path: Path):
-  with open(path, "rb") as f:
-    batch = pickle.load(f, encoding="bytes")
+  try:
+    with open(path, "rb") as f:
+      batch = pickle.load(f, encoding="bytes")
+  except (EOFError, pickle.UnpicklingError) as e:
+    raise ValueError(f"CIFAR-10: {path} is damaged ({e}); delete it and fetch it "
+                     "again") from None
   data = batch[b"data"] if b"data" in batch else batch["data"]
   labels = batch[b"labels"] if b"labels" in batch else batch["labels"]
   images = np.asarray(data, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

@@ -2,7 +2,7 @@
 
     python -m examples.classification.main --config mnist_mlp --method blaq \\
         --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --m 5 --seed 0 \\
-        --num-epochs 10 --data-dir DIR --download --resume]
+        --num-epochs 10 --data-dir DIR --download] [--fresh | --force]
 
 ``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
 ``fashion_lenet5``, ``cifar10_vgg``, and the paper's protocol
@@ -10,8 +10,14 @@
 ``paper_cifar10_vgg``, whose learning-rate schedule ``--schedule-reading
 reference|appendix`` picks); every flag overrides that config, and
 ``--set field=value`` (repeatable) overrides any other field of
-:class:`examples.classification.train.Config` (values are parsed as Python
-literals, e.g. ``--set 'model_kwargs={"hidden": (512, 512, 512)}'``).
+:class:`examples.classification.train.Config`; flags and ``--set`` are parsed
+by the type of the field (``--set batch_size=abc`` is a one-line error naming
+``batch_size``; dicts and tuples as Python literals, e.g. ``--set
+'model_kwargs={"hidden": (512, 512, 512)}'``).
+
+Running the same command again resumes from the latest checkpoint in
+``--workdir``; a different config there is refused (``--fresh`` starts over,
+``--force`` resumes anyway), as in the ImageNet example.
 """
 
 from __future__ import annotations
@@ -24,13 +30,10 @@ from examples.classification import train
 CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg",
            "paper_mnist_mlp", "paper_mnist_lenet5", "paper_fashion_lenet5", "paper_cifar10_vgg")
 
-# flag -> Config field
-FLAGS = {
-    "method": str, "bits": int, "scheme": str, "a": float, "m": int, "seed": int,
-    "num_epochs": int, "learning_rate": float, "batch_size": int, "train_subset": int,
-    "test_subset": int, "val_split": int, "loss": str, "track_weights": int,
-    "track_last_epochs": int, "data_dir": str, "stop_after_epoch": int,
-}
+# Config fields with a flag of their own (typed by train.Config, as --set is).
+FLAGS = ("method", "bits", "scheme", "a", "m", "seed", "num_epochs", "learning_rate",
+         "batch_size", "train_subset", "test_subset", "val_split", "loss", "track_weights",
+         "track_last_epochs", "data_dir", "stop_after_epoch")
 
 
 def get_config(name: str) -> train.Config:
@@ -41,16 +44,14 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="Train a low-bit classifier (blaq_jax).")
   parser.add_argument("--config", required=True, choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="metrics, checkpoints, packed model")
-  for flag, typ in FLAGS.items():
-    kw = ({"choices": train.METHODS} if flag == "method" else
-          {"choices": train.LOSSES} if flag == "loss" else {})
-    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, **kw)
+  config_cli.add_field_flags(parser, train.Config(), FLAGS,
+                             choices={"method": train.METHODS, "loss": train.LOSSES})
   parser.add_argument("--schedule-reading", choices=("reference", "appendix"), default=None,
                       help="the paper's learning-rate schedule, read as its reference code "
                            "or its appendix does (configs/paper.py); flags still override")
   parser.add_argument("--download", action="store_true",
                       help="fetch the canonical files into --data-dir (md5-checked)")
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  config_cli.add_resume_flags(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--no-export", action="store_true")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -70,9 +71,15 @@ def main(argv=None):
   if args.no_export:
     config.export = False
   config_cli.apply_args(config, args, FLAGS)
-  result = train.train_and_evaluate(config, args.workdir, resume=args.resume)
-  print({k: v for k, v in result["metrics"].items()})
+  result = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
+  keys = ("epoch", "step", "grad_evals", "train_s", "train_loss", "test_acc", "val_acc",
+          "osc_flip_frequency")
+  row = {k: result["metrics"][k] for k in keys if k in result["metrics"]}
+  print(config_cli.format_summary(
+      f"{config.dataset} {config.model} {config.method} {config.bits}-bit "
+      f"-> {args.workdir}", {**row, **result["summary"]}))
+  return result
 
 
 if __name__ == "__main__":
-  main()
+  config_cli.run_main(main)

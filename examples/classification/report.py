@@ -97,6 +97,7 @@ def paper_table(group: dict) -> str:
     runs = list(group[name].values())
     rows_l = [rows for rows, _ in runs]
     best = [r for r in (_best(rows) for rows in rows_l)]
+    diff_std = [np.mean([r.get('loss_diff_std', np.nan) for r in rows]) for rows in rows_l]
     lines.append(
         f"| {name} | {len(runs)} | {rows_l[0][-1]['epoch']} "
         f"| {_mean_std([rows[-1]['grad_evals'] for rows in rows_l], fmt='{:.0f}')} "
@@ -104,7 +105,7 @@ def paper_table(group: dict) -> str:
         f"| {_cell([_at(rows, 'epoch', epochs) for rows in rows_l])} "
         f"| {_cell([_at(rows, 'grad_evals', g_budget) for rows in rows_l])} "
         f"| {_cell([_at(rows, 'train_s', t_budget) for rows in rows_l])} "
-        f"| {_cell([np.mean([r.get('loss_diff_std', np.nan) for r in rows]) for rows in rows_l], 1.0, '{:.4f}')} "
+        f"| {_cell(diff_std, 1.0, '{:.4f}')} "
         f"| {_cell([rows[-1]['osc_flip_frequency'] for rows in rows_l], 1.0, '{:.2e}')} |")
   return "\n".join(lines)
 

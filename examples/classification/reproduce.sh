@@ -14,7 +14,7 @@ run() {  # config method seed epochs [extra flags...]
   if [[ -f $dir/model_packed.npz ]]; then echo "done: $dir"; return; fi
   echo "run: $dir"
   $PY -m examples.classification.main --config "$config" --method "$method" --seed "$seed" \
-    --num-epochs "$epochs" --workdir "$dir" --no-progress --resume "$@" > "$dir.log" 2>&1 \
+    --num-epochs "$epochs" --workdir "$dir" --no-progress "$@" > "$dir.log" 2>&1 \
     || echo "FAILED: $dir (see $dir.log)"
 }
 
@@ -74,7 +74,7 @@ prun() {  # group name config seed [flags...]: runs/<group>/<name>_s<seed>
   if [[ -f $dir/model_packed.npz ]]; then echo "done: $dir"; return; fi
   echo "run: $dir"
   $PY -m examples.classification.main --config "$config" --seed "$seed" --workdir "$dir" \
-    --no-progress --resume "$@" > "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
+    --no-progress "$@" > "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
 }
 
 paper_all_methods() {  # group config [flags...]

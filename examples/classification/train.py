@@ -5,10 +5,13 @@ parses flags. Per epoch it writes one line of ``workdir/metrics.jsonl``
 (test accuracy with the quantized weights, validation accuracy when
 ``config.val_split`` holds out the end of the training set, train loss and its
 step-to-step fluctuation, gradient evaluations, training seconds excluding
-compilation and evaluation, oscillation statistics), an orbax checkpoint in ``workdir/checkpoints`` (``resume=True``
-continues from the latest one bit for bit: the data order is a function of ``(seed, epoch)`` and nothing else is
-random), and at the end the bit-packed model (``model_packed.npz``), its size
-report and a plot of accuracy per epoch / gradient evaluation / second.
+compilation and evaluation, oscillation statistics), an orbax checkpoint in
+``workdir/checkpoints`` (``examples/checkpointing.py``: running the same config
+again continues from the latest one bit for bit, the data order being a
+function of ``(seed, epoch)`` and nothing else random; another config is
+refused unless ``fresh`` or ``force``), and at the end the bit-packed model
+(``model_packed.npz``), its size report and a plot of accuracy per epoch /
+gradient evaluation / second.
 
 Methods (``config.method``):
 
@@ -35,9 +38,9 @@ Methods (``config.method``):
   2019; evaluated with the plain projection like ``bwn-ste``.
 * ``blaq-reuse``, ``blaq-model``: the cheaper lookahead forms of
   ``blaq_jax.contrib`` (the trial gradient reused as the next
-  step's gradient; the trial gradient predicted by the quadratic model). ``blaq-reuse`` takes its one
-  gradient (and the batch-norm statistics and loss it logs) at the trial
-  weights.
+  step's gradient; the trial gradient predicted by the quadratic model).
+  ``blaq-reuse`` takes its one gradient (and the batch-norm statistics and
+  loss it logs) at the trial weights.
 
 Oscillation statistics (the analogue of the BLAQ paper's Table 1) come from
 :func:`blaq_jax.track_oscillations` chained after the optimizer with a window
@@ -76,10 +79,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,27 +90,29 @@ import optax
 from flax import nnx
 
 import blaq_jax as bq
-import blaq_jax.contrib as bq_contrib
+from examples import checkpointing
+from examples import methods
 from examples.classification import input_pipeline
 from examples.classification import models
 
-METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m",
-           "blaq-reuse", "blaq-model", "ste-dampen", "ste-freeze", "ste-alpha-blend")
-STE_FAMILY = ("bwn-ste", "ste-dampen", "ste-freeze", "ste-alpha-blend")
-LOSS_AWARE = ("laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m", "blaq-reuse",
-              "blaq-model")
+METHODS = tuple(methods.METHODS)
 LOSSES = ("cross_entropy", "squared_hinge")
 LR_SCHEDULES = ("cosine", "constant", "step", "step_every", "exponential")
 
 
+def method_options(config, steps_per_epoch: int = 1) -> methods.Options:
+  """The method hyper-parameters of ``config`` (a Config or its dict)."""
+  g = lambda name: _get(config, name)
+  return methods.Options(
+      a=g("a"), m=g("m"), lookahead_phase=g("lookahead_phase"),
+      steps_per_epoch=steps_per_epoch, dampen_weight=g("dampen_weight"),
+      freeze_threshold=g("freeze_threshold"),
+      blend_steps=max(1, int(g("blend_end") * g("num_epochs") * steps_per_epoch)))
+
+
 def epoch_scale(config) -> float:
   """Run length / ``num_epochs``: > 1 for the LAQ runs at BLAQ's gradient budget."""
-  method, m = _get(config, "method"), _get(config, "m")
-  if method == "laq-as-blaq":
-    return 2.0
-  if method == "laq-as-blaq-m":
-    return 1.0 + 1.0 / m
-  return 1.0
+  return methods.get(_get(config, "method")).run_scale(method_options(config))
 
 
 def run_epochs(config) -> int:
@@ -267,50 +271,17 @@ def make_schedule(config: Config, steps_per_epoch: int):
 
 
 def make_optimizer(config: Config, spec, schedule, steps_per_epoch: int):
-  """The method's optimizer, chained with the oscillation tracker (window: one epoch)."""
-  if config.method == "fp":
-    tx = optax.adam(schedule)
-  elif config.method == "bwn-ste":
-    tx = bq.ste(optax.adam(schedule), spec)
-  elif config.method == "ste-dampen":
-    tx = optax.chain(bq.add_oscillation_dampening(config.dampen_weight, spec),
-                     bq.ste(optax.adam(schedule), spec))
-  elif config.method == "ste-freeze":
-    tx = optax.chain(bq.ste(optax.adam(schedule), spec),
-                     bq.freeze_oscillations(config.freeze_threshold, spec))
-  elif config.method == "ste-alpha-blend":
-    tx = bq.ste(optax.adam(schedule), spec)
-  elif config.method in ("laq", "laq-as-blaq", "laq-as-blaq-m"):
-    tx = bq.laq(schedule, spec)
-  elif config.method == "blaq":
-    tx = bq.blaq(schedule, spec, a=config.a)
-  elif config.method == "blaq-m":
-    lookahead = bq.periodic_lookahead(config.m, steps_per_epoch, phase=config.lookahead_phase)
-    tx = bq.blaq(schedule, spec, a=config.a, lookahead_schedule=lookahead)
-  elif config.method == "blaq-reuse":
-    tx = bq_contrib.blaq_reuse(schedule, spec, a=config.a)
-  else:
-    tx = bq_contrib.blaq_model(schedule, spec, a=config.a)
+  """The method's optimizer, chained with the oscillation tracker (window: one
+  epoch); the state is ``(method's state, tracker's state)``."""
+  tx = methods.get(config.method).optimizer(schedule, spec,
+                                            method_options(config, steps_per_epoch))
   return optax.chain(tx, bq.track_oscillations(spec, window=steps_per_epoch))
-
-
-def lookahead_steps(config: Config, steps: int, steps_per_epoch: int) -> int:
-  """Steps among the first ``steps`` on which ``blaq-m`` runs the two-stage update
-  (epoch ``e``, counted from 0, is active when ``e % m == phase``)."""
-  m = config.m
-  phase = m - 1 if config.lookahead_phase is None else config.lookahead_phase
-  full, rest = divmod(steps, steps_per_epoch)
-  active = sum(1 for e in range(full) if e % m == phase) * steps_per_epoch
-  return active + (rest if full % m == phase else 0)
 
 
 def grad_evals(config: Config, steps: int, steps_per_epoch: int = 1) -> int:
   """Gradient evaluations spent by ``steps`` training steps."""
-  if config.method == "blaq":
-    return 2 * steps
-  if config.method == "blaq-m":
-    return steps + lookahead_steps(config, steps, steps_per_epoch)
-  return steps
+  options = method_options(config, steps_per_epoch)
+  return methods.get(config.method).grad_evals(options, steps)
 
 
 class WeightTracker:
@@ -390,14 +361,15 @@ class Trainer:
 
   def __init__(self, config: Config, image_shape, steps_per_epoch: int):
     self.config = config
+    self.method = methods.get(config.method)
+    self.options = method_options(config, steps_per_epoch)
     model = build_model(config, image_shape)
     self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     self.spec = bq.quant_spec(params, bits=config.bits, scheme=config.scheme,
                               per_channel=config.per_channel)
     self.schedule = make_schedule(config, steps_per_epoch)
-    self.blend_schedule = bq.alpha_blending_schedule(
-        0, max(1, int(config.blend_end * config.num_epochs * steps_per_epoch)))
     self.tx = make_optimizer(config, self.spec, self.schedule, steps_per_epoch)
+    self.tracker_tx = bq.track_oscillations(self.spec, window=steps_per_epoch)
     self.init_state = {
         "params": params,
         "batch_stats": batch_stats,
@@ -412,13 +384,7 @@ class Trainer:
 
   def _quantized(self, params, opt_state):
     """The weights the forward pass uses (``ŵ``; ``w`` itself for fp)."""
-    if self.config.method == "fp":
-      return params
-    if self.config.method in STE_FAMILY:
-      # BWN: the plain projection (mean|w| sign(w) at 1 bit), exactly; the
-      # gradient is taken at these values, so no straight-through wrapper.
-      return bq.quantize_params(params, self.spec)
-    return bq.quantize_params(params, self.spec, state=opt_state)
+    return self.method.weights(params, self.spec, opt_state)
 
   def _loss(self, params, batch_stats, x, y):
     model = nnx.merge(self.graphdef, params, batch_stats, copy=True)
@@ -426,43 +392,16 @@ class Trainer:
     loss = jnp.mean(per_example_loss(self.config.loss, logits, y))
     return loss, (nnx.state(model, nnx.BatchStat), logits)
 
-  def _tracked_codes_source(self, params, opt_state):
-    """The quantized weights whose codes are tracked (the plain projection for fp)."""
-    if self.config.method == "fp":
-      return bq.quantize_params(params, self.spec)
-    return self._quantized(params, opt_state)
-
   def _train_step(self, state, x, y, step):
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
-    q = None
-    if self.config.method == "blaq-reuse":
-      # One gradient, at the trial weights; its loss and statistics are logged.
-      trial = []
-
-      def grad_fn(p):
-        (loss, aux), g = jax.value_and_grad(self._loss, has_aux=True)(p, batch_stats, x, y)
-        trial.append((loss, aux))
-        return g
-
-      updates, opt_state = self.tx.update(optax.tree.zeros_like(params), opt_state, params,
-                                          grad_fn=grad_fn)
-      loss, (new_stats, logits) = trial[0]
-    elif self.config.method == "ste-alpha-blend":
-      # Forward (1-α) w + α sg(Q(w)); the gradient flows to w through (1-α) w.
-      alpha = self.blend_schedule(step)
-      blended = lambda p: self._loss(bq.alpha_blend_params(p, self.spec, alpha), batch_stats, x, y)
-      (loss, (new_stats, logits)), grads = jax.value_and_grad(blended, has_aux=True)(params)
-      updates, opt_state = self.tx.update(grads, opt_state, params)
-    else:
-      q = self._quantized(params, opt_state)
-      (loss, (new_stats, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-          q, batch_stats, x, y)
-      grad_fn = lambda p: jax.grad(self._loss, has_aux=True)(p, batch_stats, x, y)[0]
-      updates, opt_state = self.tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    updates, opt_state, loss, (new_stats, logits) = self.method.step(
+        self.tx, self.spec, params, opt_state, lambda p: self._loss(p, batch_stats, x, y),
+        count=step, options=self.options)
     tracked = None
     if self.tracker.size:
-      if q is None or self.config.method == "fp":
-        q = self._tracked_codes_source(params, state["opt_state"])
+      # The codes of ŵ_t (for fp: of the plain projection of its weights).
+      q = (self._quantized(params, state["opt_state"]) if self.method.quantized
+           else bq.quantize_params(params, self.spec))
       tracked = self.tracker.gather(params, q)      # w_t and the codes of ŵ_t
     params = optax.apply_updates(params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == y)
@@ -493,48 +432,54 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints (orbax): the state's leaves, in tree order, plus a JSON sidecar.
+# Checkpoints (examples/checkpointing.py): what resume needs and nothing more.
+
+# Config fields that may change when a run resumes (where the data is, what to
+# write, how far to go this time); any other change refuses to resume.
+FREE_ON_RESUME = ("stop_after_epoch", "data_dir", "download", "checkpoint", "export", "plot",
+                  "progress")
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
+class _TrackerCheckpoint(NamedTuple):
+  """The part of the oscillation tracker's state that an epoch's end does not
+  fix: at an epoch's end the window has just rolled, so the window extremes
+  are the params, its counters zero, and the last window's per-weight
+  figures are overwritten before they are next read."""
+
+  count: Any
+  flips: Any
+  codes: Any          # uint8 (a code index is < 2^8)
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  cosine_all: Any
 
 
-def save_checkpoint(workdir: Path, state, meta: dict) -> None:
-  ckpt_dir = workdir / "checkpoints"
-  ckpt_dir.mkdir(parents=True, exist_ok=True)
-  epoch = meta["epoch"]
-  leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
-  path = (ckpt_dir / f"epoch_{epoch}").resolve()
-  if path.exists():
-    shutil.rmtree(path)
-  ckptr = _checkpointer()
-  ckptr.save(path, leaves)
-  ckptr.wait_until_finished()
-  (ckpt_dir / f"epoch_{epoch}.json").write_text(json.dumps(meta))
-  for old in ckpt_dir.glob("epoch_*.json"):  # keep the latest only
-    e = int(old.stem.split("_")[1])
-    if e < epoch:
-      old.unlink()
-      shutil.rmtree(ckpt_dir / f"epoch_{e}", ignore_errors=True)
+def checkpoint_state(state) -> dict:
+  """What a checkpoint holds of the training state (taken at an epoch's end)."""
+  inner, tracker = state["opt_state"]
+  fields = {f: getattr(tracker, f) for f in _TrackerCheckpoint._fields}
+  fields["codes"] = jax.tree.map(lambda c: c.astype(jnp.uint8), tracker.codes)
+  return {"params": state["params"], "batch_stats": state["batch_stats"],
+          "opt_state": inner, "tracker": _TrackerCheckpoint(**fields)}
 
 
-def latest_checkpoint(workdir: Path) -> Optional[int]:
-  metas = sorted(int(p.stem.split("_")[1]) for p in (workdir / "checkpoints").glob("epoch_*.json")
-                 if (workdir / "checkpoints" / p.stem).is_dir())
-  return metas[-1] if metas else None
+def state_from_checkpoint(saved: dict, trainer: "Trainer") -> dict:
+  """The full training state of :func:`checkpoint_state`'s output."""
+  params = saved["params"]
+  tracker = trainer.tracker_tx.init(params)   # window extremes = params, counters 0
+  kept = saved["tracker"]._replace(
+      codes=jax.tree.map(lambda c: jnp.asarray(c, jnp.int32), saved["tracker"].codes))
+  tracker = tracker._replace(**kept._asdict())
+  return {"params": params, "batch_stats": saved["batch_stats"],
+          "opt_state": (saved["opt_state"], tracker)}
 
 
-def restore_checkpoint(workdir: Path, epoch: int, like):
-  path = (workdir / "checkpoints" / f"epoch_{epoch}").resolve()
-  leaves, treedef = jax.tree.flatten(like)
-  target = {f"{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
-  restored = _checkpointer().restore(path, target)
-  new = [jnp.asarray(restored[f"{i:05d}"], dtype=np.asarray(x).dtype)
-         for i, x in enumerate(leaves)]
-  meta = json.loads((workdir / "checkpoints" / f"epoch_{epoch}.json").read_text())
-  return jax.tree.unflatten(treedef, new), meta
+def open_checkpoints(config: Config, workdir: Path, *, fresh: bool = False,
+                     force: bool = False) -> checkpointing.Checkpoints:
+  return checkpointing.Checkpoints(workdir / "checkpoints", dataclasses.asdict(config),
+                                   free=FREE_ON_RESUME, max_to_keep=2, fresh=fresh,
+                                   force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -558,12 +503,18 @@ def best_validation(rows: list[dict]) -> dict:
   return out
 
 
-def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
-  """Trains ``config`` writing into ``workdir``; returns the final metrics row."""
+def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
+                       force: bool = False) -> dict:
+  """Trains ``config`` writing into ``workdir``; returns the final metrics row.
+
+  A ``workdir`` holding a checkpoint of the same config resumes from it (bit
+  for bit); one of another config is refused with a one-line
+  :class:`checkpointing.ResumeError` naming the field, unless ``fresh``
+  (delete it, start over) or ``force`` (resume with this config).
+  """
   config.validate()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
   data = load_data(config)
   train_x, train_y = data["train"]
   test_x, test_y = data["test"]
@@ -580,15 +531,22 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
   trainer.train_step = trainer.train_step.lower(state, x0, y0, 0).compile()
 
   start_epoch, step, train_s = 0, 0, 0.0
-  last = latest_checkpoint(workdir) if resume else None
-  if last is not None:
-    state, meta = restore_checkpoint(workdir, last, state)
-    start_epoch, step, train_s = meta["epoch"], meta["step"], meta["train_s"]
-    print(f"resumed from epoch {start_epoch} (step {step})")
+  ckpts = None
+  if config.checkpoint or (workdir / "checkpoints").exists():
+    ckpts = open_checkpoints(config, workdir, fresh=fresh, force=force)
+    restored = ckpts.restore(jax.eval_shape(lambda: checkpoint_state(state)))
+    if restored is not None:
+      _, saved, meta = restored
+      state = state_from_checkpoint(saved, trainer)
+      start_epoch, step, train_s = meta["epoch"], meta["step"], meta["train_s"]
+      print(f"resumed from epoch {start_epoch} (step {step})")
+    if not config.checkpoint:
+      ckpts.close()
+  # The logs hold this run only: cut back to the epoch resumed from (or emptied).
+  for path in (metrics_path, losses_path):
+    checkpointing.truncate_jsonl(path, "epoch", start_epoch)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
   rows = _read_metrics(metrics_path, start_epoch)
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  loss_rows = _read_metrics(losses_path, start_epoch)
-  losses_path.write_text("".join(json.dumps(r) + "\n" for r in loss_rows))
 
   total_epochs = run_epochs(config)
   end_epoch = total_epochs
@@ -645,8 +603,11 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
     print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f}{val} "
           f"flip_freq {row['osc_flip_frequency']:.2e} ({train_s:.1f}s)", flush=True)
     if config.checkpoint:
-      save_checkpoint(workdir, state, {"epoch": epoch, "step": step, "train_s": train_s})
+      ckpts.save(epoch, checkpoint_state(state),
+                 {"epoch": epoch, "step": step, "train_s": train_s})
 
+  if config.checkpoint:
+    ckpts.close()   # waits for the last save
   if window:
     w, codes, off = (np.concatenate(a) for a in zip(*window))
     np.savez(workdir / "tracked_weights.npz", w=w, codes=codes,
@@ -665,11 +626,10 @@ def train_and_evaluate(config: Config, workdir, resume: bool = False) -> dict:
 
 def export_model(trainer: Trainer, state, workdir: Path) -> None:
   """Writes ``model_packed.npz`` (bit-packed ``ŵ``) and ``size_report.txt``."""
-  cfg = trainer.config
-  params = state["params"]
-  if cfg.method == "fp":
+  params, forward = state["params"], trainer.method.forward
+  if forward == "identity":
     packed = bq.pack(params, jax.tree.map(lambda _: None, params))
-  elif cfg.method in STE_FAMILY:
+  elif forward == "plain":
     packed = bq.pack(params, trainer.spec)
   else:
     packed = bq.pack(params, trainer.spec, state=state["opt_state"])

@@ -95,8 +95,11 @@ def center_crop(image: Image.Image, size: int, resize_size: int) -> Image.Image:
 
 
 def _load(path: str) -> Image.Image:
-  with Image.open(path) as im:
-    return im.convert("RGB")
+  try:
+    with Image.open(path) as im:
+      return im.convert("RGB")
+  except (OSError, SyntaxError, ValueError) as e:   # truncated or not an image
+    raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
 class _TrainTransform(grain.transforms.RandomMap):

@@ -8,8 +8,10 @@
 ``synthetic``, ``paper_resnet18`` — the paper's protocol, BLAQ every 10 epochs
 from a full-precision checkpoint given by ``--init-from`` — and
 ``cifar_imagefolder``). Flags override that config, and ``--set field=value``
-(repeatable) overrides any field of :class:`train.Config` (values parsed as
-Python literals). A run resumes from the latest checkpoint in ``--workdir``.
+(repeatable) overrides any field of :class:`train.Config` (parsed by the
+field's type, as the flags are). A run resumes from the latest checkpoint in ``--workdir`` if
+that was written with the same config (``--fresh`` starts over, ``--force``
+resumes anyway), as in the classification example.
 ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
 multi-node GPU clusters); every process runs the same command.
 """
@@ -26,10 +28,9 @@ from examples.imagenet_resnet18 import train
 
 CONFIGS = ("default", "resnet18_2bit", "synthetic", "paper_resnet18", "cifar_imagefolder")
 
-# flag -> Config field type
-FLAGS = {"data_dir": str, "parallel": str, "optimizer": str, "bits": int, "a": float,
-         "batch_size": int, "num_train_steps": int, "learning_rate": float, "seed": int,
-         "m": int, "init_from": str}
+# Config fields with a flag of their own (typed by train.Config, as --set is).
+FLAGS = ("data_dir", "parallel", "optimizer", "bits", "a", "batch_size", "num_train_steps",
+         "learning_rate", "seed", "m", "init_from")
 
 
 def get_config(name: str) -> train.Config:
@@ -40,14 +41,14 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
   parser.add_argument("--config", default="default", choices=CONFIGS)
   parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
-  choices = {"parallel": ("jit", "pmap"), "optimizer": train.OPTIMIZERS}
-  for flag, typ in FLAGS.items():
-    parser.add_argument("--" + flag.replace("_", "-"), type=typ, default=None,
-                        choices=choices.get(flag))
+  config_cli.add_field_flags(parser, train.Config(), FLAGS,
+                             choices={"parallel": ("jit", "pmap"),
+                                      "optimizer": train.OPTIMIZERS})
   parser.add_argument("--synthetic", action="store_true", help="random batches, no data")
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  config_cli.add_resume_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -65,10 +66,12 @@ def main(argv=None):
     config.synthetic = True
   config_cli.apply_args(config, args, FLAGS)
   logging.info("config %s", config)
-  summary = train.train_and_evaluate(config, args.workdir)
+  summary = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   summary.pop("state")
-  print(summary)
+  print(config_cli.format_summary(
+      f"{config.model} {config.optimizer} {config.bits}-bit -> {args.workdir}", summary))
+  return summary
 
 
 if __name__ == "__main__":
-  main()
+  config_cli.run_main(main)

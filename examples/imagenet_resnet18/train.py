@@ -39,10 +39,19 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import blaq_jax as bq
+from examples import checkpointing
+from examples import methods
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
 
 NUM_IMAGENET_TRAIN_IMAGES = 1_281_167
+OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
+
+# Config fields that may change when a run resumes (where the data is, how it is
+# read and logged, the parallel mode, how far to run); any other change refuses.
+FREE_ON_RESUME = ("data_dir", "num_data_threads", "parallel", "num_train_steps",
+                  "eval_every_steps", "steps_per_eval", "log_every_steps",
+                  "checkpoint_every_steps", "max_checkpoints_to_keep", "init_from")
 
 
 @dataclasses.dataclass
@@ -61,7 +70,7 @@ class Config:
   num_filters: int = 64
   half_precision: bool = True          # bfloat16 compute on GPU/TPU (float32 on CPU)
   # Quantization and optimizer.
-  optimizer: str = "blaq"              # "laq", "blaq", "blaq-m" or "adam" (full precision)
+  optimizer: str = "blaq-m"            # "laq", "blaq", "blaq-m" or "adam" (full precision)
   bits: int = 1
   scheme: str = "linear"
   first_last_bits: Optional[int] = 8   # conv_init and head kernels; None: full precision
@@ -85,6 +94,22 @@ class Config:
   max_checkpoints_to_keep: int = 2
   seed: int = 0
 
+  def validate(self):
+    """Raises a one-line ``ValueError`` naming the first bad field."""
+    for name, options in (("optimizer", OPTIMIZERS), ("parallel", ("jit", "pmap")),
+                          ("lr_schedule", ("warmup_cosine", "exponential"))):
+      if getattr(self, name) not in options:
+        raise ValueError(f"config.{name} must be one of {options}, got {getattr(self, name)!r}")
+    for name in ("batch_size", "image_size", "resize_size", "num_data_threads", "m",
+                 "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
+    if not self.num_epochs > 0:
+      raise ValueError(f"config.num_epochs must be > 0, got {self.num_epochs}")
+    if not 0 <= self.a <= 1:
+      raise ValueError(f"config.a must be in [0, 1], got {self.a}")
+    return self
+
 
 def compute_dtype(config: Config):
   if config.half_precision and jax.default_backend() in ("gpu", "tpu"):
@@ -92,7 +117,6 @@ def compute_dtype(config: Config):
   return jnp.float32
 
 
-OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")
 
 
 def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: int,
@@ -117,15 +141,9 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
   else:
     raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'exponential', "
                      f"got {config.lr_schedule!r}")
-  if config.optimizer == "blaq":
-    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name)
-  elif config.optimizer == "blaq-m":
-    tx = bq.blaq(schedule, spec, a=config.a, batch_axis_name=batch_axis_name,
-                 lookahead_schedule=bq.periodic_lookahead(config.m, steps_per_epoch))
-  elif config.optimizer == "laq":
-    tx = bq.laq(schedule, spec)
-  else:
-    tx = optax.adam(schedule)
+  options = methods.Options(a=config.a, m=config.m, steps_per_epoch=steps_per_epoch,
+                            batch_axis_name=batch_axis_name)
+  tx = methods.get(config.optimizer).optimizer(schedule, spec, options)
   return spec, tx, schedule
 
 
@@ -153,7 +171,10 @@ def load_init(path: str, params, batch_stats):
     with np.load(path) as f:
       stored = {k: f[k] for k in f.files}
   else:
-    raw = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):   # a step of examples/checkpointing.py
+      path = os.path.join(path, "state")
+    raw = ocp.StandardCheckpointer().restore(path)
     stored = {f"{part}/{k}": np.asarray(v) for part in ("params", "batch_stats")
               for k, v in _path_dict(raw[part]).items()}
   out = []
@@ -176,9 +197,10 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, tx_kind: str = "blaq"):
-  """The single-device train and eval steps (``dp.pmean``/``dp.psum`` reduce under pmap);
-  ``tx_kind="adam"``: full precision (``ŵ = w``)."""
+def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, method: str = "blaq"):
+  """The single-device train and eval steps of ``method`` (a name of
+  ``examples/methods.py``; ``dp.pmean``/``dp.psum`` reduce under pmap)."""
+  method = methods.get(method)
 
   def loss_fn(params, batch_stats, images, labels):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -186,26 +208,18 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, tx_kind: str = "b
     loss = jnp.mean(cross_entropy(logits, labels))
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-  def quantized(params, opt_state):
-    if isinstance(tx_kind, str) and tx_kind == "adam":
-      return params
-    return bq.quantize_params(params, spec, state=opt_state)
-
   def train_step(params, batch_stats, opt_state, images, labels):
-    q = quantized(params, opt_state)                                 # ŵ_t
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        q, batch_stats, images, labels)
-    grads = dp.pmean(grads)
-    # BLAQ's lookahead gradient g*; blaq pmeans it itself (batch_axis_name).
-    grad_fn = jax.grad(lambda p: loss_fn(p, batch_stats, images, labels)[0])
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    # The gradient at ŵ_t, pmean-ed; BLAQ's lookahead gradient g* is pmean-ed
+    # by blaq itself (batch_axis_name).
+    updates, opt_state, loss, (logits, new_stats) = method.step(
+        tx, spec, params, opt_state, lambda p: loss_fn(p, batch_stats, images, labels),
+        reduce=dp.pmean)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
-    q = quantized(params, opt_state)
-    model = nnx.merge(graphdef, q, batch_stats)
+    model = nnx.merge(graphdef, method.weights(params, spec, opt_state), batch_stats)
     model.eval()
     logits = model(input_pipeline.normalize(images, dtype))
     mask = labels >= 0
@@ -223,12 +237,18 @@ def _host(dp: bq.DataParallel, tree):
   return jax.device_get(dp.unreplicate(tree))
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
+                       force: bool = False) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+  A checkpoint of another config is refused with a one-line
+  :class:`checkpointing.ResumeError` naming the field, unless ``fresh``
+  (delete it, start over) or ``force`` (resume with this config).
 
   Returns a summary: ``start_step``, ``step``, the last logged train metrics,
   ``images_per_sec`` (global, compilation excluded) and the last eval metrics.
   """
+  config.validate()
   dp = bq.data_parallel(config.parallel)
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
@@ -260,15 +280,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     logging.info("initialised from %s", config.init_from)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
 
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.max_checkpoints_to_keep,
-          save_interval_steps=config.checkpoint_every_steps))
-  start_step = manager.latest_step() or 0
-  if start_step:
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(jax.device_get(state)))
-    logging.info("resumed from %s at step %d", manager.directory, start_step)
+  ckpts = checkpointing.Checkpoints(
+      os.path.join(workdir, "checkpoints"), dataclasses.asdict(config), free=FREE_ON_RESUME,
+      max_to_keep=config.max_checkpoints_to_keep, fresh=fresh, force=force)
+  start_step = 0
+  restored = ckpts.restore(jax.device_get(state))
+  if restored is not None:
+    start_step, state, _ = restored
+    logging.info("resumed from %s at step %d", ckpts.directory, start_step)
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
@@ -305,6 +324,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   log_path = os.path.join(workdir, "metrics.jsonl")
   os.makedirs(workdir, exist_ok=True)
+  if is_main:   # the log holds this run only, up to the step it resumes from
+    checkpointing.truncate_jsonl(log_path, "step", start_step if start_step else None)
 
   def write(record):
     if is_main:
@@ -339,12 +360,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       summary.update(evaluate(done))
       write({k: v for k, v in summary.items() if k.startswith("eval") or k == "step"})
     if done % config.checkpoint_every_steps == 0 or done == num_steps:
-      manager.save(done, args=ocp.args.StandardSave(_host(
-          dp, {"params": params, "batch_stats": batch_stats, "opt_state": opt_state})),
-          force=done == num_steps)
+      ckpts.save(done, _host(dp, {"params": params, "batch_stats": batch_stats,
+                                  "opt_state": opt_state}), {"step": done})
     summary["step"] = done
-  manager.wait_until_finished()
-  manager.close()
+  ckpts.close()
   summary["state"] = _host(dp, {"params": params, "batch_stats": batch_stats,
                                "opt_state": opt_state})
   return summary

@@ -103,10 +103,13 @@ def plot(results, path):
   for ax, m, color in ((axes[0], "laq", "tab:red"), (axes[1], "blaq", "orange")):
     tr = runs[m]
     ax.contour(x1, x2, z, levels=20, colors="lightgray", linewidths=0.6)
-    ax.plot(fp.latent[:, 0], fp.latent[:, 1], ":", color="gray", label="full-precision Adam")
     ax.plot(tr.latent[:, 0], tr.latent[:, 1], "k-", lw=1, label=f"{m.upper()} latent w")
     ax.plot(tr.quantized[:, 0], tr.quantized[:, 1], "-", color=color, lw=1, marker=".",
             ms=3, label=f"{m.upper()} quantized ŵ")
+    # Drawn last and dashed: the full-precision path must stay visible where
+    # it runs along another line.
+    ax.plot(fp.latent[:, 0], fp.latent[:, 1], "--", color="tab:blue", lw=1.5, zorder=5,
+            label="full-precision Adam")
     ax.plot([0.054], [-0.055], "b*", ms=10, label="minimum")
     ax.set_title(f"{m.upper()}, 1 bit: {label}")
     ax.set_xlabel("w1")
@@ -126,8 +129,14 @@ def plot(results, path):
   ax.legend(fontsize=7)
   ax = axes[3]
   label, _, runs = results[1]
-  for m, color in (("fp", "gray"), ("laq", "tab:red"), ("blaq", "orange")):
-    ax.plot(runs[m].quantized[:, 0], color=color, lw=1, label=m.upper())
+  # LAQ wide underneath, FP thin on top: with one weight the 1-bit projection is
+  # exact and the two coincide, so each stays visible (LAQ at the band's edges).
+  ax.plot(runs["laq"].quantized[:, 0], color="tab:red", lw=3, label="LAQ")
+  fp_w = runs["fp"].quantized[:, 0]
+  same = np.allclose(fp_w, runs["laq"].quantized[:, 0], rtol=1e-4, atol=1e-7)
+  ax.plot(fp_w, "--", color="tab:blue", lw=0.8, zorder=4,
+          label="FP (= LAQ here, drawn over it)" if same else "FP")
+  ax.plot(runs["blaq"].quantized[:, 0], color="orange", lw=1.5, zorder=5, label="BLAQ")
   ax.set_yscale("symlog", linthresh=1e-6)
   ax.set_xlabel("step")
   ax.set_ylabel("ŵ")

@@ -14,8 +14,9 @@ import numpy as np
 import optax
 
 import blaq_jax as bq
+from examples import methods
 
-METHODS = ("fp", "laq", "blaq")
+METHODS = ("fp", "laq", "blaq")   # names of examples/methods.py
 
 
 def quadratic(w):
@@ -46,28 +47,19 @@ def run(method: str, loss_name: str, w0, *, lr: float, steps: int, a: float = 0.
   """Trains ``w`` from ``w0`` for ``steps`` steps; returns the whole trajectory."""
   if method not in METHODS:
     raise ValueError(f"run: method must be one of {METHODS}, got {method!r}")
+  name, method = method, methods.get(method)
   loss_fn = LOSSES[loss_name]
   params = {"w": jnp.asarray(w0, jnp.float32)}
   spec = {"w": bq.QuantSpec(1)}
   window = min(window, steps)
-  if method == "fp":
-    core = optax.adam(lr)
-  elif method == "laq":
-    core = bq.laq(lr, spec)
-  else:
-    core = bq.blaq(lr, spec, a=a)
-  tx = optax.chain(core, bq.track_oscillations(spec, window=window))
+  tx = optax.chain(method.optimizer(lr, spec, methods.Options(a=a)),
+                   bq.track_oscillations(spec, window=window))
   loss = lambda p: loss_fn(p["w"])
-
-  def forward(p, state):
-    if method == "fp":
-      return p
-    return bq.quantize_params(p, spec, state=state)
+  forward = lambda p, state: method.weights(p, spec, state)
 
   def step(carry, _):
     p, state = carry
-    g = jax.grad(loss)(forward(p, state))
-    updates, state = tx.update(g, state, p, grad_fn=jax.grad(loss))
+    updates, state, _, _ = method.step(tx, spec, p, state, lambda w: (loss(w), None))
     p = optax.apply_updates(p, updates)
     q = forward(p, state)
     return (p, state), (p["w"], q["w"], loss(q))
@@ -87,7 +79,7 @@ def run(method: str, loss_name: str, w0, *, lr: float, steps: int, a: float = 0.
   # `window` steps only when `steps` is a multiple of `window`.
   if steps % window:
     flips = count_flips(qs[-window - 1:])
-  return Trajectory(method, ws, qs, ls, float(flips), window)
+  return Trajectory(name, ws, qs, ls, float(flips), window)
 
 
 def count_flips(quantized: np.ndarray) -> int:

@@ -7,5 +7,5 @@ from examples.classification.train import Config
 
 
 def get_config() -> Config:
-  return Config(dataset="cifar10", model="vgg_small", bits=1, learning_rate=1e-3,
-                num_epochs=200, batch_size=50, augment="crop_flip")
+  return Config(dataset="cifar10", model="vgg_small", num_epochs=200, batch_size=50,
+                augment="crop_flip")

@@ -4,5 +4,4 @@ from examples.classification.train import Config
 
 
 def get_config() -> Config:
-  return Config(dataset="mnist", model="lenet5", bits=1, learning_rate=1e-2,
-                num_epochs=50, batch_size=100)
+  return Config(model="lenet5", learning_rate=1e-2, num_epochs=50)

@@ -4,5 +4,5 @@ from examples.classification.train import Config
 
 
 def get_config() -> Config:
-  return Config(dataset="mnist", model="mlp", model_kwargs={"hidden": (2048, 2048, 2048)},
-                bits=1, learning_rate=1e-2, num_epochs=50, batch_size=100)
+  return Config(model_kwargs={"hidden": (2048, 2048, 2048)}, learning_rate=1e-2,
+                num_epochs=50)

@@ -59,7 +59,7 @@ def apply_reading(config: Config, reading: str) -> Config:
 def paper_config(dataset: str, model: str, *, batch_size: int, num_epochs: int,
                  model_kwargs=None, reading: str = "reference") -> Config:
   kwargs = dict(model_kwargs or {}, head_norm=True, bn_eps_on_std=True, bn_eps=1e-4)
-  config = Config(dataset=dataset, model=model, model_kwargs=kwargs, method="laq", bits=1, loss="squared_hinge", a=0.6, m=5,
-                  batch_size=batch_size, num_epochs=num_epochs, val_split=VAL_SPLIT[dataset],
-                  augment=None)
+  config = Config(dataset=dataset, model=model, model_kwargs=kwargs, method="laq",
+                  loss="squared_hinge", batch_size=batch_size, num_epochs=num_epochs,
+                  val_split=VAL_SPLIT[dataset])
   return apply_reading(config, reading)

@@ -14,6 +14,4 @@ from examples.imagenet_resnet18.train import Config
 
 
 def get_config() -> Config:
-  return Config(model="ResNet18", bits=1, first_last_bits=8, optimizer="blaq-m", a=0.9,
-                m=10, learning_rate=1e-3, warmup_epochs=5.0, num_epochs=100.0,
-                batch_size=256, half_precision=True, parallel="jit")
+  return Config()   # the defaults of train.Config are this setting

@@ -14,7 +14,5 @@ from examples.imagenet_resnet18.train import Config
 
 
 def get_config() -> Config:
-  return Config(model="ResNet18", bits=1, first_last_bits=8, optimizer="blaq-m", a=0.9, m=10,
-                learning_rate=2e-4, lr_schedule="exponential", lr_decay=0.95,
-                warmup_epochs=0.0, num_epochs=175.0, batch_size=256, half_precision=True,
-                parallel="jit")
+  return Config(learning_rate=2e-4, lr_schedule="exponential", warmup_epochs=0.0,
+                num_epochs=175.0)
