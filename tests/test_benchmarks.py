@@ -21,13 +21,14 @@ def test_step_time_quick(tmp_path):
     assert f"| {name} |" in table
   assert saved["results"]["blaq_1bit"]["grad_evals"] == 2
   assert saved["results"]["laq_2bit"]["grad_evals"] == 1
-  # Optimizer state: LAQ = Adam + D and one float32 scale per quantized kernel +
-  # the skipped counter.
+  # LAQ = Adam + one float32 scale per quantized kernel + the skipped counter
+  # and b2, eps (it computes D from v); BLAQ also stores D_mix for the kernels.
   kernels = [w for w in jax.tree.leaves(_tiny_params()) if w.ndim >= 2]
-  extra = sum(w.nbytes + 4 for w in kernels) + 4
   res = saved["results"]
-  assert res["laq_2bit"]["opt_state_bytes"] == res["adam"]["opt_state_bytes"] + extra
-  assert res["blaq_1bit"]["opt_state_bytes"] == res["laq_2bit"]["opt_state_bytes"]
+  laq_extra = 4 * len(kernels) + 4 + 2 * 4
+  assert res["laq_2bit"]["opt_state_bytes"] == res["adam"]["opt_state_bytes"] + laq_extra
+  assert res["blaq_1bit"]["opt_state_bytes"] == (res["laq_2bit"]["opt_state_bytes"] - 8
+                                                 + sum(w.nbytes for w in kernels))
   assert {r["ratio"] for r in saved["ratios"]} == {"laq_2bit/adam"}
   assert set(saved["components"]) == {"grad_eval", *(f"{m}:update" for m in res)}
   assert report["config"]["model"] == "mlp_tiny"
