@@ -165,6 +165,7 @@ def nearest_code(x: jax.Array, spec: QuantSpec) -> jax.Array:
 GRID_SIZE = 32   # candidate scales per level of a cold start
 GRID_LEVELS = 3  # each level searches between the neighbours of the last best
 GRID_BATCH = 8   # candidates evaluated together (a vectorised pass each)
+GRID_SAMPLE = 65536  # weights per scale group the grid evaluates (strided)
 
 
 def _compute_dtype(dtype):
@@ -183,19 +184,39 @@ def _prepare(w, curvature, where):
   return wf, d
 
 
+def _grid_sample(wf, d, per_channel):
+  """At most ``GRID_SAMPLE`` weights per scale group, evenly strided (static).
+
+  The grid only picks the basin; the alternation that follows runs on every
+  weight, so the result is a fixed point of the full problem.
+  """
+  if per_channel and wf.ndim >= 1:
+    c = wf.shape[-1]
+    rows = wf.reshape(-1, c)
+    stride = -(-rows.shape[0] // max(GRID_SAMPLE // max(c, 1), 64))
+    return rows[::stride], d.reshape(-1, c)[::stride]
+  stride = -(-wf.size // GRID_SAMPLE)
+  return wf.reshape(-1)[::stride], d.reshape(-1)[::stride]
+
+
 def _cold_start(wf, d, spec, wsum, axes):
   """Minimises ``E(alpha) = sum D (w - alpha code(w/alpha))^2`` over a grid.
 
   ``GRID_LEVELS`` geometric grids of ``GRID_SIZE`` scales, the first over
   ``[mean_D|w|/2, max|w|]``, each next one between the neighbours of the
   previous best; each level evaluates ``GRID_BATCH`` candidates per
-  vectorised pass over the weights (``lax.map``). The
+  vectorised pass (``lax.map``) over at most ``GRID_SAMPLE`` evenly strided
+  weights per scale group. The
   fixed points of the alternation are the stationary points of ``E``, so the
   alternation that follows starts next to the best one in the range.
   """
   absw = jnp.abs(wf)
   lo = 0.5 * _safe_div(wsum(d * absw), wsum(d))
   hi = jnp.maximum(jnp.max(absw, axis=axes, keepdims=True), lo)
+  out_shape = lo.shape
+  wf, d = _grid_sample(wf, d, spec.per_channel)
+  axes = _reduce_axes(wf, spec.per_channel)
+  lo, hi = lo.reshape((1,) * (wf.ndim - 1) + (-1,)), hi.reshape((1,) * (wf.ndim - 1) + (-1,))
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
 
   def error(cand):  # E at one candidate scale per group
@@ -211,7 +232,7 @@ def _cold_start(wf, d, spec, wsum, axes):
     best = jnp.argmin(err, axis=0, keepdims=True)
     pick = lambda k: jnp.take_along_axis(cands, jnp.clip(best + k, 0, GRID_SIZE - 1), 0)[0]
     lo, hi = pick(-1), pick(1)
-  return pick(0)
+  return pick(0).reshape(out_shape)
 
 
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
