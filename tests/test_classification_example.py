@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_data import write_fake_datasets
 from flax import nnx
 
 import blaq_jax as bq
 from examples import checkpointing
-from examples.classification import input_pipeline as ip
 from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import train
@@ -19,25 +19,7 @@ from examples.classification import train
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """Tiny MNIST-format and CIFAR-format data sets (learnable: class = brightness)."""
-  d = tmp_path_factory.mktemp("data")
-  rng = np.random.default_rng(0)
-
-  def images(n, shape):
-    y = rng.integers(0, 10, n)
-    x = rng.integers(0, 40, (n, *shape)) + (y * 20).reshape(-1, *[1] * len(shape))
-    return x.astype(np.uint8), y
-
-  (d / "mnist").mkdir()
-  for n, prefix in ((64, "train"), (20, "t10k")):
-    x, y = images(n, (28, 28))
-    ip.write_idx(d / "mnist" / f"{prefix}-images-idx3-ubyte.gz", x)
-    ip.write_idx(d / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", y.astype(np.uint8))
-  cifar = d / ip.CIFAR10_DIR
-  cifar.mkdir()
-  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    x, y = images(8, (32, 32, 3))
-    ip.write_cifar_batch(cifar / name, x, y)
-  return d
+  return write_fake_datasets(tmp_path_factory.mktemp("data"))
 
 
 def _config(data_dir, **kw):

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_data import write_fake_datasets
 from flax import nnx
 
 import blaq_jax as bq
 from examples import methods
-from examples.classification import input_pipeline as ip
 from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import report
@@ -21,26 +21,8 @@ from examples.classification.configs import paper
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """Tiny MNIST, Fashion-MNIST and CIFAR-10 files (class = brightness)."""
-  d = tmp_path_factory.mktemp("paper_data")
-  rng = np.random.default_rng(0)
-
-  def images(n, shape):
-    y = rng.integers(0, 10, n)
-    x = rng.integers(0, 40, (n, *shape)) + (y * 20).reshape(-1, *[1] * len(shape))
-    return x.astype(np.uint8), y
-
-  for name in ("mnist", "fashion_mnist"):
-    (d / name).mkdir()
-    for n, prefix in ((48, "train"), (16, "t10k")):
-      x, y = images(n, (28, 28))
-      ip.write_idx(d / name / f"{prefix}-images-idx3-ubyte.gz", x)
-      ip.write_idx(d / name / f"{prefix}-labels-idx1-ubyte.gz", y.astype(np.uint8))
-  cifar = d / ip.CIFAR10_DIR
-  cifar.mkdir()
-  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    x, y = images(8, (32, 32, 3))
-    ip.write_cifar_batch(cifar / name, x, y)
-  return d
+  return write_fake_datasets(tmp_path_factory.mktemp("paper_data"),
+                             ("mnist", "fashion_mnist"), (48, 16))
 
 
 def _rows(workdir):
