@@ -7,7 +7,7 @@ data-parallel in one of two modes, chosen once::
     tx = bq.blaq(lr, spec, batch_axis_name=dp.axis_name)
 
     def step(params, opt_state, x, y):
-      q = bq.quantize_params(params, spec, bq.curvature(opt_state))
+      q = bq.quantize_params(params, spec, state=opt_state)
       loss, g = jax.value_and_grad(loss_fn)(q, x, y)
       g = dp.pmean(g)                          # pmap: pmean; jit: identity
       updates, opt_state = tx.update(
