@@ -194,15 +194,3 @@ def test_normalize():
   out = ip.normalize("mnist", x)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, (1 - 0.1307) / 0.3081, rtol=1e-6)
-
-
-MNIST_DIR = ip.REPO_ROOT.parent / "shared" / "data" / "mnist"
-
-
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="the real MNIST files are not beside this checkout")
-def test_real_mnist_test_labels():
-  labels = ip.read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
-  assert labels.shape == (10000,)
-  assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
-  assert np.bincount(labels).tolist()[:2] == [980, 1135]
