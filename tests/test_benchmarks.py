@@ -65,7 +65,8 @@ def tiny_mnist(root):
 def test_convergence_tiny(tmp_path, monkeypatch):
   from examples.classification import input_pipeline as ip
   urls, md5s, _, advice = ip.IDX_DATASETS["mnist"]
-  monkeypatch.setitem(ip.IDX_DATASETS, "mnist", (urls, md5s, (), advice))  # never the default data folders
+  # No default data folders: only the fixture is read.
+  monkeypatch.setitem(ip.IDX_DATASETS, "mnist", (urls, md5s, (), advice))
   data = tiny_mnist(tmp_path / "mnist")
   out = convergence.main([
       "--datasets", "mnist", "--methods", "laq,blaq,laq_2x", "--seeds", "0",
