@@ -60,12 +60,11 @@ def init_state(state_cls, params, spec, where: str, **extra):
   """
   tree_lib.check_float_params(params, where)
   tree_lib.check_spec_matches(spec, params, where)
-  curv = tree_lib.map_with_spec(
-      lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
   scale = tree_lib.map_with_spec(
       lambda s, w: None if s is None else initial_scale(w, s), spec, params)
   if "curvature" in state_cls._fields:
-    extra["curvature"] = curv
+    extra["curvature"] = tree_lib.map_with_spec(
+        lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
   return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
                    nu=otu.tree_zeros_like(params), scale=scale,
                    skipped=jnp.zeros([], jnp.int32), **extra)

@@ -319,17 +319,6 @@ def map_none(fn: Callable[..., Any], tree, *rest):
   return jax.tree.map(leaf_fn, tree, *rest, is_leaf=is_leaf)
 
 
-def zeros_like_params(params):
-  """Zeros in each param's dtype and sharding (None and MaskedNode kept).
-
-  ``jnp.zeros_like`` of the param itself keeps an explicit sharding, which
-  ``jnp.zeros(shape)`` and zeros like a gradient of another dtype or
-  sharding would not; use it for the "skip" branch of a ``lax.cond`` whose
-  other branch returns ``new_params - params``.
-  """
-  return map_none(jnp.zeros_like, params)  # NNX Variables stay wrapped, like the updates
-
-
 def find_states(opt_state, types) -> list:
   """The nodes of ``opt_state`` that are instances of ``types``, in tree order.
 
