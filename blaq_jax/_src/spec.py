@@ -8,8 +8,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 
 from blaq_jax._src import tree as tree_lib
+from blaq_jax._src import adam_core
 from blaq_jax._src import state as state_lib
-from blaq_jax._src.quantizers import QuantSpec, quantize_with_scale, quantize
+from blaq_jax._src.quantizers import QuantSpec, quantize
 
 Override = Union[int, QuantSpec, None]
 
@@ -191,8 +192,7 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   tree_lib.check_spec_matches(spec, params, "quantize_params")
   if state is not None:
     scale = state_lib.find_field(state, "scale", "quantize_params")
-    return tree_lib.map_with_spec(
-        lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
+    return adam_core.project(spec, params, scale)
 
   def fn(s, w, d=None):
     if s is None:
