@@ -15,7 +15,7 @@ import optax
 from optax import tree_utils as otu
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
+from blaq_jax._src.quantizers import compute_dtype, fit_scale, quantize_with_scale, scale_shape
 
 
 class Hyper(NamedTuple):
@@ -75,11 +75,7 @@ def initial_scale(w, spec):
   (``jax.ShapeDtypeStruct`` leaves, e.g. a restore target): a scale <= 0 is
   replaced by a cold start at the next update."""
   if tree_lib.is_abstract(w):
-    axes = tuple(range(len(w.shape) - 1)) if spec.per_channel and w.shape else tuple(
-        range(len(w.shape)))
-    shape = tuple(1 if i in axes else n for i, n in enumerate(w.shape))
-    dtype = jnp.float32 if w.dtype in (jnp.bfloat16, jnp.float16) else w.dtype
-    return jnp.zeros(shape, dtype)
+    return jnp.zeros(scale_shape(w.shape, spec), compute_dtype(w.dtype))
   return fit_scale(w, spec)
 
 

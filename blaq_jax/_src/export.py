@@ -36,7 +36,8 @@ import numpy as np
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src import state as state_lib
-from blaq_jax._src.quantizers import QuantSpec, code_index, codes, fit_scale, nearest_code
+from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, fit_scale,
+                                      nearest_code)
 
 _META = "__meta__"
 
@@ -238,7 +239,7 @@ def _unpack_entry(packed, entry, source):
   n_scales = shape[-1] if (s.per_channel and len(shape) >= 2) else 1
   if alpha.size != n_scales:
     raise _corrupt(source, name, f"alpha has {alpha.size} scales, expected {n_scales}")
-  compute = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+  compute = compute_dtype(dtype)
   book = jnp.asarray(_codebook(s, compute))
   idx = _unpack_indices(codes, s.bits, size)
   if size and int(idx.max()) >= len(book):

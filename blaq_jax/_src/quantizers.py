@@ -125,10 +125,10 @@ class QuantSpec:
     return np.arange(-n, n + 1, dtype=np.float64) / n
 
 
-def _reduce_axes(w: jax.Array, per_channel: bool):
-  if per_channel and w.ndim >= 1:
-    return tuple(range(w.ndim - 1))
-  return tuple(range(w.ndim))
+def _reduce_axes(ndim: int, per_channel: bool):
+  if per_channel and ndim >= 1:
+    return tuple(range(ndim - 1))
+  return tuple(range(ndim))
 
 
 def _safe_div(num, den):
@@ -168,15 +168,22 @@ GRID_BATCH = 8   # candidates evaluated together (a vectorised pass each)
 GRID_SAMPLE = 65536  # weights per scale group the grid evaluates (strided)
 
 
-def _compute_dtype(dtype):
+def compute_dtype(dtype):
+  """The dtype the projection computes in: float32 for half precision."""
   return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
+
+
+def scale_shape(shape, spec: QuantSpec) -> tuple:
+  """The shape of a leaf's scale: ``shape`` with the reduced axes set to 1."""
+  axes = _reduce_axes(len(shape), spec.per_channel)
+  return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
 
 def _prepare(w, curvature, where):
   w = jnp.asarray(w)
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise TypeError(f"{where}: expected a floating array, got dtype {w.dtype}")
-  wf = jax.lax.stop_gradient(w).astype(_compute_dtype(w.dtype))
+  wf = jax.lax.stop_gradient(w).astype(compute_dtype(w.dtype))
   if curvature is None:
     d = jnp.ones_like(wf)
   else:
@@ -215,7 +222,7 @@ def _cold_start(wf, d, spec, wsum, axes):
   hi = jnp.maximum(jnp.max(absw, axis=axes, keepdims=True), lo)
   out_shape = lo.shape
   wf, d = _grid_sample(wf, d, spec.per_channel)
-  axes = _reduce_axes(wf, spec.per_channel)
+  axes = _reduce_axes(wf.ndim, spec.per_channel)
   lo, hi = lo.reshape((1,) * (wf.ndim - 1) + (-1,)), hi.reshape((1,) * (wf.ndim - 1) + (-1,))
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
 
@@ -253,7 +260,7 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
     ``(1,..,1,c)``), float32 for half-precision ``w``, else ``w``'s dtype.
   """
   wf, d = _prepare(w, curvature, "fit_scale")
-  axes = _reduce_axes(wf, spec.per_channel)
+  axes = _reduce_axes(wf.ndim, spec.per_channel)
 
   def wsum(x):
     return jnp.sum(x, axis=axes, keepdims=True)
@@ -296,7 +303,7 @@ def codes(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
   In the compute dtype (float32 for half-precision ``w``, else ``w``'s).
   """
   w = jnp.asarray(w)
-  wf = w.astype(_compute_dtype(w.dtype))
+  wf = w.astype(compute_dtype(w.dtype))
   if spec.is_binary:
     return nearest_code(wf, spec)
   return nearest_code(_safe_div(wf, jnp.asarray(alpha, wf.dtype)), spec)
@@ -308,7 +315,7 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
   Computed in the compute dtype and cast to ``w``'s dtype.
   """
   w = jnp.asarray(w)
-  alpha = jnp.asarray(alpha, _compute_dtype(w.dtype))
+  alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
   return (alpha * codes(w, spec, alpha)).astype(w.dtype)
 
 
