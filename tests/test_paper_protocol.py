@@ -224,7 +224,7 @@ def test_paper_report(tmp_path, capsys):
     for e in range(1, epochs + 1):
       r = {"epoch": e, "grad_evals": 10 * e * evals_per_step, "train_s": secs_per_epoch * e,
            "test_acc": 0.5 + 0.1 * e + 0.01 * seed, "val_acc": [0.6, 0.8, 0.7, 0.9][e - 1],
-           "loss_diff_std": 0.1, "osc_flip_frequency": 0.01}
+           "loss_diff_std": 0.1, "osc_flip_frequency": 0.01, "train_loss": 1.0 / e}
       if tracked:
         r.update(tw_window_steps=10, tw_amp_max=0.5, tw_amp_median=0.01, tw_flips_max=4,
                  tw_flips_mean=0.5, tw_flipped_frac=0.25, tw_top_amp=0.3)
@@ -252,4 +252,9 @@ def test_paper_report(tmp_path, capsys):
   # laq-as-blaq: 4 epochs; best validation at epoch 4; at 2 epochs its 2nd.
   assert cells("laq-as-blaq")[1] == "4" and cells("laq-as-blaq")[3] == "90.50 ± 0.71"
   assert cells("laq-as-blaq")[5] == "70.50 ± 0.71"
+  assert cells("laq")[11] == "60.50 ± 0.71"                # accuracy after 1 epoch
   assert "max latent amplitude" in out and "| laq | 1 | 2 | 0.500 ± 0.000" in out
+  # --plots draws the training loss (Fig. 5) and the accuracy curves per group.
+  report.main(["--runs", str(tmp_path), "--paper", "--configs", "grp",
+               "--plots", str(tmp_path / "plots")])
+  assert (tmp_path / "plots" / "grp.png").stat().st_size > 0

@@ -8,7 +8,8 @@
 the best-validation epoch and at the last; accuracy at equal epochs, at equal
 gradient evaluations and at equal training seconds, the budgets being the
 nominal ``num_epochs`` and LAQ's final gradient evaluations and seconds; the
-training-loss fluctuation) and, for runs with per-weight tracking, Table 1
+training-loss fluctuation; accuracy after 1 and ``num_epochs // 4`` epochs, for
+the early convergence of the paper's Fig. 6) and, for runs with per-weight tracking, Table 1
 (per sampled weight: latent peak-to-peak amplitude and code flips over the
 tracked window). A run directory is ``<name>_s<seed>``; ``<name>`` is the
 method, optionally with a suffix such as ``laq_2bit``.
@@ -84,14 +85,15 @@ def paper_table(group: dict) -> str:
   ref = group.get("laq") or next(iter(group.values()))
   g_budget = float(np.mean([rows[-1]["grad_evals"] for rows, _ in ref.values()]))
   t_budget = float(np.mean([rows[-1]["train_s"] for rows, _ in ref.values()]))
+  early = max(1, epochs // 4)   # early convergence (the paper's Fig. 6)
   lines = [
       f"Budgets: {epochs} epochs; {g_budget:.0f} gradient evaluations and "
       f"{t_budget:.1f} training seconds ({'LAQ' if 'laq' in group else 'first method'}'s "
       "final, mean over seeds). Accuracies in %, mean ± std over seeds.", "",
       "| method | seeds | epochs run | grad. evals | test acc. at best val. | test acc., last "
       f"| at {epochs} epochs | at {g_budget:.0f} grad. evals | at {t_budget:.1f} s "
-      "| loss fluct. (std of Δloss) | flip freq., last epoch |",
-      "|" + "---|" * 11,
+      f"| loss fluct. (std of Δloss) | flip freq., last epoch | at 1 epoch | at {early} epochs |",
+      "|" + "---|" * 13,
   ]
   for name in _order(group):
     runs = list(group[name].values())
@@ -106,7 +108,9 @@ def paper_table(group: dict) -> str:
         f"| {_cell([_at(rows, 'grad_evals', g_budget) for rows in rows_l])} "
         f"| {_cell([_at(rows, 'train_s', t_budget) for rows in rows_l])} "
         f"| {_cell(diff_std, 1.0, '{:.4f}')} "
-        f"| {_cell([rows[-1]['osc_flip_frequency'] for rows in rows_l], 1.0, '{:.2e}')} |")
+        f"| {_cell([rows[-1]['osc_flip_frequency'] for rows in rows_l], 1.0, '{:.2e}')} "
+        f"| {_cell([_at(rows, 'epoch', 1) for rows in rows_l])} "
+        f"| {_cell([_at(rows, 'epoch', early) for rows in rows_l])} |")
   return "\n".join(lines)
 
 
@@ -195,24 +199,36 @@ def table(config_runs: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(config: str, config_runs: dict, out_dir: Path) -> None:
+def plot(config: str, config_runs: dict, out_dir: Path, names=None, loss: bool = False) -> None:
+  """Test accuracy (mean over seeds) per epoch, gradient evaluation and second to
+  ``out_dir/<config>.png``; with ``loss``, first the training loss per epoch
+  (mean, shaded between the seeds' lowest and highest: the paper's Fig. 5)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for method in [m for m in METHOD_ORDER if m in config_runs]:
+  names = names or [m for m in METHOD_ORDER if m in config_runs]
+  fig, axes = plt.subplots(1, 3 + loss, figsize=(4.3 * (3 + loss), 3.6))
+  for method in names:
     runs = list(config_runs[method].values())
     n = min(len(r) for r in runs)
     acc = np.mean([[100 * r["test_acc"] for r in rows[:n]] for rows in runs], 0)
-    for ax, key in zip(axes, ("epoch", "grad_evals", "train_s")):
+    epochs = [r["epoch"] for r in runs[0][:n]]
+    if loss:
+      train = np.asarray([[r["train_loss"] for r in rows[:n]] for rows in runs])
+      line, = axes[0].plot(epochs, train.mean(0), label=method)
+      axes[0].fill_between(epochs, train.min(0), train.max(0), color=line.get_color(), alpha=0.2)
+    for ax, key in zip(axes[loss:], ("epoch", "grad_evals", "train_s")):
       x = np.mean([[r[key] for r in rows[:n]] for rows in runs], 0)
       ax.plot(x, acc, marker="o", ms=3, label=method)
-  for ax, xl in zip(axes, ("epoch", "gradient evaluations", "training seconds")):
+  if loss:
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
+    axes[0].grid(alpha=0.3)
+  for ax, xl in zip(axes[loss:], ("epoch", "gradient evaluations", "training seconds")):
     ax.set_xlabel(xl)
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  axes[-1].legend(fontsize=7)
   fig.suptitle(config)
   fig.tight_layout()
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +256,10 @@ def main(argv=None):
       if t1:
         print("\n" + t1)
       print()
+      if args.plots:
+        group = {name: {seed: rows for seed, (rows, _) in seeds.items()}
+                 for name, seeds in runs[config].items()}
+        plot(config, group, Path(args.plots), names=_order(group), loss=True)
     return
   runs = load_runs(Path(args.runs))
   for config in args.configs.split(","):

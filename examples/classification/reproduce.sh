@@ -67,14 +67,30 @@ done
 PAPER_METHODS=${PAPER_METHODS:-"fp bwn-ste laq blaq blaq-m laq-as-blaq laq-as-blaq-m"}
 SEEDS=${SEEDS:-"0 1 2"}
 
+# SCALE=cpu (the default) shrinks the LeNet5 and MLP targets to what a 2-core CPU
+# runs in about two hours (see examples/README.md); SCALE=full is the paper's size.
+SCALE=${SCALE:-cpu}
+if [[ $SCALE == cpu ]]; then
+  LENET_SCALE=(--train-subset 10000 --val-split 5000)   # 5,000 train / 5,000 val images
+  MLP_SCALE=(--train-subset 15000 --val-split 5000)     # 10,000 train / 5,000 val images
+else
+  LENET_SCALE=(); MLP_SCALE=()
+fi
+
+# Several copies of this script may run at once (e.g. one per core under
+# `taskset -c N`): each run is claimed with an atomic mkdir, so each copy takes
+# the next run nobody has started. An interrupted run resumes from its checkpoint.
 prun() {  # group name config seed [flags...]: runs/<group>/<name>_s<seed>
   local group=$1 name=$2 config=$3 seed=$4; shift 4
   local dir=runs/$group/${name}_s$seed
   mkdir -p runs/$group
   if [[ -f $dir/model_packed.npz ]]; then echo "done: $dir"; return; fi
+  if ! mkdir "$dir.claim" 2>/dev/null; then echo "taken: $dir"; return; fi
+  trap 'rmdir "'"$dir"'.claim" 2>/dev/null; exit 130' INT TERM
   echo "run: $dir"
   $PY -m examples.classification.main --config "$config" --seed "$seed" --workdir "$dir" \
     --no-progress "$@" > "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
+  rmdir "$dir.claim"; trap - INT TERM
 }
 
 paper_all_methods() {  # group config [flags...]
@@ -87,28 +103,32 @@ paper_all_methods() {  # group config [flags...]
 }
 
 MLP512='model_kwargs={"hidden": (512, 512, 512), "head_norm": True, "bn_eps_on_std": True, "bn_eps": 1e-4}'
+TRACK=(--track-weights 300 --track-last-epochs 2)   # per-weight Table 1 (1 bit) on the side
 case $what in
-  table3_mlp512) paper_all_methods paper_mnist_mlp512 paper_mnist_mlp --set "$MLP512" ;;
-  table4_lenet) paper_all_methods paper_mnist_lenet5 paper_mnist_lenet5 ;;
-  fashion_lenet) paper_all_methods paper_fashion_lenet5 paper_fashion_lenet5 ;;
+  table3_mlp512)
+    paper_all_methods paper_mnist_mlp512 paper_mnist_mlp --set "$MLP512" "${MLP_SCALE[@]}" ;;
+  table4_lenet)
+    paper_all_methods paper_mnist_lenet5 paper_mnist_lenet5 "${LENET_SCALE[@]}" "${TRACK[@]}" ;;
+  fashion_lenet)
+    paper_all_methods paper_fashion_lenet5 paper_fashion_lenet5 "${LENET_SCALE[@]}" "${TRACK[@]}" ;;
   appendix_lenet)
-    paper_all_methods paper_mnist_lenet5_appendix paper_mnist_lenet5 --schedule-reading appendix ;;
-  table1)
-    for seed in $SEEDS; do
-      for bits in 1 2 4; do
+    paper_all_methods paper_mnist_lenet5_appendix paper_mnist_lenet5 --schedule-reading appendix \
+      "${LENET_SCALE[@]}" ;;
+  table1)  # 2 and 4 bits; the 1-bit rows come from table4_lenet's runs
+    for seed in ${TABLE1_SEEDS:-0}; do
+      for bits in 2 4; do
         for method in laq blaq blaq-m; do
           prun table1_lenet5 "${method}_${bits}bit" paper_mnist_lenet5 "$seed" --method "$method" \
-            --bits "$bits" --track-weights 300 --track-last-epochs 2
+            --bits "$bits" "${LENET_SCALE[@]}" "${TRACK[@]}"
         done
       done
     done ;;
-  ablation)
-    for seed in $SEEDS; do
-      for m in 5 10; do
-        for a in 0.3 0.6 0.9; do
-          prun ablation_lenet5 "blaq-m_m${m}_a${a}" paper_mnist_lenet5 "$seed" --method blaq-m \
-            --m "$m" --a "$a"
-        done
+  ablation)  # (m, a) = (5, 0.6) is table4_lenet's blaq-m; m = 1 is its blaq (a = 0.6)
+    for seed in ${ABLATION_SEEDS:-0}; do
+      for ma in "5 0.3" "5 0.9" "10 0.3" "10 0.6" "10 0.9" "2 0.6"; do
+        set -- $ma
+        prun ablation_lenet5 "blaq-m_m${1}_a${2}" paper_mnist_lenet5 "$seed" --method blaq-m \
+          --m "$1" --a "$2" "${LENET_SCALE[@]}"
       done
     done ;;
   imagefolder)
