@@ -258,3 +258,30 @@ def test_paper_report(tmp_path, capsys):
   report.main(["--runs", str(tmp_path), "--paper", "--configs", "grp",
                "--plots", str(tmp_path / "plots")])
   assert (tmp_path / "plots" / "grp.png").stat().st_size > 0
+
+
+def test_ablation_report(tmp_path, capsys):
+  """The (m, a) grid, joined by the base group's blaq / blaq-m / laq at the same seeds."""
+
+  def write(group, name, seed, method, m, a, acc):
+    d = tmp_path / group / f"{name}_s{seed}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"method": method, "num_epochs": 1, "m": m,
+                                                "a": a}))
+    row = {"epoch": 1, "grad_evals": 10, "train_s": 1.0, "test_acc": acc, "val_acc": 0.5}
+    (d / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+
+  write("abl", "blaq-m_m10_a0.3", 0, "blaq-m", 10, 0.3, 0.91)
+  write("base", "blaq-m", 0, "blaq-m", 5, 0.6, 0.95)
+  write("base", "blaq-m", 1, "blaq-m", 5, 0.6, 0.10)     # a seed the grid lacks: left out
+  write("base", "laq", 0, "laq", 5, 0.6, 0.93)
+  report.main(["--runs", str(tmp_path), "--paper", "--configs", "ablation_x",
+               "--ablation-base", "base"])
+  assert capsys.readouterr().out == ""                   # no group of that name
+  (tmp_path / "abl").rename(tmp_path / "ablation_x")
+  report.main(["--runs", str(tmp_path), "--paper", "--configs", "ablation_x",
+               "--ablation-base", "base"])
+  rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")][1:]
+  assert [r.split("|")[1:4] + r.split("|")[4:5] for r in rows] == [
+      [" 5 ", " 0.6 ", " 1 ", " 95.00 "], [" 10 ", " 0.3 ", " 1 ", " 91.00 "],
+      [" – ", " – ", " 1 ", " 93.00 "]]

@@ -12,7 +12,9 @@ training-loss fluctuation; accuracy after 1 and ``num_epochs // 4`` epochs, for
 the early convergence of the paper's Fig. 6) and, for runs with per-weight tracking, Table 1
 (per sampled weight: latent peak-to-peak amplitude and code flips over the
 tracked window). A run directory is ``<name>_s<seed>``; ``<name>`` is the
-method, optionally with a suffix such as ``laq_2bit``.
+method, optionally with a suffix such as ``laq_2bit``. A group named
+``ablation*`` gets the ``(m, a)`` grid instead, joined by the ``blaq``,
+``blaq-m`` and ``laq`` runs of ``--ablation-base`` at the same seeds.
 
 Without ``--paper``:
 Per (config, method), over the seeds found: final test accuracy (mean ± std,
@@ -153,6 +155,33 @@ def table1(group: dict) -> Optional[str]:
   return "\n".join(lines)
 
 
+def ablation_table(group: dict, base: Optional[dict] = None, base_name: str = "") -> str:
+  """The ``(m, a)`` grid of a group of ``blaq-m`` runs; from ``base`` (the group the
+  ablation varies), its ``blaq`` (``m = 1``), ``blaq-m`` and ``laq`` at the same seeds."""
+  seeds = sorted({s for runs in group.values() for s in runs})
+  entries = []
+  for name, runs in group.items():
+    cfg = next(iter(runs.values()))[1]
+    entries.append((cfg["m"], cfg["a"], name, runs))
+  for name in ("blaq", "blaq-m", "laq"):
+    runs = {s: r for s, r in (base or {}).get(name, {}).items() if s in seeds}
+    if runs:
+      cfg = next(iter(runs.values()))[1]
+      m = {"blaq": 1, "laq": float("inf")}.get(name, cfg["m"])
+      entries.append((m, cfg["a"] if name != "laq" else None, f"{base_name}/{name}", runs))
+  lines = [f"Seeds {', '.join(map(str, seeds))}; accuracies in %.", "",
+           "| m | a | seeds | test acc. at best val. | test acc., last | grad. evals | run |",
+           "|" + "---|" * 7]
+  for m, a, name, runs in sorted(entries, key=lambda e: (e[0], e[1] or 0)):
+    rows_l = [rows for rows, _ in runs.values()]
+    lines.append(
+        f"| {'–' if m == float('inf') else m} | {'–' if a is None else a} | {len(rows_l)} "
+        f"| {_cell([_best(rows) for rows in rows_l])} "
+        f"| {_cell([rows[-1]['test_acc'] for rows in rows_l])} "
+        f"| {_mean_std([rows[-1]['grad_evals'] for rows in rows_l], fmt='{:.0f}')} | {name} |")
+  return "\n".join(lines)
+
+
 def _mean_std(xs, scale=1.0, fmt="{:.2f}"):
   xs = np.asarray(xs, float) * scale
   if len(xs) == 1:
@@ -244,6 +273,9 @@ def main(argv=None):
                       help="comma-separated sub-directories of --runs, in this order")
   parser.add_argument("--paper", action="store_true",
                       help="the paper-protocol tables (best validation, equal budgets, Table 1)")
+  parser.add_argument("--ablation-base", default="paper_mnist_lenet5",
+                      help="the group whose blaq / blaq-m / laq runs join the (m, a) grid of a "
+                           "group named ablation*")
   args = parser.parse_args(argv)
   if args.paper:
     runs = load_runs(Path(args.runs), with_config=True)
@@ -251,6 +283,10 @@ def main(argv=None):
       if config not in runs:
         continue
       print(f"### {config}\n")
+      if config.startswith("ablation"):
+        print(ablation_table(runs[config], runs.get(args.ablation_base), args.ablation_base))
+        print()
+        continue
       print(paper_table(runs[config]))
       t1 = table1(runs[config])
       if t1:
