@@ -69,8 +69,12 @@ def _periodic(o: Options, steps: int) -> int:
   return steps + lookahead_steps(o, steps)
 
 
-def _lookahead(o: Options):
+def _periodic_lookahead(o: Options):
   return bq.periodic_lookahead(o.m, o.steps_per_epoch, phase=o.lookahead_phase)
+
+
+def _every_step(o: Options):
+  return lambda step: True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,10 @@ class Method:
     reuse_trial_gradient: the step evaluates its one gradient at BLAQ's trial
       point (``blaq_contrib.blaq_reuse``) instead of at ``ŵ``.
     blend: the forward pass uses ``(1-α) w + α sg(Q(w))`` (alpha-blending).
+    lookahead: ``options -> (step -> bool)``, on which steps BLAQ's two-stage
+      update runs, decided on the host (the training loops compile a step for
+      each answer and pass it as :meth:`step`'s ``lookahead``); None for
+      methods without a lookahead gradient.
   """
 
   name: str
@@ -99,6 +107,7 @@ class Method:
   run_scale: Callable[[Options], float] = lambda o: 1.0
   reuse_trial_gradient: bool = False
   blend: bool = False
+  lookahead: Optional[Callable[[Options], Callable[[int], bool]]] = None
 
   def __post_init__(self):
     if self.forward not in FORWARDS:
@@ -114,6 +123,11 @@ class Method:
     period = o.m * o.steps_per_epoch
     return self.grad_evals(o, period) / period
 
+  def lookahead_at(self, o: Options, step: int) -> bool:
+    """Whether step ``step`` (0-based, counted by the training loop) runs the
+    two-stage update; False for methods without a lookahead."""
+    return bool(self.lookahead(o)(step)) if self.lookahead else False
+
   def weights(self, params, spec, opt_state):
     """``ŵ``: the weights the forward pass and the evaluation use."""
     if self.forward == "identity":
@@ -123,13 +137,15 @@ class Method:
     return bq.quantize_params(params, spec, state=opt_state)
 
   def step(self, tx, spec, params, opt_state, loss_fn, *, count=0, options=Options(),
-           reduce=lambda g: g):
+           reduce=lambda g: g, lookahead: bool = True):
     """One step of the method: ``(updates, opt_state, loss, aux)``.
 
     ``loss_fn(params) -> (loss, aux)`` is evaluated at ``ŵ`` (at the trial point
     for ``reuse_trial_gradient``, at the blended weights for ``blend``);
     ``count`` is the step number (alpha-blending's schedule); ``reduce`` is
-    applied to the caller's gradient (``dp.pmean`` under pmap).
+    applied to the caller's gradient (``dp.pmean`` under pmap). ``lookahead``
+    (a Python bool, static under ``jit``) False passes ``grad_fn=None``: BLAQ
+    then takes LAQ's step, at LAQ's cost (:meth:`lookahead_at` says which).
     """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if self.reuse_trial_gradient:
@@ -153,7 +169,7 @@ class Method:
       updates, opt_state = tx.update(reduce(grads), opt_state, params)
       return updates, opt_state, loss, aux
     (loss, aux), grads = value_and_grad(self.weights(params, spec, opt_state))
-    grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p)[0]
+    grad_fn = (lambda p: jax.grad(loss_fn, has_aux=True)(p)[0]) if lookahead else None
     updates, opt_state = tx.update(reduce(grads), opt_state, params, grad_fn=grad_fn)
     return updates, opt_state, loss, aux
 
@@ -182,14 +198,15 @@ _ENTRIES = (
            "loss_aware", run_scale=lambda o: 1.0 + 1.0 / o.m),
     Method("blaq", "BLAQ",
            lambda lr, spec, o: bq.blaq(lr, spec, a=o.a, batch_axis_name=o.batch_axis_name),
-           "loss_aware", grad_evals=_two),
+           "loss_aware", grad_evals=_two, lookahead=_every_step),
     Method("blaq-noskip", "BLAQ (no skip)",
            lambda lr, spec, o: bq.blaq(lr, spec, a=o.a, batch_axis_name=o.batch_axis_name,
-                                       skip_nonfinite=False), "loss_aware", grad_evals=_two),
+                                       skip_nonfinite=False), "loss_aware", grad_evals=_two,
+           lookahead=_every_step),
+    # The period is decided on the host: an off step is a LAQ step, compiled apart.
     Method("blaq-m", "BLAQ-m",
-           lambda lr, spec, o: bq.blaq(lr, spec, a=o.a, batch_axis_name=o.batch_axis_name,
-                                       lookahead_schedule=_lookahead(o)),
-           "loss_aware", grad_evals=_periodic),
+           lambda lr, spec, o: bq.blaq(lr, spec, a=o.a, batch_axis_name=o.batch_axis_name),
+           "loss_aware", grad_evals=_periodic, lookahead=_periodic_lookahead),
     Method("blaq-reuse", "BLAQ-reuse",
            lambda lr, spec, o: bq_contrib.blaq_reuse(lr, spec, a=o.a), "loss_aware",
            reuse_trial_gradient=True),

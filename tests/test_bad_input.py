@@ -133,8 +133,8 @@ CASES = [
     ("grad_fn_wrong_shape",
      lambda: _update(bq.blaq(0.1, spec()), grad_fn=lambda p: wrong_shape_grads()),
      ValueError, r"blaq.update: grad_fn's gradients leaf 'dense/kernel' has shape"),
-    ("blaq_without_grad_fn", lambda: _update(bq.blaq(0.1, spec())),
-     ValueError, r"blaq.update: the keyword argument grad_fn is required"),
+    ("blaq_grad_fn_not_callable", lambda: _update(bq.blaq(0.1, spec()), grad_fn=3),
+     TypeError, r"blaq.update: grad_fn must be a function .* or None"),
     # the helper blaq calls on grad_fn's result, directly
     ("check_grad_fn_result_pair",
      lambda: tree_lib.check_grad_fn_result((1.0, grads()), params(), "blaq.update"),

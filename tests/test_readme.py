@@ -44,3 +44,20 @@ def test_public_factories_carry_their_math_and_references():
   for fn in fns:
     doc = fn.__doc__
     assert "References:" in doc and ("::" in doc or "=" in doc), fn.__name__
+
+
+def test_host_scheduled_blaq_example_runs(capsys):
+  """The README's paper schedule (two compiled steps chosen on the host)
+  continues the usage example and keeps training."""
+  section = README.read_text().split("## Usage", 1)[1]
+  usage, schedule = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+  assert "static_argnames" in schedule and "grad_fn=None" not in schedule
+  namespace = {"steps_per_epoch": 2}
+  exec(compile(usage, str(README), "exec"), namespace)
+  before = float(capsys.readouterr().out.strip())
+  exec(compile(schedule, str(README), "exec"), namespace)
+  bq, params, state = namespace["bq"], namespace["params"], namespace["state"]
+  after = float(namespace["loss"](bq.quantize_params(params, namespace["spec"], state=state),
+                                  namespace["x"], namespace["y"]))
+  assert after <= before * 1.05
+  assert int(state.count) == 200

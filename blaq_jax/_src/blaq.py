@@ -118,11 +118,34 @@ def blaq(
 
   **The schedule.** The paper runs the two-stage step in one epoch out of
   every ``m`` (``m = 5`` on the small models, 10 on ImageNet) and plain LAQ
-  otherwise: pass ``lookahead_schedule=bq.periodic_lookahead(m,
-  steps_per_epoch)``. On the steps where the schedule is false, the update is
-  :func:`blaq_jax.laq`'s, bit for bit, and ``grad_fn`` is not evaluated (the
-  two cases are the branches of a ``lax.cond``), so such a step costs a LAQ
-  step. None (the default) runs the two-stage step on every step.
+  otherwise. A step without the lookahead is ``update(grads, state, params,
+  grad_fn=None)``: it is :func:`blaq_jax.laq`'s step, bit for bit, on the
+  same :class:`BLAQState`. So the fast way is to decide on the host, where
+  the training loop knows the step number, and to jit the step with the
+  choice static: two compiled steps, and an off step costs exactly a LAQ
+  step::
+
+    lookahead = bq.periodic_lookahead(m, steps_per_epoch)
+
+    @functools.partial(jax.jit, static_argnames="active")
+    def train_step(params, opt_state, batch, active):
+      grads = jax.grad(loss)(bq.quantize_params(params, spec, state=opt_state), batch)
+      grad_fn = (lambda p: jax.grad(loss)(p, batch)) if active else None
+      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+      return optax.apply_updates(params, updates), opt_state
+
+    for step, batch in enumerate(batches):
+      params, opt_state = train_step(params, opt_state, batch, lookahead(step))
+
+  Alternatively ``lookahead_schedule=f`` decides inside the compiled step
+  from ``state.count`` (a ``lax.cond`` whose off branch is LAQ's step and
+  skips ``grad_fn``). That is one compiled step, but it costs more: the
+  conditional copies its results, so an off step costs about two LAQ steps,
+  and on XLA:CPU an on step's convolutions run several times slower inside
+  the branch (benchmarks/README.md). A concrete bool (from
+  ``inject_hyperparams`` or a schedule of a Python int) picks the branch
+  at trace time, without the conditional. With ``grad_fn`` given and no
+  schedule, every step is two-stage.
 
   Choices where the paper is silent: ``v*`` and ``D*`` are taken from the
   pre-step moment ``v`` (both stage-1 quantities are "one step from ``w_t``");
@@ -135,8 +158,9 @@ def blaq(
   ``grad_fn`` is still evaluated on such a step.
 
   Cost: on a two-stage step, two gradient evaluations (the caller's and
-  ``grad_fn``'s) and two projections; with ``periodic_lookahead(m, ...)``
-  about ``1 + 1/m`` gradient evaluations per step on average.
+  ``grad_fn``'s) and two projections; a step with ``grad_fn=None`` costs a
+  LAQ step, so the paper's schedule costs about ``1 + 1/m`` gradient
+  evaluations per step on average.
 
   Deliberate differences from optax's conventions: BLAQ refuses to run under
   ``optax.masked`` / ``multi_transform`` (the lookahead needs the whole
@@ -152,10 +176,12 @@ def blaq(
     a: weight of the current gradient in Eq. 9-10, in [0, 1]; ``a = 1`` is
       LAQ. The paper uses 0.6 on small data sets and 0.9 on ImageNet.
     lookahead_schedule: ``f(count) -> bool``, whether step ``count`` (the
-      number of applied steps before it) runs the two-stage update; None runs
-      it on every step. See :func:`blaq_jax.periodic_lookahead`. A bool (or
-      bool array) is taken as is: ``optax.inject_hyperparams`` evaluates a
-      schedule per step and passes its value.
+      number of applied steps before it) runs the two-stage update, decided
+      inside the compiled step (see above for its cost; the fast way leaves
+      this None and passes ``grad_fn=None`` on the off steps); None: every
+      step given a ``grad_fn`` is two-stage. A bool (or bool array) is taken
+      as is: ``optax.inject_hyperparams`` evaluates a schedule per step and
+      passes its value.
     b1, b2, eps: Adam's decay rates and epsilon.
     clip: latent weights of quantized leaves are clipped to ``[-clip, clip]``.
     batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
@@ -166,7 +192,8 @@ def blaq(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
-    params, *, grad_fn)`` calls ``grad_fn`` once on two-stage steps.
+    params, *, grad_fn=None)`` calls ``grad_fn`` once on two-stage steps;
+    ``grad_fn=None`` is a step without the lookahead (LAQ's step).
     ``grad_fn(p)`` returns the gradient of the loss on the current batch at
     parameters ``p`` (a tree like ``params``), e.g. ``lambda p:
     jax.grad(loss)(p, batch)``. In ``optax.chain`` only the caller's gradient
@@ -195,11 +222,11 @@ def blaq(
     del extra_args
     if params is None:
       raise ValueError("blaq.update: params are required (pass params=...)")
-    if grad_fn is None or not callable(grad_fn):
-      raise ValueError(
-          "blaq.update: the keyword argument grad_fn is required: a function "
-          "params -> gradient of the loss on the current batch, e.g. "
-          "grad_fn=lambda p: jax.grad(loss)(p, batch)")
+    if grad_fn is not None and not callable(grad_fn):
+      raise TypeError(
+          "blaq.update: grad_fn must be a function params -> gradient of the loss on "
+          "the current batch, e.g. grad_fn=lambda p: jax.grad(loss)(p, batch), or None "
+          f"for a step without the lookahead; got {type(grad_fn).__name__}")
     core.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
     lr = core.learning_rate_at(learning_rate, state.count)
@@ -217,10 +244,14 @@ def blaq(
     def one_stage():
       return laq_step(spec, hyper, state, updates, params, lr, ok_t)
 
+    if grad_fn is None:
+      return one_stage()
     if lookahead_schedule is None:
       return two_stage()
     active = (lookahead_schedule(state.count) if callable(lookahead_schedule)
               else lookahead_schedule)
+    if isinstance(active, (bool, np.bool_)):
+      return two_stage() if active else one_stage()
     return jax.lax.cond(jnp.asarray(active, bool), two_stage, one_stage)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -19,18 +19,31 @@ Ma et al. (2024) and the LAQ reference code, by alternating
     b     <- nearest code to w / alpha           (optimal for fixed alpha)
     alpha <- sum(D b w) / sum(D b^2)             (optimal for fixed b)
 
-**to its fixed point**: until ``|Δalpha| <= tol · alpha`` for every scale, at
-most ``max_iters`` rounds, in a ``lax.while_loop`` (so it jits). Each
-half-step can only lower the objective. A cold start (:func:`quantize`, a
-transform's ``init``) first evaluates the objective at a geometric grid of
-candidate scales between ``mean_D |w| / 2`` and ``max |w|`` in one vectorised
-pass and starts the alternation from the best one, so it needs a handful of
-passes over the weights even at 8 bits, where the plain alternation from
-``mean_D |w|`` creeps towards the optimum over dozens of rounds. In training
-(:func:`blaq_jax.laq`, :func:`blaq_jax.blaq`) the alternation is warm-started
-from the previous step's scale and usually stops after one or two rounds.
+Each half-step can only lower the objective, and its fixed points are the
+stationary points of ``E(alpha) = min_b sum D (w - alpha b)^2``, which has
+many local minima (at high widths, a ripple of them). Two solvers use it:
+
+* **Cold start** (:func:`quantize`, a transform's ``init``, export): the
+  alternation run to its fixed point (``|Δalpha| <= tol · alpha`` for every
+  scale, at most ``max_iters`` rounds, in a ``lax.while_loop``) from three
+  starts: the best of a geometric grid of scales between ``mean_D |w| / 2``
+  and ``max |w|`` (``4/3 max |w|`` for log codes), ``max |w|`` itself and
+  ``mean_D |w|``. Each scale group keeps the best of the three.
+* **Warm start** (a training step of :func:`blaq_jax.laq` and
+  :func:`blaq_jax.blaq`, from the last step's scale): a fixed amount of work,
+  no loop to a tolerance. A search on a strided sample of the weights over
+  scales within a factor 2 of the last one picks the basin; below 4 bits one
+  full round follows. From 4 bits on, where the optimum depends on the few
+  largest weights that a sample misses, one pass evaluates the exact error
+  at three nearby scales and fits a parabola, and a last pass takes a round
+  from the best of that parabola's minimiser, the best of the three and
+  ``max |w|``. Every full pass reads the weights once: its sums come out of
+  one multi-output reduction (:func:`group_sums`).
+
 Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m`` (the period of
-its two-stage update, see :func:`blaq_jax.periodic_lookahead`).
+its two-stage update, see :func:`blaq_jax.periodic_lookahead`). How close
+each solver comes to the best fixed point, and what it costs, is measured by
+``python -m benchmarks.projection`` (benchmarks/README.md).
 
 The quantized weights are ``ŵ = alpha · code(w / alpha)``: given the scale,
 the map is elementwise. The scale ``alpha`` is per tensor by default, or per
@@ -66,10 +79,10 @@ class QuantSpec:
       2``) or ``"ternary"`` (``{-1, 0, 1}``, requires ``bits=2``).
     per_channel: one scale per output channel (last axis) instead of one per
       tensor.
-    tol: the alternation stops when ``|Δalpha| <= tol · alpha`` for every
-      scale (relative; the paper's Algorithm 2 uses ``1e-6``).
-    max_iters: the most rounds of the alternation (a safety cap; a cold start
-      from the grid and a warm start in training stop long before it).
+    tol: the cold start's alternations stop when ``|Δalpha| <= tol · alpha``
+      for every scale (relative; the paper's Algorithm 2 uses ``1e-6``). A
+      training step's warm start does a fixed amount of work instead.
+    max_iters: the most rounds of each cold-start alternation (a safety cap).
 
   Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m``.
   """
@@ -167,6 +180,14 @@ GRID_LEVELS = 3  # each level searches between the neighbours of the last best
 GRID_BATCH = 8   # candidates evaluated together (a vectorised pass each)
 GRID_SAMPLE = 65536  # weights per scale group the grid evaluates (strided)
 
+# The warm start of a training step: a search on a strided sample of the
+# weights around the last step's scale, then one full round.
+SEARCH_CANDIDATES = 9   # per level; odd, so the centre is always a candidate
+SEARCH_LEVELS = 4       # each level spans one candidate step of the last
+SEARCH_SPAN = 2.0       # the first level spans [alpha / 2, 2 alpha]
+SEARCH_FRACTION = 256   # the sample holds 1/256 of the weights ...
+SEARCH_MIN_SAMPLE = 16384  # ... but at least this many per scale group (or all)
+
 
 def compute_dtype(dtype):
   """The dtype the projection computes in: float32 for half precision."""
@@ -191,49 +212,113 @@ def _prepare(w, curvature, where):
   return wf, d
 
 
+def _largest_divisor(n: int, options) -> int:
+  return next(k for k in options if n % k == 0)
+
+
+def group_sums(xs, per_channel: bool):
+  """``[Σ x for x in xs]`` per scale group (reduced axes kept), in one pass.
+
+  The sums come out of one multi-output ``lax.reduce`` over blocks of the
+  flattened arrays, so the elementwise producers of ``xs`` fuse into the
+  reduction and the weights are read once; a ``jnp.sum`` per array would
+  materialise each input (on XLA:CPU they run as library reductions),
+  several passes over the weights.
+  """
+  shape = xs[0].shape
+  out = scale_shape(shape, QuantSpec(2, per_channel=per_channel))
+  zeros = tuple(jnp.zeros([], x.dtype) for x in xs)
+  add = lambda p, q: tuple(u + v for u, v in zip(p, q))
+  if per_channel and len(shape) >= 1:
+    c = shape[-1]
+    rows = xs[0].size // max(c, 1)
+    k = _largest_divisor(rows, (16, 8, 4, 2, 1))
+    blocks = (rows // k, k, c)
+    parts = jax.lax.reduce(tuple(x.reshape(blocks) for x in xs), zeros, add, (1,))
+    return [jnp.sum(p, 0).reshape(out) for p in parts]
+  size = xs[0].size
+  k = _largest_divisor(size, (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1))
+  blocks = (size // k, k)
+  parts = jax.lax.reduce(tuple(x.reshape(blocks) for x in xs), zeros, add, (1,))
+  return [jnp.sum(p).reshape(out) for p in parts]
+
+
+def _strided_sample(wf, d, per_channel, per_group: int):
+  """At most ``per_group`` weights per scale group, evenly strided (static)."""
+  if per_channel and wf.ndim >= 1:
+    c = wf.shape[-1]
+    rows = wf.reshape(-1, c)
+    stride = -(-rows.shape[0] // max(per_group, 1))
+    return rows[::stride], d.reshape(-1, c)[::stride]
+  stride = -(-wf.size // max(per_group, 1))
+  return wf.reshape(-1)[::stride], d.reshape(-1)[::stride]
+
+
 def _grid_sample(wf, d, per_channel):
-  """At most ``GRID_SAMPLE`` weights per scale group, evenly strided (static).
+  """The cold start's sample: at most ``GRID_SAMPLE`` weights per scale group
+  (at least 64 rows per channel).
 
   The grid only picks the basin; the alternation that follows runs on every
   weight, so the result is a fixed point of the full problem.
   """
-  if per_channel and wf.ndim >= 1:
-    c = wf.shape[-1]
-    rows = wf.reshape(-1, c)
-    stride = -(-rows.shape[0] // max(GRID_SAMPLE // max(c, 1), 64))
-    return rows[::stride], d.reshape(-1, c)[::stride]
-  stride = -(-wf.size // GRID_SAMPLE)
-  return wf.reshape(-1)[::stride], d.reshape(-1)[::stride]
+  c = wf.shape[-1] if per_channel and wf.ndim >= 1 else 1
+  per_group = max(GRID_SAMPLE // max(c, 1), 64) if c > 1 else GRID_SAMPLE
+  return _strided_sample(wf, d, per_channel, per_group)
+
+
+def _search_sample(wf, d, per_channel):
+  """The warm search's sample: ``1/SEARCH_FRACTION`` of each scale group's
+  weights, at least ``SEARCH_MIN_SAMPLE`` (all of a small group)."""
+  c = wf.shape[-1] if per_channel and wf.ndim >= 1 else 1
+  group = wf.size // max(c, 1)
+  return _strided_sample(wf, d, per_channel,
+                         max(group // SEARCH_FRACTION, SEARCH_MIN_SAMPLE))
+
+
+def _sample_error(ws, ds, spec):
+  """``cand -> Σ D (w - cand code(w / cand))²`` per scale group of the sample,
+  for ``cand`` of shape ``(1,..,1, groups)``."""
+  axes = _reduce_axes(ws.ndim, spec.per_channel)
+
+  def error(cand):
+    return jnp.sum(ds * (ws - cand * nearest_code(_safe_div(ws, cand), spec)) ** 2,
+                   axis=axes, keepdims=True)
+
+  return error
+
+
+def _group_row(x, ndim):
+  """A scale of shape ``(1,..,1)`` or ``(1,..,1,c)`` as ``(1,..,1, groups)``
+  of ``ndim`` axes (the sample's layout)."""
+  return x.reshape((1,) * (ndim - 1) + (-1,))
 
 
 def _cold_start(wf, d, spec, wsum, axes):
   """Minimises ``E(alpha) = sum D (w - alpha code(w/alpha))^2`` over a grid.
 
   ``GRID_LEVELS`` geometric grids of ``GRID_SIZE`` scales, the first over
-  ``[mean_D|w|/2, max|w|]``, each next one between the neighbours of the
+  ``[mean_D|w|/2, max|w|]`` (``4/3 max|w|`` for log codes, whose top code
+  takes ``|w| > 3/4 alpha``), each next one between the neighbours of the
   previous best; each level evaluates ``GRID_BATCH`` candidates per
   vectorised pass (``lax.map``) over at most ``GRID_SAMPLE`` evenly strided
-  weights per scale group. The
-  fixed points of the alternation are the stationary points of ``E``, so the
-  alternation that follows starts next to the best one in the range.
+  weights per scale group. The fixed points of the alternation are the
+  stationary points of ``E``, so the alternation that follows starts next to
+  the best one in the range.
   """
   absw = jnp.abs(wf)
   lo = 0.5 * _safe_div(wsum(d * absw), wsum(d))
-  hi = jnp.maximum(jnp.max(absw, axis=axes, keepdims=True), lo)
+  top = 4.0 / 3.0 if spec.scheme == "log" else 1.0
+  hi = jnp.maximum(top * jnp.max(absw, axis=axes, keepdims=True), lo)
   out_shape = lo.shape
-  wf, d = _grid_sample(wf, d, spec.per_channel)
-  axes = _reduce_axes(wf.ndim, spec.per_channel)
-  lo, hi = lo.reshape((1,) * (wf.ndim - 1) + (-1,)), hi.reshape((1,) * (wf.ndim - 1) + (-1,))
+  ws, ds = _grid_sample(wf, d, spec.per_channel)
+  lo, hi = _group_row(lo, ws.ndim), _group_row(hi, ws.ndim)
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
-
-  def error(cand):  # E at one candidate scale per group
-    return jnp.sum(d * (wf - cand * nearest_code(_safe_div(wf, cand), spec)) ** 2,
-                   axis=axes, keepdims=True)
+  error = _sample_error(ws, ds, spec)
 
   for _ in range(GRID_LEVELS):
     ratio = _safe_div(hi, lo)
     cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac.reshape(
-        (-1,) + (1,) * wf.ndim)
+        (-1,) + (1,) * ws.ndim)
     # A few candidates per pass: memory stays a small multiple of the leaf's.
     err = jax.lax.map(error, cands, batch_size=GRID_BATCH)
     best = jnp.argmin(err, axis=0, keepdims=True)
@@ -242,18 +327,114 @@ def _cold_start(wf, d, spec, wsum, axes):
   return pick(0).reshape(out_shape)
 
 
+def _search(wf, d, spec, alpha0):
+  """The best scale near ``alpha0`` on a strided sample of the weights.
+
+  ``SEARCH_LEVELS`` geometric grids of ``SEARCH_CANDIDATES`` scales centred
+  on the last best (the first on ``alpha0``, spanning a factor
+  ``SEARCH_SPAN`` either way); each next level
+  spans one step of the last. The centre is a candidate at every level, so
+  the sample's error never rises above ``alpha0``'s.
+  """
+  # The barrier materialises the (small, contiguous) sample once, rather than
+  # letting every candidate's evaluation gather it from the whole leaf.
+  ws, ds = jax.lax.optimization_barrier(_search_sample(wf, d, spec.per_channel))
+  error = _sample_error(ws, ds, spec)
+  centre = _group_row(alpha0, ws.ndim)
+  frac = jnp.linspace(-1.0, 1.0, SEARCH_CANDIDATES, dtype=wf.dtype).reshape(
+      (-1,) + (1,) * ws.ndim)
+  width = float(np.log(SEARCH_SPAN))
+  for level in range(SEARCH_LEVELS):
+    cands = centre[None] * jnp.exp(width * frac)
+    err = jax.vmap(error)(cands)
+    best = jnp.argmin(err, axis=0, keepdims=True)
+    centre = jnp.take_along_axis(cands, best, 0)[0]
+    width *= 2.0 / (SEARCH_CANDIDATES - 1)
+  return centre.reshape(alpha0.shape)
+
+
+def _round(wf, d, spec, alpha):
+  """One alternation round: ``Σ D b w / Σ D b²`` with ``b = code(w / alpha)``
+  (one pass; ``alpha`` is kept where a group's codes are all zero)."""
+  b = nearest_code(_safe_div(wf, alpha), spec)
+  num, den = group_sums((d * b * wf, d * b * b), spec.per_channel)
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), alpha)
+
+
+REFINE_STEP = 0.02   # the parabola's points: alpha e^{-h}, alpha, alpha e^{h}, h = this
+REFINE_BITS = 4      # widths from which the warm start refines the search's scale
+
+
+def _refine(wf, d, spec, alpha):
+  """A parabola in ``log alpha`` through the exact errors at three scales
+  around ``alpha`` (one pass: three sums in one reduction). Returns its
+  minimiser, kept within two steps of ``alpha``, and the best of the three.
+  Near the optimum the error is smooth in the scale over many weights, so
+  this finds it where the sample cannot: at high widths the optimum depends
+  on the few largest weights."""
+  h = REFINE_STEP
+  cands = (alpha * float(np.exp(-h)), alpha, alpha * float(np.exp(h)))
+  e0, e1, e2 = group_sums(
+      tuple(d * (wf - c * nearest_code(_safe_div(wf, c), spec)) ** 2 for c in cands),
+      spec.per_channel)
+  curv = e0 - 2 * e1 + e2
+  shift = jnp.where(curv > 0, 0.5 * h * (e0 - e2) / jnp.where(curv > 0, curv, 1), 0.0)
+  best = jnp.where(e0 < jnp.minimum(e1, e2), cands[0], jnp.where(e2 < e1, cands[2], alpha))
+  return alpha * jnp.exp(jnp.clip(shift, -2 * h, 2 * h)), best
+
+
+def _best_round(wf, d, spec, cands):
+  """One round from whichever of the scales ``cands`` has the lowest error
+  ``E``, in one pass: every round's sums and every error come out of one
+  reduction."""
+  terms = []
+  for alpha in cands:
+    b = nearest_code(_safe_div(wf, alpha), spec)
+    terms += [d * b * wf, d * b * b, d * (wf - alpha * b) ** 2]
+  sums = group_sums(tuple(terms), spec.per_channel)
+  num, den, err = sums[0:3]
+  alpha = cands[0]
+  for k in range(1, len(cands)):
+    better = sums[3 * k + 2] < err
+    num, den, err, alpha = (jnp.where(better, new, old) for new, old in zip(
+        (sums[3 * k], sums[3 * k + 1], sums[3 * k + 2], cands[k]), (num, den, err, alpha)))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), alpha)
+
+
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
               scale: Optional[jax.Array] = None, *, with_rounds: bool = False):
-  """The scale ``alpha`` of the projection, at the alternation's fixed point.
+  """The scale ``alpha`` of the projection ``ŵ = alpha · code(w / alpha)``.
+
+  Two modes, both minimising ``Σ D (w - alpha code(w/alpha))²``:
+
+  * **Cold** (``scale=None``: :func:`quantize`, a transform's ``init``,
+    export): the alternation run to its fixed point (``spec.tol``, at most
+    ``spec.max_iters`` rounds) from three starts, the best scale of a grid
+    search, ``max|w|`` and the weighted mean ``|w|``; each scale group keeps
+    the best of the three.
+  * **Warm** (``scale`` given: a training step, from the last step's scale):
+    a fixed amount of work (see the module docstring): a search on a strided
+    sample of the weights (``1/256`` of them, at least 16384 per scale group)
+    over scales within a factor 2 of ``scale``, then one full round below 4
+    bits, or a refinement on all the weights and a round from the best of
+    three candidates from 4 bits on. No loop runs to a tolerance, so the
+    step's cost does not depend on the weights, and the search, not a longer
+    alternation, lets ``ŵ`` follow the best fixed point as the weights move
+    (benchmarks/README.md gives its error against the alternation run to
+    convergence).
+
+  Binary codes have the closed form ``alpha = Σ D|w| / Σ D`` either way.
 
   Args:
     w: the latent weights.
     spec: the :class:`QuantSpec`.
     curvature: ``D`` (None for 1).
     scale: a warm start (the previous step's ``alpha``, shape as returned);
-      None for a cold start from the grid. Non-positive or non-finite entries
-      start from ``sum(D|w|) / sum(D)`` instead.
-    with_rounds: also return the number of alternation rounds run.
+      None for a cold start. Non-positive or non-finite entries start from
+      ``sum(D|w|) / sum(D)`` instead.
+    with_rounds: also return the number of alternation rounds run over all
+      the weights (1 for a warm start, 0 for binary codes, the most of the
+      three alternations for a cold start).
 
   Returns:
     ``alpha`` with the reduced axes kept (shape ``(1,..,1)`` or
@@ -266,35 +447,52 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
     return jnp.sum(x, axis=axes, keepdims=True)
 
   if spec.is_binary:
-    alpha = _safe_div(wsum(d * jnp.abs(wf)), wsum(d))
+    num, den = group_sums((d * jnp.abs(wf), d), spec.per_channel)
+    alpha = _safe_div(num, den)
     return (alpha, jnp.zeros([], jnp.int32)) if with_rounds else alpha
 
-  def lsq(alpha):
-    b = nearest_code(_safe_div(wf, alpha), spec)
-    return _safe_div(wsum(d * b * wf), wsum(d * b * b))
-
-  if scale is None:
-    alpha0 = _cold_start(wf, d, spec, wsum, axes)
-  else:
+  if scale is not None:
     warm = jax.lax.stop_gradient(jnp.asarray(scale, wf.dtype))
     good = jnp.isfinite(warm) & (warm > 0)
     # Where the warm start is unusable (zeros of an abstract init), start from
     # the weighted mean |w|; the grid's memory is not paid in every step.
     alpha0 = jnp.where(good, warm, _safe_div(wsum(d * jnp.abs(wf)), wsum(d)))
+    found = _search(wf, d, spec, alpha0)
+    if spec.bits < REFINE_BITS:
+      alpha = _round(wf, d, spec, found)
+    else:
+      fitted, best = _refine(wf, d, spec, found)
+      top = jnp.max(jnp.abs(wf), axis=axes, keepdims=True)
+      alpha = _best_round(wf, d, spec, (fitted, best, jnp.where(top > 0, top, best)))
+    return (alpha, jnp.ones([], jnp.int32)) if with_rounds else alpha
 
-  def cond(carry):
-    i, _, done = carry
-    return (i < spec.max_iters) & ~done
+  # Three alternations run to their fixed points, from the grid's best, from
+  # max|w| and from the weighted mean |w|; each group keeps the best.
+  absw = jnp.abs(wf)
+  starts = jnp.stack([_cold_start(wf, d, spec, wsum, axes),
+                      jnp.max(absw, axis=axes, keepdims=True),
+                      _safe_div(wsum(d * absw), wsum(d))])
 
-  def body(carry):
-    i, alpha, _ = carry
-    new = lsq(alpha)
-    done = jnp.all(jnp.abs(new - alpha) <= spec.tol * jnp.abs(new))
-    return i + 1, new, done
+  def converge(alpha0):
+    def cond(carry):
+      i, _, done = carry
+      return (i < spec.max_iters) & ~done
 
-  rounds, alpha, _ = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), alpha0,
-                                                     jnp.array(False)))
-  return (alpha, rounds) if with_rounds else alpha
+    def body(carry):
+      i, alpha, _ = carry
+      new = _round(wf, d, spec, alpha)
+      done = jnp.all(jnp.abs(new - alpha) <= spec.tol * jnp.abs(new))
+      return i + 1, new, done
+
+    rounds, alpha, _ = jax.lax.while_loop(
+        cond, body, (jnp.zeros([], jnp.int32), alpha0, jnp.array(False)))
+    err = wsum(d * (wf - alpha * nearest_code(_safe_div(wf, alpha), spec)) ** 2)
+    return alpha, err, rounds
+
+  alphas, errs, rounds = jax.vmap(converge)(starts)
+  best = jnp.argmin(errs, axis=0, keepdims=True)
+  alpha = jnp.take_along_axis(alphas, best, 0)[0]
+  return (alpha, jnp.max(rounds)) if with_rounds else alpha
 
 
 def codes(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:

@@ -376,7 +376,8 @@ class Trainer:
         "opt_state": self.tx.init(params),
     }
     self.tracker = WeightTracker(params, self.spec, config.track_weights, config.seed)
-    self.train_step = jax.jit(self._train_step)
+    # One compiled step per value of `lookahead` (blaq-m's off steps are LAQ's).
+    self.train_step = jax.jit(self._train_step, static_argnames="lookahead")
     self.eval_step = jax.jit(self._eval_step)
     # Eager (once per epoch): op-by-op evaluation gives exactly the values of
     # bq.quantize_params, which the packed export reproduces bit for bit.
@@ -392,11 +393,11 @@ class Trainer:
     loss = jnp.mean(per_example_loss(self.config.loss, logits, y))
     return loss, (nnx.state(model, nnx.BatchStat), logits)
 
-  def _train_step(self, state, x, y, step):
+  def _train_step(self, state, x, y, step, lookahead=True):
     params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
     updates, opt_state, loss, (new_stats, logits) = self.method.step(
         self.tx, self.spec, params, opt_state, lambda p: self._loss(p, batch_stats, x, y),
-        count=step, options=self.options)
+        count=step, options=self.options, lookahead=lookahead)
     tracked = None
     if self.tracker.size:
       # The codes of ŵ_t (for fp: of the plain projection of its weights).
@@ -528,7 +529,10 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   # Compile before the clock starts: train_s counts training, not compilation.
   x0, y0 = next(iter(input_pipeline.train_batches(train_x, train_y, config.batch_size,
                                                   config.seed, 1, config.augment)))
-  trainer.train_step = trainer.train_step.lower(state, x0, y0, 0).compile()
+  kinds = (False, True) if trainer.method.lookahead else (False,)
+  compiled = {on: trainer.train_step.lower(state, x0, y0, 0, lookahead=on).compile()
+              for on in kinds}
+  trainer.train_step = lambda *args, lookahead: compiled[lookahead](*args)
 
   start_epoch, step, train_s = 0, 0, 0.0
   ckpts = None
@@ -565,7 +569,8 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
     t0 = time.perf_counter()
     losses, corrects, tracked = [], [], []
     for x, y in batches:
-      state, loss, correct, tr = trainer.train_step(state, x, y, step)
+      state, loss, correct, tr = trainer.train_step(
+          state, x, y, step, lookahead=trainer.method.lookahead_at(trainer.options, step))
       losses.append(loss)
       corrects.append(correct)
       if tr is not None:

@@ -25,6 +25,7 @@ fresh. Ignored when the run resumes from its own checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -141,10 +142,15 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
   else:
     raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'exponential', "
                      f"got {config.lr_schedule!r}")
-  options = methods.Options(a=config.a, m=config.m, steps_per_epoch=steps_per_epoch,
-                            batch_axis_name=batch_axis_name)
+  options = method_options(config, steps_per_epoch, batch_axis_name)
   tx = methods.get(config.optimizer).optimizer(schedule, spec, options)
   return spec, tx, schedule
+
+
+def method_options(config: Config, steps_per_epoch: int,
+                   batch_axis_name: Optional[str] = None) -> methods.Options:
+  return methods.Options(a=config.a, m=config.m, steps_per_epoch=steps_per_epoch,
+                         batch_axis_name=batch_axis_name)
 
 
 def _path_dict(tree) -> dict:
@@ -208,12 +214,12 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, method: str = "bl
     loss = jnp.mean(cross_entropy(logits, labels))
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-  def train_step(params, batch_stats, opt_state, images, labels):
+  def train_step(params, batch_stats, opt_state, images, labels, lookahead=True):
     # The gradient at ŵ_t, pmean-ed; BLAQ's lookahead gradient g* is pmean-ed
-    # by blaq itself (batch_axis_name).
+    # by blaq itself (batch_axis_name). `lookahead` is a Python bool.
     updates, opt_state, loss, (logits, new_stats) = method.step(
         tx, spec, params, opt_state, lambda p: loss_fn(p, batch_stats, images, labels),
-        reduce=dp.pmean)
+        reduce=dp.pmean, lookahead=lookahead)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return params, new_stats, opt_state, dp.pmean(metrics)
@@ -293,7 +299,13 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
 
   train_step, eval_step = make_steps(graphdef, spec, tx, dp, dtype, config.optimizer)
   donate = (0, 1, 2) if jax.default_backend() != "cpu" else ()
-  p_train_step = dp.parallelize(train_step, batch_argnums=(3, 4), donate_argnums=donate)
+  # One compiled step with BLAQ's lookahead and one without (blaq-m's off
+  # steps, LAQ's cost); the host picks per step.
+  p_train_steps = {on: dp.parallelize(functools.partial(train_step, lookahead=on),
+                                      batch_argnums=(3, 4), donate_argnums=donate)
+                   for on in (True, False)}
+  method = methods.get(config.optimizer)
+  options = method_options(config, steps_per_epoch)
   p_eval_step = dp.parallelize(eval_step, batch_argnums=(3, 4))
 
   if config.synthetic:
@@ -336,7 +348,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   timer_step, timer_start, window = None, None, []
   for step in range(start_step, num_steps):
     batch = next(batches)
-    params, batch_stats, opt_state, metrics = p_train_step(
+    params, batch_stats, opt_state, metrics = p_train_steps[method.lookahead_at(options, step)](
         params, batch_stats, opt_state, batch["image"], batch["label"])
     window.append(metrics)
     done = step + 1

@@ -1,0 +1,71 @@
+"""The projection against the best fixed point: a float64 reference run to convergence.
+
+The reference (``benchmarks/projection.py``, numpy float64, its own rounding)
+is, per scale group, the least error of three alternations run to
+``|Δα| <= 1e-13 α``: from the weighted mean ``|w|``, from ``max|w|`` and from
+the scale under test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blaq_jax as bq
+from benchmarks import projection as ref
+from blaq_jax._src import quantizers
+
+WIDTHS = tuple(range(2, 9))
+
+
+def kernels():
+  rng = np.random.default_rng(3)
+  dense = rng.normal(size=(96, 24)) * 0.05
+  conv = rng.laplace(size=(3, 3, 8, 16)) * 0.05
+  return [(dense, rng.uniform(0.1, 2.0, dense.shape)), (conv, rng.uniform(0.1, 2.0, conv.shape))]
+
+
+@pytest.mark.parametrize("scheme", ["linear", "log"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_cold_start_reaches_the_best_fixed_point(scheme, per_channel):
+  for w, d in kernels():
+    for bits in WIDTHS:
+      spec = bq.QuantSpec(bits, scheme, per_channel=per_channel)
+      alpha = bq.fit_scale(jnp.asarray(w, jnp.float32), spec, jnp.asarray(d, jnp.float32))
+      ratios = ref.error_ratios(w, d, spec, alpha)
+      assert ratios.max() <= 1.001, (bits, w.shape, ratios.max())
+      # quantize() is the same cold start.
+      q = np.asarray(bq.quantize(jnp.asarray(w, jnp.float32), spec, jnp.asarray(d, jnp.float32)),
+                     np.float64)
+      assert float(np.sum(d * (w - q) ** 2)) <= float(np.sum(ref.best_fixed_point_error(
+          w, d, spec, alpha))) * 1.001
+
+
+def test_reference_rounding_matches_the_library(x64):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=4000) * 0.7
+  for spec in (bq.QuantSpec(3), bq.QuantSpec(5, "log"), bq.QuantSpec(8, "log"), bq.QuantSpec(2)):
+    np.testing.assert_array_equal(ref.nearest_code_np(x, spec),
+                                  np.asarray(quantizers.nearest_code(jnp.asarray(x), spec)))
+
+
+def test_group_sums_equal_plain_sums(x64):
+  rng = np.random.default_rng(1)
+  for shape in [(7,), (96, 24), (3, 3, 5, 16), (30, 1)]:
+    a, b = rng.normal(size=shape), rng.uniform(size=shape)
+    for per_channel in (False, True):
+      axes = ref.group_axes(len(shape), per_channel)
+      got = quantizers.group_sums((jnp.asarray(a), jnp.asarray(b)), per_channel)
+      np.testing.assert_allclose(got[0], np.sum(a, axis=axes, keepdims=True), rtol=1e-12)
+      np.testing.assert_allclose(got[1], np.sum(b, axis=axes, keepdims=True), rtol=1e-12)
+
+
+def test_warm_start_costs_a_fixed_number_of_rounds():
+  w = jax.random.normal(jax.random.key(0), (64, 32)) * 0.05
+  for bits in (2, 4, 8):
+    spec = bq.QuantSpec(bits)
+    cold = bq.fit_scale(w, spec)
+    alpha, rounds = bq.fit_scale(w, spec, None, 0.6 * cold, with_rounds=True)
+    assert int(rounds) == 1
+    # From a warm start 40% too small (within the search's factor 2) it finds the basin.
+    assert ref.error_ratios(np.asarray(w, np.float64), np.ones(w.shape), spec, alpha)[0] < 1.01
