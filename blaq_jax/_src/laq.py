@@ -95,9 +95,9 @@ def laq(
   scales, not ``D``: the update computes ``D`` from ``v`` where it needs it,
   so the state is Adam's plus one scale per quantized tensor (or channel).
   Leaves whose spec is None take the same Adam step without clipping. Steps
-  whose gradient, or whose new latent weights, are not finite are skipped: params, moments, scales and the
-  step count stay, ``skipped`` grows by 1; the skip is a select inside the
-  fused update, not a branch.
+  whose gradient, or whose new latent weights, are not finite are skipped:
+  params, moments, scales and the step count stay, ``skipped`` grows by 1;
+  the skip is a select inside the fused update, not a branch.
   (optax's own answer is the wrapper ``optax.apply_if_finite``; this
   transform does it itself, so that a skipped step also leaves the
   quantization state alone.)
