@@ -80,6 +80,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -543,23 +544,6 @@ class TrainingStopped(ValueError):
   """Too many steps in a row were skipped (the run diverged)."""
 
 
-def skip_count(opt_state):
-  """Steps the LAQ/BLAQ states in ``opt_state`` skipped so far (0 without one)."""
-  is_quant = lambda x: isinstance(x, (bq.LAQState, bq.BLAQState))
-  found = [x.skipped for x in jax.tree.leaves(opt_state, is_leaf=is_quant) if is_quant(x)]
-  return sum(found) if found else jnp.zeros([], jnp.int32)
-
-
-def _skip_runs(flags: np.ndarray, carried: int) -> tuple[int, int, int]:
-  """``(skipped steps, longest run of consecutive skips, run at the end)``;
-  the run continues the ``carried`` one of the epoch before."""
-  run = longest = carried
-  for f in flags:
-    run = run + 1 if f else 0
-    longest = max(longest, run)
-  return int(flags.sum()), longest, run
-
-
 def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
                        force: bool = False) -> dict:
   """Trains ``config`` writing into ``workdir``; returns the final metrics row.
@@ -620,6 +604,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
         f"{ckpts.differs}; that run is finished, so --force would train nothing and export "
         "or report a model made with the old config; use --fresh or another workdir")
   row = rows[-1] if rows else {}
+  run_hash = config_hash(config)
   consecutive = 0   # skipped steps in a row, across epochs
   # Host buffer of the tracked weights: one (w, codes, off-grid) triple per epoch.
   window = collections.deque(maxlen=config.track_last_epochs)
@@ -632,12 +617,12 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
                      mininterval=2.0)
     t0 = time.perf_counter()
     losses, corrects, tracked, skip_totals = [], [], [], []
-    skips_before = int(skip_count(state["opt_state"]))
+    skips_before = int(methods.skip_count(state["opt_state"]))
     for x, y in batches:
       state, loss, correct, tr = trainer.train_step(state, x, y, step)
       losses.append(loss)
       corrects.append(correct)
-      skip_totals.append(skip_count(state["opt_state"]))
+      skip_totals.append(methods.skip_count(state["opt_state"]))
       if tr is not None:
         tracked.append(tr)
       step += 1
@@ -646,7 +631,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
     step_losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
     skipped_flags = (np.diff(np.asarray(jax.device_get(jnp.stack(skip_totals))),
                              prepend=skips_before) > 0) | ~np.isfinite(step_losses)
-    skipped, longest, consecutive = _skip_runs(skipped_flags, consecutive)
+    skipped, longest, consecutive = methods.skip_runs(skipped_flags, consecutive)
     if longest >= config.max_consecutive_skips:
       if config.checkpoint:
         ckpts.close()
@@ -666,7 +651,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
         "loss_diff_std": float(diffs.std()) if len(diffs) else 0.0,
         "loss_diff_mean_abs": float(np.abs(diffs).mean()) if len(diffs) else 0.0,
         "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
-        "skipped_steps": skipped,
+        "skipped_steps": skipped, "config_hash": run_hash,
         **trainer.osc_stats(state),
     }
     if "val" in data:
@@ -700,15 +685,16 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   checkpointing.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
   if end_epoch == total_epochs:
     if config.export:
-      export_model(trainer, state, workdir)
+      export_model(trainer, state, workdir, run_hash)
     if config.plot:
       plot_metrics(metrics_path, workdir / "accuracy.png", title=f"{config.dataset} "
-                   f"{config.model} {config.method} {config.bits}-bit")
+                   f"{config.model} {config.method} {config.bits}-bit (config {run_hash})")
   return {"state": state, "metrics": row, "trainer": trainer, "summary": summary}
 
 
-def export_model(trainer: Trainer, state, workdir: Path) -> None:
-  """Writes ``model_packed.npz`` (bit-packed ``ŵ``) and ``size_report.txt``."""
+def export_model(trainer: Trainer, state, workdir: Path, run_hash: str = "") -> None:
+  """Writes ``model_packed.npz`` (bit-packed ``ŵ``, with the run's config hash
+  under ``"__config_hash__"``) and ``size_report.txt``, each atomically."""
   params, forward = state["params"], trainer.method.forward
   if forward == "identity":
     packed = bq.pack(params, jax.tree.map(lambda _: None, params))
@@ -716,10 +702,12 @@ def export_model(trainer: Trainer, state, workdir: Path) -> None:
     packed = bq.pack(params, trainer.spec)
   else:
     packed = bq.pack(params, trainer.spec, state=state["opt_state"])
+  packed["__config_hash__"] = np.frombuffer(run_hash.encode(), np.uint8)
   bq.save_packed(workdir / "model_packed.npz", packed)
   lines = []
   bq.size_report(packed, print_fn=lines.append)
-  (workdir / "size_report.txt").write_text("\n".join(lines) + "\n")
+  checkpointing.write_atomic(workdir / "size_report.txt",
+                             "\n".join(lines + [f"config {run_hash}"]) + "\n")
   print(lines[-1])
 
 
@@ -746,5 +734,8 @@ def plot_metrics(metrics_paths, out_path, title: str = "", labels=None) -> None:
     axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  out_path = Path(out_path)
+  tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
+  fig.savefig(tmp, dpi=100)   # then renamed: a reader never sees half a plot
+  os.replace(tmp, out_path)
   plt.close(fig)
