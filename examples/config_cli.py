@@ -177,7 +177,7 @@ def check_kwargs(config, name: str, fn, reserved=()) -> None:
   kwargs = getattr(config, name)
   if not isinstance(kwargs, dict):
     raise ValueError(f"config.{name} must be a dict, got {kwargs!r}; {_how(name)}")
-  params = inspect.signature(fn).parameters
+  params = inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     return
   allowed = [k for k, p in params.items() if k not in ("self", "rngs", *reserved)
@@ -207,8 +207,10 @@ def format_summary(title: str, summary: dict) -> str:
 
 
 # The errors a user's input causes (a bad flag value, a missing or corrupt
-# file, a workdir of another run); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, EOFError, PermissionError)
+# file, a workdir of another run, a download without a network); anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, EOFError, PermissionError,
+               ConnectionError)
 
 
 def run_main(main, argv=None) -> None:
