@@ -167,6 +167,7 @@ class Checkpoints:
                             "--force to resume anyway")
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like))).state
+        _check_fits(state, like)
       except ResumeError:
         raise
       except Exception as e:  # noqa: BLE001  (any unreadable step: fall back)
@@ -196,6 +197,18 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _check_fits(state, like) -> None:
+  """Raises ValueError unless ``state`` has ``like``'s tree, shapes and dtypes
+  (orbax may hand back the saved shapes whatever the target says)."""
+  if jax.tree.structure(state) != jax.tree.structure(like):
+    raise ValueError("the saved state has another tree structure")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(like)):
+    if tuple(getattr(a, "shape", ())) != tuple(getattr(b, "shape", ())):
+      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {a.shape}, this run's "
+                       f"{b.shape}")
 
 
 def move_aside(workdir) -> Optional[Path]:
