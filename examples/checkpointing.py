@@ -26,6 +26,7 @@ beside the example's logs. The rules, the same in every example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -232,6 +233,23 @@ def write_atomic(path, text: str) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def append_jsonl(path, row: dict) -> None:
+  """Appends ``row`` to a JSONL log by rewriting it atomically, so a run killed
+  mid-write leaves the log as it was, never a half-written last row."""
+  path = Path(path)
+  old = path.read_text() if path.exists() else ""
+  if old and not old.endswith("\n"):
+    old += "\n"
+  write_atomic(path, old + json.dumps(row) + "\n")
+
+
+def config_hash(config: dict, free: Iterable[str] = ()) -> str:
+  """A short hash of the config fields that define a run (``free`` ones left
+  out); the artifacts of a run carry it, so files of two runs are told apart."""
+  fields = {k: v for k, v in _plain(config).items() if k not in set(free)}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def directory_bytes(path) -> int:

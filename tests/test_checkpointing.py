@@ -143,3 +143,24 @@ def test_move_aside_keeps_the_old_run(tmp_path):
   (run / "x").write_text("")
   assert checkpointing.move_aside(run) == tmp_path / "run.old-2"
   assert (tmp_path / "run.old-1" / "summary.json").exists() and not run.exists()
+
+
+def test_append_jsonl_never_leaves_half_a_row(tmp_path, monkeypatch):
+  log = tmp_path / "metrics.jsonl"
+  checkpointing.append_jsonl(log, {"epoch": 1})
+  checkpointing.append_jsonl(log, {"epoch": 2})
+
+  def killed(src, dst):
+    raise KeyboardInterrupt   # a kill between writing the new file and renaming it
+
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    checkpointing.append_jsonl(log, {"epoch": 3})
+  assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_config_hash_ignores_free_fields():
+  h = checkpointing.config_hash(CONFIG, free=["data_dir"])
+  assert h == checkpointing.config_hash(dict(CONFIG, data_dir="/b"), free=["data_dir"])
+  assert h != checkpointing.config_hash(dict(CONFIG, bits=2), free=["data_dir"])
+  assert len(h) == 12

@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -534,10 +533,8 @@ def best_validation(rows: list[dict]) -> dict:
 
 
 def config_hash(config: Config) -> str:
-  """A short hash of the fields that define the run (not the free ones); every
-  artifact of a run carries it, so files of different runs cannot be mixed up."""
-  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME}
-  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  """The run's config hash (:func:`checkpointing.config_hash`, free fields left out)."""
+  return checkpointing.config_hash(dataclasses.asdict(config), FREE_ON_RESUME)
 
 
 class TrainingStopped(ValueError):
@@ -660,11 +657,9 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
       w, codes, off = (np.asarray(jax.device_get(jnp.stack(t))) for t in zip(*tracked))
       window.append((w, codes, off))
       row.update(WeightTracker.window_stats(*(np.concatenate(a) for a in zip(*window))))
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    with open(losses_path, "a") as f:
-      f.write(json.dumps({"epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
-              + "\n")
+    checkpointing.append_jsonl(metrics_path, row)
+    checkpointing.append_jsonl(losses_path, {
+        "epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
     val = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
     print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f}{val} "
           f"flip_freq {row['osc_flip_frequency']:.2e} skipped {skipped} ({train_s:.1f}s)",

@@ -25,7 +25,6 @@ fresh. Ignored when the run resumes from its own checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -319,6 +318,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   if restored is not None:
     start_step, state, _ = restored
     logging.info("resumed from %s at step %d", ckpts.directory, start_step)
+    if ckpts.differs and start_step >= num_steps:
+      raise checkpointing.ResumeError(
+          f"{ckpts.differs}; that run is finished, so --force would train nothing and "
+          "report a model made with the old config; use --fresh or another workdir")
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
@@ -358,10 +361,11 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   if is_main:   # the log holds this run only, up to the step it resumes from
     checkpointing.truncate_jsonl(log_path, "step", start_step if start_step else None)
 
+  run_hash = checkpointing.config_hash(dataclasses.asdict(config), FREE_ON_RESUME)
+
   def write(record):
     if is_main:
-      with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      checkpointing.append_jsonl(log_path, {**record, "config_hash": run_hash})
 
   summary = {"start_step": start_step, "step": start_step, "num_steps": num_steps}
   timer_step, timer_start, window = None, None, []
