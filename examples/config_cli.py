@@ -118,9 +118,10 @@ def add_resume_flags(parser) -> None:
   """``--fresh`` and ``--force``: what to do with a workdir that holds another run."""
   group = parser.add_mutually_exclusive_group()
   group.add_argument("--fresh", action="store_true",
-                     help="delete the workdir's checkpoints and logs and start over")
+                     help="move the workdir's old run aside (to WORKDIR.old-N) and start over")
   group.add_argument("--force", action="store_true",
-                     help="resume even if the saved config differs from this one")
+                     help="resume even if the saved config differs from this one (only a "
+                          "run whose saved state fits; nothing is ever deleted)")
 
 
 def apply_args(config, args, flags) -> None:
