@@ -54,6 +54,8 @@ def number(where: str, name: str, value, *, lo=None, hi=None, lo_open: bool = Fa
   what = f"{kind} {allowed}".strip() + (" or None" if none_ok else "")
   if value is None and none_ok:
     return
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value[()]   # a numpy scalar array is concrete: check its value
   if not integer and _is_array_scalar(value):
     return
   if integer:
