@@ -64,6 +64,7 @@ CLS_CASES = [
      r"'hidden'"),
     (["--set", "scheme='uniform'"], r"config.scheme must be one of \('linear', 'log', "
      r"'ternary'\), got 'uniform'"),
+    (["--set", "augment='flip'"], r"config.augment must be one of \(None, 'crop_flip'\)"),
     (["--method", "sgd"], None),   # argparse's own choices (exit 2, usage on stderr)
 ]
 
@@ -131,6 +132,9 @@ IMAGENET_CASES = [
     (["--num-train-steps", "0"], r"config.num_train_steps must be an int >= 1, got 0"),
     (["--set", "first_last_bits=12"], r"config.first_last_bits must be an int >= 1 and <= 8"),
     (["--set", "max_consecutive_skips=0"], r"config.max_consecutive_skips must be an int >= 1"),
+    (["--set", "model='ResNet99'"], r"config.model must be one of \('ResNet1', "),
+    (["--init-from", "/nonexistent/params.npz"],
+     r"config.init_from '/nonexistent/params.npz' does not exist"),
 ]
 
 

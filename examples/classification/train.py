@@ -211,6 +211,7 @@ class Config:
     check(self, "blend_end", lo=0, hi=1, lo_open=True)
     check(self, "lr_decay", lo=0, lo_open=True)
     config_cli.check_choice(self, "scheme", ("linear", "log", "ternary"))
+    config_cli.check_choice(self, "augment", (None, "crop_flip"))
     config_cli.check_kwargs(self, "model_kwargs", models.MODELS[self.model])
     return self
 

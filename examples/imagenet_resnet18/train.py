@@ -126,6 +126,10 @@ class Config:
       if value != -1:
         check(self, name, lo=1, integer=True)
     config_cli.check_choice(self, "scheme", ("linear", "log", "ternary"))
+    config_cli.check_choice(self, "model", tuple(sorted(models.MODELS)))
+    if self.init_from and not os.path.exists(self.init_from):
+      raise ValueError(f"config.init_from {self.init_from!r} does not exist; pass an .npz "
+                       "or an orbax step directory with --init-from")
     if not self.synthetic and not self.data_dir:
       raise ValueError("config.data_dir is empty; pass --data-dir DIR (an ImageFolder "
                        "root with train/ and val/) or --synthetic")
