@@ -420,6 +420,11 @@ def test_traced_hyperparameters_are_not_checked_by_value():
   state = tx.init(params())
   updates, _ = jax.jit(lambda s: tx.update(grads(), s, params()))(state)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  # A traced NaN learning rate is not refused, but its step is skipped and counted.
+  state.hyperparams["learning_rate"] = jnp.asarray(jnp.nan)
+  updates, state = jax.jit(lambda s: tx.update(grads(), s, params()))(state)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params()))
+  assert int(state.inner_state.skipped) == 1 and int(state.inner_state.count) == 0
 
 
 def test_state_of_the_same_spec_still_packs():
