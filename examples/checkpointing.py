@@ -8,18 +8,25 @@ beside the example's logs. The rules, the same in every example:
   it when complete, so a run killed during a save leaves the previous steps
   intact; leftover temporary directories are removed when the manager opens.
 * **Fallback.** If the latest step cannot be read (a truncated or emptied
-  file), it is deleted with a one-line warning and the previous one is used.
+  file), the previous one is used (with a one-line warning), and the
+  unreadable one is deleted only then. If no step can be read, the run
+  stops with one line; nothing is deleted.
 * **Resume checks the config.** A run resumes from the latest step only if its
   config equals the saved one, except for the fields the example lists as
   free (paths, logging, how far to run); otherwise it stops with one line
-  naming the first differing field. ``force=True`` resumes anyway (with the
-  new config), ``fresh=True`` deletes the old run and starts over.
+  naming the first differing field (:meth:`Checkpoints.check_config` checks
+  this from the JSON record alone, before any data is loaded).
+  ``force=True`` resumes anyway (with the new config) if the saved state fits
+  the new run, and otherwise stops naming the field, deleting nothing;
+  ``fresh=True`` starts over (the examples move the old run aside first,
+  :func:`move_aside`).
 * **Never mixes.** A new run in a directory holding another run's checkpoints
   is such a mismatch; logs are cut back to the step resumed from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -89,6 +96,7 @@ class Checkpoints:
     self._ocp = ocp
     self.directory = Path(directory).resolve()
     self.config, self.free, self.force = _plain(config), tuple(free), force
+    self.differs = None   # after a forced restore: what differed from the saved config
     if jax.process_index() == 0:
       if fresh and self.directory.exists():
         shutil.rmtree(self.directory)
@@ -105,45 +113,143 @@ class Checkpoints:
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"config": self.config, **meta})), force=True)
 
+  def _mismatch(self, meta) -> Optional[str]:
+    """The one-line description of the first differing config field, or None."""
+    field = config_mismatch(meta["config"], self.config, self.free)
+    if field is None:
+      return None
+    return (f"{self.directory} holds a run with {field}="
+            f"{meta['config'].get(field, '<unset>')!r}, this run has {field}="
+            f"{self.config.get(field, '<unset>')!r}")
+
+  def check_config(self) -> None:
+    """Refuses a changed config from the latest step's JSON record alone (no
+    arrays are read), so that a run stops before it loads data or compiles.
+
+    Raises:
+      ResumeError: the saved config differs (unless ``force``).
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps or self.force:
+      return
+    try:
+      meta = self.manager.restore(steps[0], args=self._ocp.args.Composite(
+          meta=self._ocp.args.JsonRestore())).meta
+    except Exception:  # noqa: BLE001  (unreadable: restore() decides)
+      return
+    differs = self._mismatch(meta)
+    if differs:
+      raise ResumeError(f"{differs}; use another workdir, --fresh to start over, or "
+                        "--force to resume anyway")
+
   def restore(self, like) -> Optional[tuple[int, Any, dict]]:
     """``(step, state, meta)`` of the latest readable step, or None if there is none.
 
-    ``like`` is a pytree with the state's structure, shapes and dtypes.
+    ``like`` is a pytree with the state's structure, shapes and dtypes. A
+    newer step that cannot be read is deleted only once an older one has been
+    restored; nothing is deleted otherwise.
 
     Raises:
-      ResumeError: the saved config differs from this run's (unless ``force``).
+      ResumeError: the saved config differs from this run's (unless
+        ``force``); with ``force``, a saved state that does not fit this
+        run's (another model or method); every step is unreadable (start
+        over with ``fresh``).
     """
     ocp = self._ocp
+    unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      differs = None
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta
-        field = config_mismatch(meta["config"], self.config, self.free)
-        if field is not None and not self.force:
-          raise ResumeError(
-              f"{self.directory} holds a run with {field}="
-              f"{meta['config'].get(field, '<unset>')!r}, this run has {field}="
-              f"{self.config.get(field, '<unset>')!r}; use another workdir, --fresh to "
-              "start over, or --force to resume anyway")
+        differs = self._mismatch(meta)
+        if differs is not None and not self.force:
+          raise ResumeError(f"{differs}; use another workdir, --fresh to start over, or "
+                            "--force to resume anyway")
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like))).state
+        _check_fits(state, like)
       except ResumeError:
         raise
       except Exception as e:  # noqa: BLE001  (any unreadable step: fall back)
-        logging.warning("checkpoint %s/%d is unreadable (%s: %s); deleting it and "
-                        "trying the previous one", self.directory, step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if differs is not None:
+          raise ResumeError(f"{differs}, and its saved state does not fit this run's "
+                            f"({reason}); --force resumes only a compatible run: use "
+                            "another workdir or --fresh") from None
+        logging.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
+                        self.directory, step, reason)
         print(f"checkpoint step {step} is unreadable ({type(e).__name__}); "
               "falling back to the previous one")
-        self.manager.delete(step)
+        unreadable.append((step, reason))
         continue
+      for bad, _ in unreadable:
+        self.manager.delete(bad)
       meta.pop("config", None)
+      self.differs = differs
       return step, state, meta
+    if unreadable:
+      steps = [s for s, _ in unreadable]
+      raise ResumeError(f"{self.directory}: every checkpoint ({steps}) is unreadable "
+                        f"({unreadable[0][1]}); nothing was deleted; use --fresh to start "
+                        "over (the old run is moved aside)")
     return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _check_fits(state, like) -> None:
+  """Raises ValueError unless ``state`` has ``like``'s tree, shapes and dtypes
+  (orbax may hand back the saved shapes whatever the target says)."""
+  if jax.tree.structure(state) != jax.tree.structure(like):
+    raise ValueError("the saved state has another tree structure")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(like)):
+    if tuple(getattr(a, "shape", ())) != tuple(getattr(b, "shape", ())):
+      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {a.shape}, this run's "
+                       f"{b.shape}")
+
+
+def move_aside(workdir) -> Optional[Path]:
+  """Renames a non-empty ``workdir`` to ``<workdir>.old-<n>`` (the first
+  free ``n``) before a fresh run writes anything; returns the new path (None
+  if there was nothing to move). Nothing of the old run is deleted."""
+  workdir = Path(workdir)
+  if not workdir.is_dir() or not any(workdir.iterdir()):
+    return None
+  n = 1
+  while (aside := workdir.with_name(f"{workdir.name}.old-{n}")).exists():
+    n += 1
+  workdir.rename(aside)
+  print(f"--fresh: moved the old run in {workdir} to {aside}")
+  return aside
+
+
+def write_atomic(path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def append_jsonl(path, row: dict) -> None:
+  """Appends ``row`` to a JSONL log by rewriting it atomically, so a run killed
+  mid-write leaves the log as it was, never a half-written last row."""
+  path = Path(path)
+  old = path.read_text() if path.exists() else ""
+  if old and not old.endswith("\n"):
+    old += "\n"
+  write_atomic(path, old + json.dumps(row) + "\n")
+
+
+def config_hash(config: dict, free: Iterable[str] = ()) -> str:
+  """A short hash of the config fields that define a run (``free`` ones left
+  out); the artifacts of a run carry it, so files of two runs are told apart."""
+  fields = {k: v for k, v in _plain(config).items() if k not in set(free)}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def directory_bytes(path) -> int:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import inspect
+import math
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Union
 
 
@@ -115,9 +118,10 @@ def add_resume_flags(parser) -> None:
   """``--fresh`` and ``--force``: what to do with a workdir that holds another run."""
   group = parser.add_mutually_exclusive_group()
   group.add_argument("--fresh", action="store_true",
-                     help="delete the workdir's checkpoints and logs and start over")
+                     help="move the workdir's old run aside (to WORKDIR.old-N) and start over")
   group.add_argument("--force", action="store_true",
-                     help="resume even if the saved config differs from this one")
+                     help="resume even if the saved config differs from this one (only a "
+                          "run whose saved state fits; nothing is ever deleted)")
 
 
 def apply_args(config, args, flags) -> None:
@@ -129,6 +133,67 @@ def apply_args(config, args, flags) -> None:
       setattr(config, name, parse_value(config, name, value, source=flag))
   for item in args.set:
     set_field(config, item)
+
+
+def _how(name: str) -> str:
+  return f"set it with --{name.replace('_', '-')} or --set {name}=VALUE"
+
+
+def check_number(config, name: str, *, lo=None, hi=None, lo_open: bool = False,
+                 none_ok: bool = False, integer: bool = False) -> None:
+  """Raises a one-line ValueError unless ``config.<name>`` is a finite number in
+  range (``lo``/``hi``; ``lo_open``: ``> lo``), an int if ``integer``, or None
+  if ``none_ok``. The message names the field, the allowed values and the flag."""
+  value = getattr(config, name)
+  if value is None and none_ok:
+    return
+  kind = "an int" if integer else "a number"
+  rng = []
+  if lo is not None:
+    rng.append(f"{'>' if lo_open else '>='} {lo}")
+  if hi is not None:
+    rng.append(f"<= {hi}")
+  allowed = f"{kind} {' and '.join(rng)}".strip() + (" or None" if none_ok else "")
+  bad = isinstance(value, bool) or not isinstance(value, (int, float))
+  if integer and not bad and isinstance(value, float):
+    bad = True
+  if not bad:
+    bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open
+                                                             else value < lo))
+           or (hi is not None and value > hi))
+  if bad:
+    raise ValueError(f"config.{name} must be {allowed}, got {value!r}; {_how(name)}")
+
+
+def check_choice(config, name: str, options) -> None:
+  value = getattr(config, name)
+  if value not in options:
+    raise ValueError(f"config.{name} must be one of {tuple(options)}, got {value!r}; "
+                     f"{_how(name)}")
+
+
+def check_kwargs(config, name: str, fn, reserved=()) -> None:
+  """``config.<name>`` (a dict of keyword arguments for ``fn``) names only
+  parameters of ``fn`` (``reserved`` ones are set by the example itself)."""
+  kwargs = getattr(config, name)
+  if not isinstance(kwargs, dict):
+    raise ValueError(f"config.{name} must be a dict, got {kwargs!r}; {_how(name)}")
+  params = inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  allowed = [k for k, p in params.items() if k not in ("self", "rngs", *reserved)
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  unknown = [k for k in kwargs if k not in allowed]
+  if unknown:
+    raise ValueError(f"config.{name} has unknown key(s) {unknown}; allowed: {allowed}")
+
+
+def check_workdir(workdir) -> None:
+  """A workdir that exists must be a directory."""
+  path = Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir {str(path)!r} is a file, not a directory; pass a "
+                     "directory (it is created if missing)")
 
 
 def format_summary(title: str, summary: dict) -> str:
@@ -143,8 +208,10 @@ def format_summary(title: str, summary: dict) -> str:
 
 
 # The errors a user's input causes (a bad flag value, a missing or corrupt
-# file, a workdir of another run); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, EOFError, PermissionError)
+# file, a workdir of another run, a download without a network); anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, EOFError, PermissionError,
+               ConnectionError)
 
 
 def run_main(main, argv=None) -> None:

@@ -224,3 +224,21 @@ def get(name: str) -> Method:
   if method is None:
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
   return method
+
+
+def skip_count(opt_state):
+  """Steps the LAQ/BLAQ states in ``opt_state`` skipped so far (non-finite
+  gradients or weights); 0 for the methods without such a state."""
+  is_quant = lambda x: isinstance(x, (bq.LAQState, bq.BLAQState))
+  found = [x.skipped for x in jax.tree.leaves(opt_state, is_leaf=is_quant) if is_quant(x)]
+  return sum(found) if found else jax.numpy.zeros([], jax.numpy.int32)
+
+
+def skip_runs(flags, carried: int) -> tuple[int, int, int]:
+  """``(skipped steps, longest run of consecutive skips, run at the end)`` of
+  per-step ``flags``; the run continues the ``carried`` one before them."""
+  run = longest = carried
+  for f in flags:
+    run = run + 1 if f else 0
+    longest = max(longest, run)
+  return int(sum(bool(f) for f in flags)), longest, run

@@ -6,6 +6,7 @@ regex must match the message, which must be a single line.
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +59,45 @@ def _not_npz(tmp):
   path = tmp / "model.npz"
   path.write_text("not a zip")
   return bq.unpack(path)
+
+
+def rand_params():
+  """Params whose 1- and 2-bit scales differ (``params()`` is constant)."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {"dense": {"kernel": jax.random.normal(k1, (8, 6)) * 0.3, "bias": jnp.zeros(6)},
+          "head": {"kernel": jax.random.normal(k2, (6, 3)) * 0.3, "bias": jnp.zeros(3)}}
+
+
+def _pack_with_state_of(bits_state, bits_spec, per_channel=False):
+  p = rand_params()
+  state = bq.laq(0.1, bq.quant_spec(p, bits=bits_state, per_channel=per_channel)).init(p)
+  return bq.pack(p, bq.quant_spec(p, bits=bits_spec), state=state)
+
+
+def _quantize_params_other_state():
+  other = {"w": jnp.ones((3, 3))}
+  state = bq.laq(0.1, bq.quant_spec(other, bits=1)).init(other)
+  return bq.quantize_params(params(), spec(), state=state)
+
+
+def _truncated_file(tmp, fn):
+  path = tmp / "cut.npz"
+  bq.save_packed(path, bq.pack(params(), spec()))
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  return fn(path)
+
+
+def _nan_params():
+  p = params()
+  p["dense"]["kernel"] = p["dense"]["kernel"].at[0, 0].set(jnp.nan)
+  return p
+
+
+def int_grads():
+  g = grads()
+  g["head"]["kernel"] = jnp.ones((4, 2), jnp.int32)
+  return g
 
 
 def wrong_shape_grads():
@@ -169,6 +209,117 @@ CASES = [
      r"the packed model: \['w'\]"),
     ("unpack_not_packed", lambda: bq.unpack({"x": np.zeros(1)}),
      ValueError, r"unpack: not a packed model"),
+    # learning rates
+    ("laq_lr_nan", lambda: bq.laq(float("nan"), spec()),
+     ValueError, r"laq: learning_rate must be finite"),
+    ("laq_lr_inf", lambda: bq.laq(float("inf"), spec()),
+     ValueError, r"laq: learning_rate must be finite"),
+    ("laq_lr_negative", lambda: bq.laq(-1.0, spec()),
+     ValueError, r"laq: learning_rate must be >= 0.0, got -1.0"),
+    ("laq_lr_string", lambda: bq.laq("0.1", spec()),
+     TypeError, r"laq: learning_rate must be a number or a schedule"),
+    ("blaq_lr_nan", lambda: bq.blaq(float("nan"), spec()),
+     ValueError, r"blaq: learning_rate must be finite"),
+    ("blaq_lr_negative_schedule",
+     lambda: bq.blaq(optax.constant_schedule(-0.1), spec()),
+     ValueError, r"blaq: learning_rate is a schedule whose value at step 0 is -0.1"),
+    ("blaq_lr_nan_schedule",
+     lambda: bq.blaq(lambda count: jnp.nan * count, spec()),
+     ValueError, r"blaq: learning_rate is a schedule whose value at step 0 is nan"),
+    ("blaq_reuse_lr_inf",
+     lambda: __import__("blaq_jax.contrib", fromlist=["x"]).blaq_reuse(float("inf"), spec()),
+     ValueError, r"blaq_reuse: learning_rate must be finite"),
+    ("blaq_model_lr_negative",
+     lambda: __import__("blaq_jax.contrib", fromlist=["x"]).blaq_model(-1e-3, spec()),
+     ValueError, r"blaq_model: learning_rate must be >= 0.0"),
+    # other hyperparameters: typed and in range
+    ("blaq_a_string", lambda: bq.blaq(0.1, spec(), a="0.6"),
+     TypeError, r"blaq: a must be a number in \[0, 1\], got '0.6'"),
+    ("blaq_a_nan", lambda: bq.blaq(0.1, spec(), a=float("nan")),
+     ValueError, r"blaq: a must be finite"),
+    ("laq_b1_string", lambda: bq.laq(0.1, spec(), b1="0.9"),
+     TypeError, r"laq: b1 must be a number in \[0, 1\)"),
+    ("laq_b2_one", lambda: bq.laq(0.1, spec(), b2=1.0),
+     ValueError, r"laq: b2 must be in \[0, 1\), got 1.0"),
+    ("laq_eps_negative", lambda: bq.laq(0.1, spec(), eps=-1e-8),
+     ValueError, r"laq: eps must be >= 0"),
+    ("blaq_clip_nan", lambda: bq.blaq(0.1, spec(), clip=float("nan")),
+     ValueError, r"blaq: clip must be finite"),
+    ("laq_skip_nonfinite_string", lambda: bq.laq(0.1, spec(), skip_nonfinite="no"),
+     TypeError, r"laq: skip_nonfinite must be True or False"),
+    ("ste_clip_string", lambda: bq.ste(optax.adam(0.1), spec(), clip="1"),
+     TypeError, r"ste: clip must be a number > 0 or None"),
+    ("freezing_threshold_negative", lambda: bq.freeze_oscillations(-1, spec()),
+     ValueError, r"freeze_oscillations: threshold must be >= 0.0, got -1"),
+    ("freezing_threshold_nan", lambda: bq.freeze_oscillations(float("nan"), spec()),
+     ValueError, r"freeze_oscillations: threshold must be finite"),
+    ("dampening_weight_inf", lambda: bq.add_oscillation_dampening(float("inf"), spec()),
+     ValueError, r"add_oscillation_dampening: weight must be finite"),
+    ("tracking_window_string", lambda: bq.track_oscillations(spec(), window="5"),
+     ValueError, r"track_oscillations: window must be an int >= 1"),
+    # QuantSpec fields
+    ("quantspec_per_channel_string", lambda: bq.QuantSpec(2, per_channel="yes"),
+     TypeError, r"QuantSpec: per_channel must be True or False, got 'yes'"),
+    ("quantspec_tol_string", lambda: bq.QuantSpec(2, tol="1e-6"),
+     TypeError, r"QuantSpec: tol must be a float"),
+    ("quantspec_scheme_not_str", lambda: bq.QuantSpec(2, scheme=2),
+     ValueError, r"QuantSpec: unknown scheme 2"),
+    ("quant_spec_per_channel_string",
+     lambda: bq.quant_spec(params(), bits=2, per_channel="yes"),
+     TypeError, r"QuantSpec: per_channel must be True or False"),
+    # quant_spec patterns
+    ("include_invalid_regex", lambda: bq.quant_spec(params(), bits=1, include="dense("),
+     ValueError, r"quant_spec: include='dense\(' is not a valid regular expression"),
+    ("override_invalid_regex", lambda: bq.quant_spec(params(), bits=1, overrides={"[": 8}),
+     ValueError, r"quant_spec: overrides key='\[' is not a valid regular expression"),
+    ("overrides_not_a_dict", lambda: bq.quant_spec(params(), bits=1, overrides=[("a", 8)]),
+     TypeError, r"quant_spec: overrides must be a dict"),
+    # curvature
+    ("quantize_negative_curvature",
+     lambda: bq.quantize(jnp.ones(4), bq.QuantSpec(2), -jnp.ones(4)),
+     ValueError, r"quantize: curvature has non-positive entries"),
+    ("quantize_nan_curvature",
+     lambda: bq.quantize(jnp.ones(4), bq.QuantSpec(2), jnp.full(4, jnp.nan)),
+     ValueError, r"quantize: curvature has non-finite entries"),
+    ("quantize_params_zero_curvature",
+     lambda: bq.quantize_params(params(), spec(), jax.tree.map(jnp.zeros_like, params())),
+     ValueError, r"quantize_params: curvature at 'dense/kernel' has non-positive entries"),
+    ("quantize_params_curvature_wrong_tree",
+     lambda: bq.quantize_params(params(), spec(), {"w": jnp.ones(3)}),
+     ValueError, r"quantize_params: curvature does not have the tree structure of params"),
+    # gradients must be floating
+    ("laq_int_updates", lambda: _update(bq.laq(0.1, spec()), int_grads()),
+     TypeError, r"laq.update: updates leaf 'head/kernel' has dtype int32"),
+    ("grad_fn_int_gradients",
+     lambda: _update(bq.blaq(0.1, spec()), grad_fn=lambda p: int_grads()),
+     TypeError, r"blaq.update: grad_fn's gradients leaf 'head/kernel' has dtype int32"),
+    # a state that does not belong to the spec or the model
+    ("pack_state_of_other_width", lambda: _pack_with_state_of(1, 2),
+     ValueError, r"pack: the optimizer state's scale for 'dense/kernel' does not fit its spec"),
+    ("pack_state_of_2bit_for_1bit", lambda: _pack_with_state_of(2, 1),
+     ValueError, r"pack: the optimizer state's scale for 'dense/kernel' does not fit its spec"),
+    ("pack_state_per_channel", lambda: _pack_with_state_of(1, 1, per_channel=True),
+     ValueError, r"pack: the optimizer state has a scale of shape \(1, 6\) for "
+     r"'dense/kernel', its spec needs shape \(1, 1\)"),
+    ("quantize_params_state_of_other_model", _quantize_params_other_state,
+     ValueError, r"quantize_params: the optimizer state's scales do not have the tree "
+     r"structure of the spec and params"),
+    # unpack(like=...) shapes
+    ("unpack_like_wrong_shape",
+     lambda: bq.unpack(bq.pack(params(), spec()),
+                       like={**params(), "head": {"kernel": jnp.ones((2, 4)),
+                                                  "bias": jnp.zeros(2)}}),
+     ValueError, r"unpack: leaf 'head/kernel' was packed with shape \(4, 2\), `like` has "
+     r"\(2, 4\)"),
+    ("size_report_edited", lambda: bq.size_report(_packed(shape=[4, 3]), print_fn=None),
+     ValueError, r"size_report: leaf 'dense/kernel': its sha256 does not match"),
+    ("size_report_short_codes", lambda: bq.size_report(_short_codes(), print_fn=None),
+     ValueError, r"size_report: leaf 'dense/kernel'"),
+    ("save_packed_not_packed", lambda: bq.save_packed("/nonexistent/x.npz", {"a": 1}),
+     ValueError, r"save_packed: '/nonexistent/x.npz': packed must be the dict"),
+    # non-finite latent weights outside jit
+    ("quantize_params_nan_latent", lambda: bq.quantize_params(_nan_params(), spec()),
+     ValueError, r"quantize_params: latent weight 'dense/kernel' has NaN or inf entries"),
 ]
 
 
@@ -197,3 +348,94 @@ def test_unpack_names_the_file(tmp_path):
 def test_intact_packed_data_still_loads():
   restored = bq.unpack(_packed(), like=params())
   np.testing.assert_array_equal(restored["head"]["bias"], params()["head"]["bias"])
+
+
+@pytest.mark.parametrize("fn", [bq.unpack, bq.load_packed,
+                                lambda p: bq.size_report(p, print_fn=None)],
+                         ids=["unpack", "load_packed", "size_report"])
+def test_truncated_file_is_named(tmp_path, fn):
+  with pytest.raises(ValueError) as info:
+    _truncated_file(tmp_path, fn)
+  message = str(info.value)
+  assert "\n" not in message, message
+  assert "cut.npz" in message and "is not a packed model" in message, message
+
+
+def test_save_packed_is_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "model.npz"
+  bq.save_packed(path, bq.pack(params(), spec()))
+  before = path.read_bytes()
+
+  def broken_savez(f, **arrays):
+    f.write(b"PK partial")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", broken_savez)
+  with pytest.raises(OSError, match="disk full"):
+    bq.save_packed(path, bq.pack(params(), spec()))
+  assert path.read_bytes() == before
+  assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left
+
+
+def test_integer_leaves_get_no_spec():
+  p = {"w": jnp.ones((3, 3)), "steps": jnp.zeros((3, 3), jnp.int32),
+       "mask": jnp.ones((3, 3), bool)}
+  s = bq.quant_spec(p, bits=2, include=".")
+  assert s["w"] == bq.QuantSpec(2) and s["steps"] is None and s["mask"] is None
+
+
+def test_quantize_params_keeps_nan_visible_under_jit():
+  q = jax.jit(lambda p: bq.quantize_params(p, spec()))(_nan_params())
+  assert np.isnan(q["dense"]["kernel"][0, 0])
+  np.testing.assert_array_equal(q["head"]["kernel"], bq.quantize_params(params(), spec())[
+      "head"]["kernel"])
+  state = bq.laq(0.1, spec()).init(params())
+  q = jax.jit(lambda p, s: bq.quantize_params(p, spec(), state=s))(_nan_params(), state)
+  assert np.isnan(q["dense"]["kernel"][0, 0])
+  assert np.all(q["dense"]["kernel"].reshape(-1)[1:] != 0)
+
+
+@pytest.mark.parametrize("make", [lambda: bq.laq(0.1, spec(), eps=0.0),
+                                  lambda: bq.blaq(0.1, spec(), eps=0.0)], ids=["laq", "blaq"])
+def test_step_to_nonfinite_latent_is_skipped(make):
+  # eps = 0 and a zero gradient: m / D = 0 / 0, the new latent weights are NaN.
+  tx, p = make(), params()
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  state = tx.init(p)
+  updates, new_state = jax.jit(
+      lambda s: tx.update(zeros, s, p, grad_fn=lambda _: zeros))(state)
+  chex.assert_trees_all_equal(updates, zeros)
+  assert int(new_state.skipped) == 1 and int(new_state.count) == 0
+  chex.assert_trees_all_equal(new_state.mu, state.mu)
+  chex.assert_trees_all_equal(new_state.scale, state.scale)
+  # A finite step afterwards is applied.
+  updates, new_state = tx.update(grads(), new_state, p, grad_fn=lambda _: grads())
+  assert int(new_state.skipped) == 1 and int(new_state.count) == 1
+
+
+def test_traced_hyperparameters_are_not_checked_by_value():
+  # Under inject_hyperparams the learning rate is a (traced) array: accepted.
+  tx = optax.inject_hyperparams(bq.laq, static_args=("spec",))(learning_rate=0.1,
+                                                                spec=spec())
+  state = tx.init(params())
+  updates, _ = jax.jit(lambda s: tx.update(grads(), s, params()))(state)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  # A traced NaN learning rate is not refused, but its step is skipped and counted.
+  state.hyperparams["learning_rate"] = jnp.asarray(jnp.nan)
+  updates, state = jax.jit(lambda s: tx.update(grads(), s, params()))(state)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params()))
+  assert int(state.inner_state.skipped) == 1 and int(state.inner_state.count) == 0
+
+
+def test_state_of_the_same_spec_still_packs():
+  p = rand_params()
+  s = bq.quant_spec(p, bits=2)
+  tx = bq.laq(0.05, s)
+  state = tx.init(p)
+  for _ in range(3):
+    g = jax.grad(lambda w: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(w)))(
+        bq.quantize_params(p, s, state=state))
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+  restored = bq.unpack(bq.pack(p, s, state=state), like=p)
+  chex.assert_trees_all_equal(restored, bq.quantize_params(p, s, state=state))

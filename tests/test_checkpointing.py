@@ -90,3 +90,77 @@ def test_logs_are_cut_back_to_the_resumed_step(tmp_path):
   assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
   checkpointing.truncate_jsonl(log, "epoch", None)
   assert not log.exists()
+
+
+def _damage(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      open(os.path.join(root, f), "w").close()
+
+
+def test_all_steps_damaged_is_an_error_and_deletes_nothing(tmp_path):
+  _saved(tmp_path / "c", [1, 2])
+  _damage(tmp_path / "c" / "1")
+  _damage(tmp_path / "c" / "2")
+  with pytest.raises(checkpointing.ResumeError) as e:
+    checkpointing.Checkpoints(tmp_path / "c", CONFIG).restore(LIKE)
+  message = str(e.value)
+  assert "\n" not in message and "every checkpoint ([2, 1]) is unreadable" in message
+  assert "--fresh" in message
+  assert sorted(os.listdir(tmp_path / "c")) == ["1", "2"]
+
+
+def test_force_never_deletes_a_run_it_cannot_continue(tmp_path):
+  _saved(tmp_path / "c", [1, 2])
+  other = {"w": np.zeros((5, 3), np.float32), "n": np.zeros([], np.int32)}  # another model
+  ckpts = checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, hidden=(9, 9)), force=True)
+  with pytest.raises(checkpointing.ResumeError) as e:
+    ckpts.restore(other)
+  message = str(e.value)
+  assert "\n" not in message and "holds a run with hidden=[8, 8]" in message
+  assert "its saved state does not fit this run's" in message
+  assert sorted(os.listdir(tmp_path / "c")) == ["1", "2"]
+  # A compatible forced resume records what differed.
+  forced = checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, bits=2), force=True)
+  assert forced.restore(LIKE)[0] == 2 and "bits=1" in forced.differs
+
+
+def test_check_config_reads_only_the_record(tmp_path):
+  _saved(tmp_path / "c", [1])
+  checkpointing.Checkpoints(tmp_path / "c", CONFIG).check_config()
+  with pytest.raises(checkpointing.ResumeError, match="holds a run with seed=0"):
+    checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, seed=1)).check_config()
+  checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, seed=1), force=True).check_config()
+
+
+def test_move_aside_keeps_the_old_run(tmp_path):
+  run = tmp_path / "run"
+  assert checkpointing.move_aside(run) is None   # nothing there
+  run.mkdir()
+  (run / "summary.json").write_text("{}")
+  assert checkpointing.move_aside(run) == tmp_path / "run.old-1"
+  run.mkdir()
+  (run / "x").write_text("")
+  assert checkpointing.move_aside(run) == tmp_path / "run.old-2"
+  assert (tmp_path / "run.old-1" / "summary.json").exists() and not run.exists()
+
+
+def test_append_jsonl_never_leaves_half_a_row(tmp_path, monkeypatch):
+  log = tmp_path / "metrics.jsonl"
+  checkpointing.append_jsonl(log, {"epoch": 1})
+  checkpointing.append_jsonl(log, {"epoch": 2})
+
+  def killed(src, dst):
+    raise KeyboardInterrupt   # a kill between writing the new file and renaming it
+
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    checkpointing.append_jsonl(log, {"epoch": 3})
+  assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_config_hash_ignores_free_fields():
+  h = checkpointing.config_hash(CONFIG, free=["data_dir"])
+  assert h == checkpointing.config_hash(dict(CONFIG, data_dir="/b"), free=["data_dir"])
+  assert h != checkpointing.config_hash(dict(CONFIG, bits=2), free=["data_dir"])
+  assert len(h) == 12

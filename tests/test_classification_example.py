@@ -110,11 +110,25 @@ def test_resume_is_bit_exact(tmp_path, data_dir, capsys):
   assert [drop(r) for r in _rows(full)] == [drop(r) for r in _rows(split)]
   rows = _rows(full)
   assert rows[1]["train_loss"] < rows[0]["train_loss"]  # BLAQ learns
-  # --fresh starts over in the used folder: its logs hold the new run only.
+  # --force on a finished run with another config would train nothing: refused.
+  with pytest.raises(checkpointing.ResumeError, match=r"holds a run with bits=1, this run has "
+                     r"bits=2; that run is finished"):
+    train.train_and_evaluate(_config(data_dir, export=False, bits=2), full, force=True)
+  # --force with another model cannot use the saved state: refused, nothing deleted.
+  with pytest.raises(checkpointing.ResumeError, match="saved state does not fit"):
+    train.train_and_evaluate(_config(data_dir, export=False, num_epochs=3,
+                                     model_kwargs={"hidden": (8, 8)}), full, force=True)
+  assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["1", "2"]
+  # --fresh starts over in the used folder: its logs hold the new run only, and
+  # the old run is moved aside whole, before anything new is written.
   train.train_and_evaluate(_config(data_dir, export=False, seed=1, num_epochs=1), split,
                            fresh=True)
   assert [r["epoch"] for r in _rows(split)] == [1]
   assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["1"]
+  assert [r["epoch"] for r in _rows(tmp_path / "split.old-1")] == [1, 2]
+  summary = json.loads((split / "summary.json").read_text())
+  assert summary["config_hash"] == _rows(split)[0]["config_hash"] == train.config_hash(
+      _config(data_dir, export=False, seed=1, num_epochs=1))
 
 
 def test_main_cli(tmp_path, data_dir, capsys):

@@ -122,6 +122,12 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
     train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
+  assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 0]
+  assert {r["config_hash"] for r in records} == {checkpointing.config_hash(
+      dataclasses.asdict(config), train.FREE_ON_RESUME)}
+  # --force with a changed config on the finished run would train nothing: refused.
+  with pytest.raises(checkpointing.ResumeError, match="that run is finished"):
+    train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir, force=True)
 
   # Resume: one more step from the checkpoint; the step count carries on.
   second = train.train_and_evaluate(dataclasses.replace(config, num_train_steps=3), workdir)

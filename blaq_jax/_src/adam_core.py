@@ -6,7 +6,6 @@ Kept in one place so that BLAQ with ``a = 1`` runs exactly LAQ's operations.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import compute_dtype, fit_scale, quantize_with_scale, scale_shape
 
@@ -27,22 +27,11 @@ class Hyper(NamedTuple):
 
 
 def check_hyperparams(where: str, b1, b2, eps, clip, **extra) -> None:
-  """Range checks on concrete hyperparameters (traced ones are skipped)."""
-
-  def concrete(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-  checks = {"b1": (b1, 0, 1, True), "b2": (b2, 0, 1, True)}
-  for name, (val, lo, hi, open_hi) in checks.items():
-    if concrete(val) and not (lo <= val < hi if open_hi else lo <= val <= hi):
-      raise ValueError(f"{where}: {name} must be in [{lo}, {hi}), got {val}")
-  if concrete(eps) and eps < 0:
-    raise ValueError(f"{where}: eps must be >= 0, got {eps}")
-  if clip is not None and concrete(clip) and clip <= 0:
-    raise ValueError(f"{where}: clip must be > 0 or None, got {clip}")
+  """Type and range checks of Adam's constants, the clip and ``extra`` (each
+  a number in [0, 1]); see :mod:`blaq_jax._src.checks` for traced values."""
+  checks.adam(where, b1, b2, eps, clip)
   for name, val in extra.items():
-    if concrete(val) and not 0 <= val <= 1:
-      raise ValueError(f"{where}: {name} must be in [0, 1], got {val}")
+    checks.number(where, name, val, lo=0, hi=1)
 
 
 def learning_rate_at(learning_rate, count):
@@ -185,3 +174,24 @@ def counted(ok, count, skipped):
   if ok is None:
     return optax.safe_increment(count), skipped
   return count + ok.astype(count.dtype), skipped + (~ok).astype(skipped.dtype)
+
+
+def skip_if_nonfinite(ok, new_params, params, new_state, state):
+  """A step whose new latent weights are not finite is skipped and counted.
+
+  ``new_state`` is the state after a step that applied ``ok`` (None: the
+  check is off, nothing changes). If ``new_params`` hold a NaN or inf (e.g.
+  ``eps = 0`` with a zero second moment, or an overflow), the params and the
+  state keep their old values and ``skipped`` grows by 1, as for a
+  non-finite gradient. A stored ``curvature`` is left as the step computed
+  it: no update reads it back, and selecting it again would change how XLA
+  fuses the scale fit that consumes it (BLAQ with ``a = 1`` would no longer
+  match LAQ bit for bit). Returns ``(new_params, new_state)``.
+  """
+  if ok is None:
+    return new_params, new_state
+  fine = all_finite(new_params)
+  kept = state._replace(skipped=state.skipped + 1)  # one skip, whatever ok was
+  merged = {f: n if f == "curvature" else select(fine, n, o)
+            for f, n, o in zip(state._fields, new_state, kept)}
+  return select(fine, new_params, params), type(state)(**merged)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 
 from blaq_jax._src import adam_core as core
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
 from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
@@ -26,7 +26,8 @@ class BLAQState(NamedTuple):
     curvature: ``D_mix`` (Eq. 10) for quantized leaves, None elsewhere.
     scale: per quantized leaf the scale of ``ŵ = Q_{D_mix}(w)`` (Eq. 7) for
       the current params, None elsewhere.
-    skipped: number of steps skipped for non-finite gradients.
+    skipped: number of steps skipped for non-finite gradients (or latent
+      weights a step would have made non-finite).
   """
 
   count: jax.Array
@@ -171,7 +172,9 @@ def blaq(
   if that matters.
 
   Args:
-    learning_rate: a float or an optax schedule of the step count.
+    learning_rate: a float >= 0 or an optax schedule of the step count (its
+      value at step 0 is checked; a traced value under
+      ``optax.inject_hyperparams`` is not, see :mod:`blaq_jax._src.checks`).
     spec: the tree from :func:`blaq_jax.quant_spec`.
     a: weight of the current gradient in Eq. 9-10, in [0, 1]; ``a = 1`` is
       LAQ. The paper uses 0.6 on small data sets and 0.9 on ImageNet.
@@ -205,13 +208,14 @@ def blaq(
     Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024.
     Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
   """
-  if isinstance(a, numbers.Real) and not isinstance(a, bool) and not 0 <= a <= 1:
-    raise ValueError(f"blaq: a must be in [0, 1], got {a}")
+  checks.learning_rate("blaq", learning_rate)
+  checks.number("blaq", "a", a, lo=0, hi=1)
   if not (lookahead_schedule is None or callable(lookahead_schedule)
           or isinstance(lookahead_schedule, (bool, np.bool_, jax.Array))):
     raise TypeError("blaq: lookahead_schedule must be None, a function of the step "
                     f"count returning a bool, or a bool, got {lookahead_schedule!r}")
   core.check_hyperparams("blaq", b1, b2, eps, clip)
+  checks.boolean("blaq", "skip_nonfinite", skip_nonfinite)
   hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
@@ -281,8 +285,9 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
               ok=None):
   """Eq. 7-10: the step from ``w_t`` with the mixed gradient and curvature.
 
-  Applied if ``ok`` (a scalar bool; None: always); a skipped step selects the
-  old values leafwise. Returns ``(updates, new_state)``; ``new_state`` keeps
+  Applied if ``ok`` (a scalar bool; None: always) and, with ``ok`` given, if
+  the new latent weights are finite; a skipped step selects the old values
+  leafwise. Returns ``(updates, new_state)``; ``new_state`` keeps
   ``state``'s type and replaces ``count, mu, nu, curvature, scale, skipped``.
   """
   b1, b2 = hyper.b1, hyper.b2
@@ -300,4 +305,5 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state)
   return core.updates_from(new_params, params), new_state

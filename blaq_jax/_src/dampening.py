@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
 
@@ -67,11 +68,7 @@ def add_oscillation_dampening(
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
   """
   check_scale(scale, "add_oscillation_dampening")
-  if tree_lib.is_concrete_number(weight) and not weight >= 0:
-    raise ValueError(f"add_oscillation_dampening: weight must be >= 0, got {weight}")
-  if not (tree_lib.is_number(weight) or callable(weight)):
-    raise TypeError(
-        f"add_oscillation_dampening: weight must be a number or a schedule, got {weight!r}")
+  checks.scalar_or_schedule("add_oscillation_dampening", "weight", weight, lo=0.0)
   tree_lib.check_spec_arg(spec, "add_oscillation_dampening")
 
   def init_fn(params):

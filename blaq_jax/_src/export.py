@@ -27,6 +27,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -147,12 +151,20 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
     specs and a sha256 per leaf that :func:`unpack` checks.
   """
   out, meta = {}, []
-  scale = None
+  scale = state_curv = None
   if state is not None:
     curvature, scale = None, state_lib.find_field(state, "scale", "pack")
+    tree_lib.check_spec_matches(spec, params, "pack")
+    tree_lib.check_state_scales(spec, params, scale, "pack")
+    state_curv = state_lib.find_field(state, "curvature", "pack")
+  curv_pairs = (None if state_curv is None else
+                {tree_lib.path_str(p): d for p, _, _, d, _ in
+                 _pairs(params, spec, state_curv, None)})
   for path, s, w, d, a in _pairs(params, spec, curvature, scale):
     name = tree_lib.path_str(path)
     w = jnp.asarray(w)
+    if s is not None and a is not None:
+      _check_fixed_point(name, w, s, curv_pairs.get(name), a)
     entry = {"path": name, "shape": list(w.shape), "dtype": str(w.dtype)}
     if s is None:
       out[f"{name}::value"] = np.asarray(w)
@@ -177,6 +189,30 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
     meta.append(entry)
   out[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   return out
+
+
+# How far one more round of the projection may move a state's scale (relative)
+# before the scale is taken to belong to another spec. A state's scale is the
+# fixed point for its params; a frozen or rounded weight moves it a little,
+# another bit width or scheme by tens of percent.
+FIXED_POINT_RTOL = 0.1
+
+
+def _check_fixed_point(name, w, s: QuantSpec, d, alpha) -> None:
+  """Refuses a state scale that is not (nearly) a fixed point of ``s``'s projection."""
+  alpha = np.asarray(alpha, np.float64)
+  again = np.asarray(fit_scale(w, dataclasses.replace(s, max_iters=1), d, jnp.asarray(alpha)),
+                     np.float64)
+  if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
+    raise ValueError(f"pack: the optimizer state's scale for {name!r} is not finite and > 0; "
+                     "pass the state of the optimizer that trained these params")
+  if np.any(np.abs(again - alpha) > FIXED_POINT_RTOL * np.abs(alpha)):
+    raise ValueError(
+        f"pack: the optimizer state's scale for {name!r} does not fit its spec "
+        f"({_spec_dict(s)}): one more round of the projection moves it from "
+        f"{float(alpha.reshape(-1)[0]):.4g} to {float(again.reshape(-1)[0]):.4g}; the state "
+        "belongs to another spec (bits, scheme) or other params, pass the state of the "
+        "optimizer built with this spec")
 
 
 def _meta(packed, source: str = "unpack") -> list[dict]:
@@ -301,13 +337,37 @@ def unpack(packed, like=None):
         f"{source}: the packed model does not match `like` (paths missing from the packed "
         f"model: {missing[:5]}; packed but not in `like`: {extra}); pass the params tree "
         "the model was packed from")
+  for (path, leaf), n in zip(flat, names):
+    shape = getattr(leaf, "shape", None)
+    if shape is not None and tuple(shape) != tuple(values[n].shape):
+      raise ValueError(
+          f"{source}: leaf {n!r} was packed with shape {tuple(values[n].shape)}, `like` has "
+          f"{tuple(shape)}; pass the params tree the model was packed from")
   return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
 
 
 def save_packed(path, packed: dict) -> None:
-  """Writes a packed model to one ``.npz`` file."""
-  with open(path, "wb") as f:
-    np.savez(f, **packed)
+  """Writes a packed model to one ``.npz`` file, atomically.
+
+  The archive is written to a temporary file next to ``path`` and then
+  renamed over it (``os.replace``), so an interrupted write leaves either the
+  old file or the new one, never a truncated archive.
+  """
+  path = Path(path)
+  if not isinstance(packed, dict) or _META not in packed:
+    raise ValueError(f"save_packed: {str(path)!r}: packed must be the dict blaq_jax.pack "
+                     "returns (it has no '__meta__' entry)")
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **packed)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def load_packed(path) -> dict:
@@ -322,14 +382,15 @@ def load_packed(path) -> dict:
     :func:`unpack` checks every leaf.
 
   Raises:
-    ValueError: the file is not an ``.npz`` archive (names the file).
+    ValueError: the file is not an ``.npz`` archive, or is truncated (names
+      the file).
   """
   try:
     with np.load(path, allow_pickle=False) as z:
       if not hasattr(z, "files"):
         raise ValueError("not an .npz archive")
       return {k: z[k] for k in z.files}
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     if isinstance(e, FileNotFoundError):
       raise
     raise ValueError(f"load_packed: {str(path)!r} is not a packed model written by "
@@ -342,11 +403,20 @@ def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dic
   Packed bytes count the code bytes, 4 bytes per scale and, for unquantized
   leaves, their stored bytes. Returns ``{"layers": [...], "fp32_bytes",
   "packed_bytes", "ratio"}`` and prints a table with ``print_fn`` (None: quiet).
+
+  Raises:
+    ValueError: a file that is not a packed model, or a leaf whose data is
+      truncated or edited (as :func:`unpack`; names the file and the leaf).
   """
+  source = "size_report"
   if isinstance(packed, (str, Path)):
+    source = f"size_report({str(packed)!r})"
     packed = load_packed(packed)
   layers = []
-  for entry in _meta(packed, "size_report"):
+  for entry in _meta(packed, source):
+    # Every leaf is checked as unpack checks it (sizes, sha256), so a
+    # truncated or edited file is an error here too, not a wrong table.
+    _unpack_entry(packed, entry, source)
     name = entry["path"]
     n = math.prod(entry["shape"])
     fp32 = 4 * n

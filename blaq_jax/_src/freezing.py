@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes, plain_quantize
 
@@ -97,8 +98,9 @@ def freeze_oscillations(
     Quantization-Aware Training", ICML 2022.
 
   Args:
-    threshold: a float or a schedule of the step count; weights with
-      ``frequency > threshold`` freeze (a threshold ``>= 1`` freezes nothing).
+    threshold: a finite float ``>= 0`` or a schedule of the step count
+      (checked at step 0); weights with ``frequency > threshold`` freeze (a
+      threshold ``>= 1`` freezes nothing).
     spec: the tree from :func:`blaq_jax.quant_spec`.
     momentum: ``m`` of the frequency EMA, in ``(0, 1]``.
     scale: the STE quantizer's scale, ``"fit"`` or ``"none"``.
@@ -116,9 +118,7 @@ def freeze_oscillations(
   if not tree_lib.is_number(momentum) or (
       tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
-  if not (tree_lib.is_number(threshold) or callable(threshold)):
-    raise TypeError(
-        f"freeze_oscillations: threshold must be a number or a schedule, got {threshold!r}")
+  checks.scalar_or_schedule("freeze_oscillations", "threshold", threshold, lo=0.0)
   tree_lib.check_spec_arg(spec, "freeze_oscillations")
 
   def per_leaf(fn, *trees):

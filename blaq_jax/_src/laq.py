@@ -8,6 +8,7 @@ import jax
 import optax
 
 from blaq_jax._src import adam_core as core
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 
 
@@ -22,7 +23,8 @@ class LAQState(NamedTuple):
       not stored.
     scale: per quantized leaf the scale ``alpha`` of ``ŵ = Q_D(w)`` for the
       current params (None elsewhere); what the forward pass quantizes with.
-    skipped: number of steps skipped for non-finite gradients.
+    skipped: number of steps skipped for non-finite gradients (or latent
+      weights a step would have made non-finite).
     b2, eps: Adam's constants (scalars), for :func:`blaq_jax.curvature`.
   """
 
@@ -42,7 +44,8 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   ``curvature`` field (BLAQ's) gets ``D`` stored there. Shared by :func:`laq`
   and the steps of :func:`blaq_jax.blaq` that skip the lookahead, so that
   both run the same operations. A skipped step selects the old values
-  leafwise (one fused pass, no ``lax.cond``), so it is exact.
+  leafwise (one fused pass, no ``lax.cond``), so it is exact. With ``ok``
+  given, a step whose new latent weights are not finite is skipped too.
   """
   count, skipped = core.counted(ok, state.count, state.skipped)
   mu = core.select(ok, core.moment(state.mu, g, hyper.b1), state.mu)
@@ -55,6 +58,7 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
     new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state)
   return core.updates_from(new_params, params), new_state
 
 
@@ -91,15 +95,17 @@ def laq(
   scales, not ``D``: the update computes ``D`` from ``v`` where it needs it,
   so the state is Adam's plus one scale per quantized tensor (or channel).
   Leaves whose spec is None take the same Adam step without clipping. Steps
-  whose gradient is not finite are skipped: params, moments, scales and the
-  step count stay, ``skipped`` grows by 1; the skip is a select inside the
-  fused update, not a branch.
+  whose gradient, or whose new latent weights, are not finite are skipped:
+  params, moments, scales and the step count stay, ``skipped`` grows by 1;
+  the skip is a select inside the fused update, not a branch.
   (optax's own answer is the wrapper ``optax.apply_if_finite``; this
   transform does it itself, so that a skipped step also leaves the
   quantization state alone.)
 
   Args:
-    learning_rate: a float or an optax schedule of the step count.
+    learning_rate: a float >= 0 or an optax schedule of the step count (its
+      value at step 0 is checked; a traced value under
+      ``optax.inject_hyperparams`` is not, see :mod:`blaq_jax._src.checks`).
     spec: the tree from :func:`blaq_jax.quant_spec` (QuantSpec or None per leaf).
     b1, b2, eps: Adam's decay rates and epsilon.
     clip: the latent weights of quantized leaves are clipped to ``[-clip,
@@ -117,7 +123,9 @@ def laq(
     Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
     Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
   """
+  checks.learning_rate("laq", learning_rate)
   core.check_hyperparams("laq", b1, b2, eps, clip)
+  checks.boolean("laq", "skip_nonfinite", skip_nonfinite)
   hyper = core.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):

@@ -66,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blaq_jax._src import checks
+
 SCHEMES = ("linear", "log", "ternary")
 
 
@@ -98,19 +100,22 @@ class QuantSpec:
       raise TypeError(f"QuantSpec: bits must be an int in 1..8, got {self.bits!r}")
     if not 1 <= int(self.bits) <= 8:
       raise ValueError(f"QuantSpec: bits must be in 1..8, got {self.bits}")
-    if self.scheme not in SCHEMES:
+    if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
       raise ValueError(
           f"QuantSpec: unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
     if self.scheme == "ternary" and self.bits != 2:
       raise ValueError(f"QuantSpec: scheme 'ternary' needs bits=2, got {self.bits}")
     if self.scheme == "log" and self.bits < 2:
       raise ValueError("QuantSpec: scheme 'log' needs bits >= 2 (1 bit is binary)")
+    checks.boolean("QuantSpec", "per_channel", self.per_channel)
     if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, (int, np.integer)):
       raise TypeError(f"QuantSpec: max_iters must be an int >= 1, got {self.max_iters!r}")
     if self.max_iters < 1:
       raise ValueError(f"QuantSpec: max_iters must be >= 1, got {self.max_iters}")
-    if (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float, np.floating))
-        or not 0 <= self.tol < 1):
+    if (isinstance(self.tol, (bool, np.bool_))
+        or not isinstance(self.tol, (int, float, np.integer, np.floating))):
+      raise TypeError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
+    if not 0 <= self.tol < 1:
       raise ValueError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
 
   @property
@@ -541,10 +546,12 @@ def quantize(w: jax.Array, spec: QuantSpec,
     spec: the :class:`QuantSpec` to project onto.
     curvature: the positive diagonal curvature ``D`` of ``w``'s shape (e.g.
       :func:`blaq_jax.curvature` of an optimizer state), or None for the plain
-      projection.
+      projection. A concrete ``D`` with a NaN, inf or entry <= 0 is a
+      ValueError (a traced one is not checked).
   """
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
+  checks.positive_finite("quantize", "curvature", curvature)
   return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
 
 

@@ -6,7 +6,9 @@ import re
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
+import jax.numpy as jnp
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src import adam_core
 from blaq_jax._src import state as state_lib
@@ -59,6 +61,7 @@ def quant_spec(
       floating leaf with ``ndim >= 2`` (kernels) and leaves biases and norm
       scales in full precision; a string is a regular expression searched in
       the leaf's path (``"layers/0/kernel"``); a callable gets ``(path, leaf)``.
+      Leaves that are not floating (integer or bool) always get None.
     overrides: ``{path_regex: bits | QuantSpec | None}``, applied after
       ``include``; the first pattern that ``re.search``-matches a path wins. An
       int keeps the other defaults (a ``"ternary"`` default becomes
@@ -71,7 +74,8 @@ def quant_spec(
       typo.
 
   Raises:
-    ValueError: an ``include`` regex or an override pattern that matches no
+    ValueError: an ``include`` regex or an override pattern that is not a
+      valid regular expression or matches no
       parameter path; a per-channel spec on a leaf with fewer than 2 axes
       (it would give one scale per weight). Each message names the pattern
       or path.
@@ -85,15 +89,20 @@ def quant_spec(
   if include is None:
     include_fn = _default_include
   elif isinstance(include, str):
-    pattern = re.compile(include)
+    pattern = _compile(include, "include")
     include_fn = lambda path, leaf: bool(pattern.search(path))
   elif callable(include):
     include_fn = include
   else:
     raise TypeError(f"quant_spec: include must be None, a regex or a callable, got {include!r}")
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise TypeError(f"quant_spec: overrides must be a dict {{path_regex: bits | QuantSpec | "
+                    f"None}} or None, got {overrides!r}")
 
   compiled = []
   for pat, value in (overrides or {}).items():
+    if not isinstance(pat, str):
+      raise TypeError(f"quant_spec: override keys must be regex strings, got {pat!r}")
     if isinstance(value, bool) or not (value is None or isinstance(value, (int, QuantSpec))):
       raise TypeError(
           f"quant_spec: override {pat!r} must be bits (int), a QuantSpec or None, "
@@ -105,12 +114,16 @@ def quant_spec(
       if scheme_k == "log" and value < 2:
         scheme_k = "linear"
       value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters)
-    compiled.append((pat, re.compile(pat), value))
+    compiled.append((pat, _compile(pat, "overrides key"), value))
   used, matched, included_paths = set(), {}, []
 
   def leaf_spec(path, leaf):
     p = tree_lib.path_str(path)
-    included = bool(include_fn(p, leaf))
+    # Only floating leaves are quantized: an integer or bool leaf (a step
+    # counter, a mask) keeps spec None whatever include and overrides say.
+    dtype = getattr(leaf, "dtype", None)
+    floating = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    included = floating and bool(include_fn(p, leaf))
     if included:
       included_paths.append(p)
     chosen = []
@@ -128,6 +141,14 @@ def quant_spec(
   _check_patterns(params, include, included_paths, compiled, used, matched)
   tree_lib.check_spec_matches(spec, params, "quant_spec")
   return spec
+
+
+def _compile(pattern: str, what: str):
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"quant_spec: {what}={pattern!r} is not a valid regular expression "
+                     f"({e}); escape special characters, e.g. re.escape(...)") from None
 
 
 def _check_patterns(params, include, included_paths, compiled, used, matched) -> None:
@@ -192,13 +213,57 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   tree_lib.check_spec_matches(spec, params, "quantize_params")
   if state is not None:
     scale = state_lib.find_field(state, "scale", "quantize_params")
-    return adam_core.project(spec, params, scale)
+    tree_lib.check_state_scales(spec, params, scale, "quantize_params")
+    out = adam_core.project(spec, params, scale)
+  else:
+    if curvature is not None:
+      _check_curvature(spec, params, curvature)
 
-  def fn(s, w, d=None):
-    if s is None:
-      return w
-    return quantize(w, s, d)
+    def fn(s, w, d=None):
+      if s is None:
+        return w
+      return quantize(w, s, d)
 
-  if curvature is None:
-    return tree_lib.map_with_spec(fn, spec, params)
-  return tree_lib.map_with_spec(fn, spec, params, curvature)
+    if curvature is None:
+      out = tree_lib.map_with_spec(fn, spec, params)
+    else:
+      out = tree_lib.map_with_spec(fn, spec, params, curvature)
+  _check_finite(spec, params)
+  return tree_lib.map_with_spec(
+      lambda s, q, w: q if s is None else jnp.where(jnp.isfinite(w), q, w), spec, out, params)
+
+
+def _check_curvature(spec, params, curvature) -> None:
+  """One-line errors for a curvature tree of another structure or with bad values."""
+  spec_u = tree_lib.unwrap(spec)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(spec_u, is_leaf=tree_lib.is_spec_leaf)
+  try:
+    ds = treedef.flatten_up_to(tree_lib.unwrap(curvature))
+  except (ValueError, TypeError):
+    raise ValueError("quantize_params: curvature does not have the tree structure of "
+                     "params; pass blaq_jax.curvature(opt_state) of the optimizer that "
+                     "trained these params, or None") from None
+  for (path, s), d in zip(flat, ds):
+    if s is not None:
+      checks.positive_finite("quantize_params", f"curvature at {tree_lib.path_str(path)!r}", d)
+
+
+def _check_finite(spec, params) -> None:
+  """Outside ``jit``, a quantized leaf with a NaN or inf is an error (one host
+  sync); under ``jit`` the non-finite entries pass through to ``ŵ`` instead."""
+  if tree_lib.is_params_placeholder(params):
+    return
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(spec),
+                                                      is_leaf=tree_lib.is_spec_leaf)
+  ws = treedef.flatten_up_to(tree_lib.unwrap(params))
+  quantized = [(p, w) for (p, s), w in zip(flat, ws)
+               if s is not None and w is not None and not tree_lib.is_masked(w)]
+  if any(isinstance(w, jax.core.Tracer) or tree_lib.is_abstract(w) for _, w in quantized):
+    return
+  if not quantized or bool(adam_core.all_finite([w for _, w in quantized])):
+    return
+  for path, w in quantized:
+    if not bool(jnp.all(jnp.isfinite(w))):
+      raise ValueError(f"quantize_params: latent weight {tree_lib.path_str(path)!r} has "
+                       "NaN or inf entries; its quantized value would be meaningless. Restore "
+                       "the last good checkpoint or lower the learning rate")

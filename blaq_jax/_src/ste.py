@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import QuantSpec, check_scale, plain_quantize
 
@@ -162,8 +163,7 @@ def ste(
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
         f"ste: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-  if tree_lib.is_concrete_number(clip) and not clip > 0:
-    raise ValueError(f"ste: clip must be > 0 or None, got {clip}")
+  checks.number("ste", "clip", clip, lo=0, lo_open=True, none_ok=True)
   tree_lib.check_spec_arg(spec, "ste")
   inner = optax.with_extra_args_support(optimizer)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax._src.quantizers import QuantSpec
+from blaq_jax._src.quantizers import QuantSpec, scale_shape
 
 
 def path_str(path) -> str:
@@ -193,7 +193,8 @@ def check_float_params(params, where: str) -> None:
 
 def check_like_params(tree, params, what: str, where: str) -> None:
   """Raises a one-line ValueError if ``tree`` (``what``: "updates", "grads", ...)
-  differs from ``params`` in structure or in a leaf's shape, naming the path."""
+  differs from ``params`` in structure or in a leaf's shape (a TypeError if a
+  leaf has an integer or bool dtype), naming the path."""
   tree, params = unwrap(tree), unwrap(params)
   if is_params_placeholder(params):
     return
@@ -213,6 +214,42 @@ def check_like_params(tree, params, what: str, where: str) -> None:
       raise ValueError(
           f"{where}: {what} leaf {path_str(path)!r} has shape {jnp.shape(t)}, the "
           f"param has {jnp.shape(p)}; pass a tree like params")
+    dtype = getattr(t, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{where}: {what} leaf {path_str(path)!r} has dtype {dtype}; gradients and "
+          "updates must be floating (differentiate a float loss of float params)")
+
+
+def check_state_scales(spec, params, scale, where: str) -> None:
+  """Raises a one-line ValueError naming ``where`` and the path unless the
+  state's ``scale`` tree belongs to ``spec`` and ``params``: an array of the
+  leaf's scale shape (one per tensor, or per channel) at every quantized leaf.
+
+  A state of another model, or of a spec with another ``per_channel``, fails
+  here; one of another bit width has scales of the same shape (see
+  :func:`blaq_jax.pack`, which also checks the values).
+  """
+  if is_params_placeholder(params):
+    return
+  spec, params, scale = unwrap(spec), unwrap(params), unwrap(scale)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec_leaf)
+  hint = ("pass the state of the optimizer built with this spec for these params "
+          "(a checkpoint of another run or model does not fit)")
+  try:
+    ws = treedef.flatten_up_to(params)
+    scales = treedef.flatten_up_to(scale)
+  except (ValueError, TypeError):
+    raise ValueError(f"{where}: the optimizer state's scales do not have the tree "
+                     f"structure of the spec and params; {hint}") from None
+  for (path, s), w, a in zip(flat, ws, scales):
+    if not isinstance(s, QuantSpec) or w is None or is_masked(w) or is_masked(a):
+      continue
+    want = scale_shape(jnp.shape(w), s)
+    if a is None or jnp.shape(a) != want:
+      got = "no scale" if a is None else f"a scale of shape {jnp.shape(a)}"
+      raise ValueError(f"{where}: the optimizer state has {got} for {path_str(path)!r}, "
+                       f"its spec needs shape {want}; {hint}")
 
 
 def check_grad_fn_result(result, params, where: str):
@@ -224,7 +261,7 @@ def check_grad_fn_result(result, params, where: str):
 
   Raises a one-line error naming ``grad_fn`` and the path when it returned a
   ``(loss, grads)`` pair (``jax.value_and_grad``), a tree of another
-  structure, or a leaf of another shape.
+  structure, a leaf of another shape, or a leaf that is not floating.
   """
   like = params
   result, params = unwrap(result), unwrap(params)

@@ -45,14 +45,15 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import adam_core as core
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
 from blaq_jax._src.quantizers import quantize_with_scale
 
 
-def _check(where, a):
-  if isinstance(a, (int, float)) and not isinstance(a, bool) and not 0 <= a <= 1:
-    raise ValueError(f"{where}: a must be in [0, 1], got {a}")
+def _check(where, learning_rate, a):
+  checks.learning_rate(where, learning_rate)
+  checks.number(where, "a", a, lo=0, hi=1)
 
 
 def _require_grad_fn(where, grad_fn):
@@ -106,7 +107,7 @@ def blaq_reuse(
     Popov, "A modification of the Arrow-Hurwicz method for search of saddle
     points", Mathematical Notes 1980 (past extragradient).
   """
-  _check("blaq_reuse", a)
+  _check("blaq_reuse", learning_rate, a)
   core.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
   hyper = core.Hyper(b1, b2, eps, clip)
 
@@ -159,7 +160,7 @@ def blaq_model(
     Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018
     (the quadratic model).
   """
-  _check("blaq_model", a)
+  _check("blaq_model", learning_rate, a)
   core.check_hyperparams("blaq_model", b1, b2, eps, clip)
   hyper = core.Hyper(b1, b2, eps, clip)
 

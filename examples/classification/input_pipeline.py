@@ -160,7 +160,9 @@ def _fetch(urls: Sequence[str], dest: Path, md5: str) -> None:
       continue
     tmp.rename(dest)
     return
-  raise OSError(f"could not download {dest.name}: " + "; ".join(errors))
+  raise ConnectionError(f"--download: could not download {dest.name} ("
+                        + "; ".join(" ".join(e.split())[:160] for e in errors)
+                        + "); check the network, or put the files into --data-dir yourself")
 
 
 def _candidate_dirs(name: str, data_dir, known: Sequence[Path]) -> list[Path]:

@@ -16,8 +16,12 @@ by the type of the field (``--set batch_size=abc`` is a one-line error naming
 'model_kwargs={"hidden": (512, 512, 512)}'``).
 
 Running the same command again resumes from the latest checkpoint in
-``--workdir``; a different config there is refused (``--fresh`` starts over,
-``--force`` resumes anyway), as in the ImageNet example.
+``--workdir``; a different config there is refused before any data is read
+(``--fresh`` moves the old run aside and starts over, ``--force`` resumes
+anyway if the saved state fits), as in the ImageNet example. Every flag is
+checked first: a bad value is one line on stderr naming the flag (exit
+status 2). Each epoch prints the steps it skipped (non-finite loss, gradient
+or weights); ``--set max_consecutive_skips=N`` stops the run after N in a row.
 """
 
 from __future__ import annotations

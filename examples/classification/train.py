@@ -79,6 +79,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -91,6 +92,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import checkpointing
+from examples import config_cli
 from examples import methods
 from examples.classification import input_pipeline
 from examples.classification import models
@@ -168,6 +170,7 @@ class Config:
   export: bool = True
   plot: bool = True
   progress: bool = True
+  max_consecutive_skips: int = 50   # stop when this many steps in a row were skipped
 
   def validate(self):
     if self.method not in METHODS:
@@ -195,6 +198,21 @@ class Config:
     if self.lookahead_phase is not None and not 0 <= self.lookahead_phase < self.m:
       raise ValueError(f"config.lookahead_phase must be in [0, m) = [0, {self.m}), "
                        f"got {self.lookahead_phase}")
+    check = config_cli.check_number
+    check(self, "learning_rate", lo=0)
+    check(self, "a", lo=0, hi=1)
+    check(self, "bits", lo=1, hi=8, integer=True)
+    check(self, "seed", lo=0, integer=True)
+    for name in ("train_subset", "test_subset", "stop_after_epoch"):
+      check(self, name, lo=1, integer=True, none_ok=True)
+    check(self, "max_consecutive_skips", lo=1, integer=True)
+    for name in ("dampen_weight", "freeze_threshold"):
+      check(self, name, lo=0)
+    check(self, "blend_end", lo=0, hi=1, lo_open=True)
+    check(self, "lr_decay", lo=0, lo_open=True)
+    config_cli.check_choice(self, "scheme", ("linear", "log", "ternary"))
+    config_cli.check_choice(self, "augment", (None, "crop_flip"))
+    config_cli.check_kwargs(self, "model_kwargs", models.MODELS[self.model])
     return self
 
 
@@ -215,6 +233,7 @@ def load_data(config: Config):
     x, y = data[split]
     if subset is not None:
       x, y = x[:subset], y[:subset]
+    check_labels(y, config.model_kwargs.get("num_classes", 10), f"{config.dataset} {split}")
     out[split] = (input_pipeline.normalize(config.dataset, x), y)
   if config.val_split:
     x, y = out["train"]
@@ -224,6 +243,17 @@ def load_data(config: Config):
     cut = len(x) - config.val_split
     out["train"], out["val"] = (x[:cut], y[:cut]), (x[cut:], y[cut:])
   return out
+
+
+def check_labels(labels, num_classes: int, what: str) -> None:
+  """Labels must be integers in ``[0, num_classes)`` (an out-of-range label
+  gives a NaN loss, not an error, inside the jitted step)."""
+  labels = np.asarray(labels)
+  if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+                      or labels.max() >= num_classes):
+    raise ValueError(f"{what}: labels must be integers in [0, {num_classes}), found "
+                     f"{labels.min()}..{labels.max()} ({labels.dtype}); fix the data or set "
+                     "model_kwargs num_classes")
 
 
 # ----------------------------------------------------------------------------
@@ -438,7 +468,7 @@ class Trainer:
 # Config fields that may change when a run resumes (where the data is, what to
 # write, how far to go this time); any other change refuses to resume.
 FREE_ON_RESUME = ("stop_after_epoch", "data_dir", "download", "checkpoint", "export", "plot",
-                  "progress")
+                  "progress", "max_consecutive_skips")
 
 
 class _TrackerCheckpoint(NamedTuple):
@@ -504,6 +534,15 @@ def best_validation(rows: list[dict]) -> dict:
   return out
 
 
+def config_hash(config: Config) -> str:
+  """The run's config hash (:func:`checkpointing.config_hash`, free fields left out)."""
+  return checkpointing.config_hash(dataclasses.asdict(config), FREE_ON_RESUME)
+
+
+class TrainingStopped(ValueError):
+  """Too many steps in a row were skipped (the run diverged)."""
+
+
 def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
                        force: bool = False) -> dict:
   """Trains ``config`` writing into ``workdir``; returns the final metrics row.
@@ -514,8 +553,15 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   (delete it, start over) or ``force`` (resume with this config).
   """
   config.validate()
+  config_cli.check_workdir(workdir)
   workdir = Path(workdir)
+  if fresh:
+    checkpointing.move_aside(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  ckpts = None
+  if config.checkpoint or (workdir / "checkpoints").exists():
+    ckpts = open_checkpoints(config, workdir, force=force)
+    ckpts.check_config()   # a changed config stops here, before data and compiling
   data = load_data(config)
   train_x, train_y = data["train"]
   test_x, test_y = data["test"]
@@ -535,9 +581,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   trainer.train_step = lambda *args, lookahead: compiled[lookahead](*args)
 
   start_epoch, step, train_s = 0, 0, 0.0
-  ckpts = None
-  if config.checkpoint or (workdir / "checkpoints").exists():
-    ckpts = open_checkpoints(config, workdir, fresh=fresh, force=force)
+  if ckpts is not None:
     restored = ckpts.restore(jax.eval_shape(lambda: checkpoint_state(state)))
     if restored is not None:
       _, saved, meta = restored
@@ -549,14 +593,21 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   # The logs hold this run only: cut back to the epoch resumed from (or emptied).
   for path in (metrics_path, losses_path):
     checkpointing.truncate_jsonl(path, "epoch", start_epoch)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+  checkpointing.write_atomic(workdir / "config.json",
+                             json.dumps(dataclasses.asdict(config), indent=1))
   rows = _read_metrics(metrics_path, start_epoch)
 
   total_epochs = run_epochs(config)
   end_epoch = total_epochs
   if config.stop_after_epoch is not None:
     end_epoch = min(end_epoch, config.stop_after_epoch)
+  if ckpts is not None and ckpts.differs and start_epoch >= end_epoch:
+    raise checkpointing.ResumeError(
+        f"{ckpts.differs}; that run is finished, so --force would train nothing and export "
+        "or report a model made with the old config; use --fresh or another workdir")
   row = rows[-1] if rows else {}
+  run_hash = config_hash(config)
+  consecutive = 0   # skipped steps in a row, across epochs
   # Host buffer of the tracked weights: one (w, codes, off-grid) triple per epoch.
   window = collections.deque(maxlen=config.track_last_epochs)
   for epoch in range(start_epoch + 1, end_epoch + 1):
@@ -567,18 +618,30 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
       batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False,
                      mininterval=2.0)
     t0 = time.perf_counter()
-    losses, corrects, tracked = [], [], []
+    losses, corrects, tracked, skip_totals = [], [], [], []
+    skips_before = int(methods.skip_count(state["opt_state"]))
     for x, y in batches:
       state, loss, correct, tr = trainer.train_step(
           state, x, y, step, lookahead=trainer.method.lookahead_at(trainer.options, step))
       losses.append(loss)
       corrects.append(correct)
+      skip_totals.append(methods.skip_count(state["opt_state"]))
       if tr is not None:
         tracked.append(tr)
       step += 1
     jax.block_until_ready(state)
     train_s += time.perf_counter() - t0
     step_losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
+    skipped_flags = (np.diff(np.asarray(jax.device_get(jnp.stack(skip_totals))),
+                             prepend=skips_before) > 0) | ~np.isfinite(step_losses)
+    skipped, longest, consecutive = methods.skip_runs(skipped_flags, consecutive)
+    if longest >= config.max_consecutive_skips:
+      if config.checkpoint:
+        ckpts.close()
+      raise TrainingStopped(
+          f"epoch {epoch}: {longest} consecutive steps were skipped (non-finite loss, "
+          f"gradient or weights; config.max_consecutive_skips={config.max_consecutive_skips}); "
+          "the last checkpoint is kept: lower --learning-rate or check the data")
     train_loss = float(step_losses.mean())
     train_acc = float(jnp.sum(jnp.stack(corrects))) / (steps_per_epoch * config.batch_size)
     diffs = np.diff(step_losses)
@@ -591,6 +654,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
         "loss_diff_std": float(diffs.std()) if len(diffs) else 0.0,
         "loss_diff_mean_abs": float(np.abs(diffs).mean()) if len(diffs) else 0.0,
         "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
+        "skipped_steps": skipped, "config_hash": run_hash,
         **trainer.osc_stats(state),
     }
     if "val" in data:
@@ -599,14 +663,13 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
       w, codes, off = (np.asarray(jax.device_get(jnp.stack(t))) for t in zip(*tracked))
       window.append((w, codes, off))
       row.update(WeightTracker.window_stats(*(np.concatenate(a) for a in zip(*window))))
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    with open(losses_path, "a") as f:
-      f.write(json.dumps({"epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
-              + "\n")
+    checkpointing.append_jsonl(metrics_path, row)
+    checkpointing.append_jsonl(losses_path, {
+        "epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
     val = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
     print(f"epoch {epoch}: loss {train_loss:.4f} test_acc {test_acc:.4f}{val} "
-          f"flip_freq {row['osc_flip_frequency']:.2e} ({train_s:.1f}s)", flush=True)
+          f"flip_freq {row['osc_flip_frequency']:.2e} skipped {skipped} ({train_s:.1f}s)",
+          flush=True)
     if config.checkpoint:
       ckpts.save(epoch, checkpoint_state(state),
                  {"epoch": epoch, "step": step, "train_s": train_s})
@@ -618,19 +681,21 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
     np.savez(workdir / "tracked_weights.npz", w=w, codes=codes,
              paths=np.asarray(trainer.tracker.paths()),
              flat_index=trainer.tracker.flat_indices(), last_epoch=row.get("epoch", 0))
-  summary = best_validation(_read_metrics(metrics_path, end_epoch))
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  summary = {**best_validation(_read_metrics(metrics_path, end_epoch)),
+             "config_hash": config_hash(config)}
+  checkpointing.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
   if end_epoch == total_epochs:
     if config.export:
-      export_model(trainer, state, workdir)
+      export_model(trainer, state, workdir, run_hash)
     if config.plot:
       plot_metrics(metrics_path, workdir / "accuracy.png", title=f"{config.dataset} "
-                   f"{config.model} {config.method} {config.bits}-bit")
+                   f"{config.model} {config.method} {config.bits}-bit (config {run_hash})")
   return {"state": state, "metrics": row, "trainer": trainer, "summary": summary}
 
 
-def export_model(trainer: Trainer, state, workdir: Path) -> None:
-  """Writes ``model_packed.npz`` (bit-packed ``ŵ``) and ``size_report.txt``."""
+def export_model(trainer: Trainer, state, workdir: Path, run_hash: str = "") -> None:
+  """Writes ``model_packed.npz`` (bit-packed ``ŵ``, with the run's config hash
+  under ``"__config_hash__"``) and ``size_report.txt``, each atomically."""
   params, forward = state["params"], trainer.method.forward
   if forward == "identity":
     packed = bq.pack(params, jax.tree.map(lambda _: None, params))
@@ -638,10 +703,12 @@ def export_model(trainer: Trainer, state, workdir: Path) -> None:
     packed = bq.pack(params, trainer.spec)
   else:
     packed = bq.pack(params, trainer.spec, state=state["opt_state"])
+  packed["__config_hash__"] = np.frombuffer(run_hash.encode(), np.uint8)
   bq.save_packed(workdir / "model_packed.npz", packed)
   lines = []
   bq.size_report(packed, print_fn=lines.append)
-  (workdir / "size_report.txt").write_text("\n".join(lines) + "\n")
+  checkpointing.write_atomic(workdir / "size_report.txt",
+                             "\n".join(lines + [f"config {run_hash}"]) + "\n")
   print(lines[-1])
 
 
@@ -668,5 +735,8 @@ def plot_metrics(metrics_paths, out_path, title: str = "", labels=None) -> None:
     axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  out_path = Path(out_path)
+  tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
+  fig.savefig(tmp, dpi=100)   # then renamed: a reader never sees half a plot
+  os.replace(tmp, out_path)
   plt.close(fig)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -41,6 +40,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import checkpointing
+from examples import config_cli
 from examples import methods
 from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
@@ -52,7 +52,8 @@ OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
 # read and logged, the parallel mode, how far to run); any other change refuses.
 FREE_ON_RESUME = ("data_dir", "num_data_threads", "parallel", "num_train_steps",
                   "eval_every_steps", "steps_per_eval", "log_every_steps",
-                  "checkpoint_every_steps", "max_checkpoints_to_keep", "init_from")
+                  "checkpoint_every_steps", "max_checkpoints_to_keep", "init_from",
+                  "max_consecutive_skips")
 
 
 @dataclasses.dataclass
@@ -94,6 +95,7 @@ class Config:
   checkpoint_every_steps: int = 1000
   max_checkpoints_to_keep: int = 2
   seed: int = 0
+  max_consecutive_skips: int = 200   # stop when this many steps in a row were skipped
 
   def validate(self):
     """Raises a one-line ``ValueError`` naming the first bad field."""
@@ -109,6 +111,29 @@ class Config:
       raise ValueError(f"config.num_epochs must be > 0, got {self.num_epochs}")
     if not 0 <= self.a <= 1:
       raise ValueError(f"config.a must be in [0, 1], got {self.a}")
+    check = config_cli.check_number
+    check(self, "learning_rate", lo=0)
+    check(self, "a", lo=0, hi=1)
+    check(self, "bits", lo=1, hi=8, integer=True)
+    check(self, "first_last_bits", lo=1, hi=8, integer=True, none_ok=True)
+    check(self, "seed", lo=0, integer=True)
+    check(self, "num_classes", lo=2, integer=True)
+    check(self, "lr_decay", lo=0, lo_open=True)
+    check(self, "warmup_epochs", lo=0)
+    check(self, "num_filters", lo=1, integer=True)
+    check(self, "max_consecutive_skips", lo=1, integer=True)
+    for name in ("num_train_steps", "eval_every_steps", "steps_per_eval"):
+      value = getattr(self, name)
+      if value != -1:
+        check(self, name, lo=1, integer=True)
+    config_cli.check_choice(self, "scheme", ("linear", "log", "ternary"))
+    config_cli.check_choice(self, "model", tuple(sorted(models.MODELS)))
+    if self.init_from and not os.path.exists(self.init_from):
+      raise ValueError(f"config.init_from {self.init_from!r} does not exist; pass an .npz "
+                       "or an orbax step directory with --init-from")
+    if not self.synthetic and not self.data_dir:
+      raise ValueError("config.data_dir is empty; pass --data-dir DIR (an ImageFolder "
+                       "root with train/ and val/) or --synthetic")
     return self
 
 
@@ -221,7 +246,8 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, method: str = "bl
         tx, spec, params, opt_state, lambda p: loss_fn(p, batch_stats, images, labels),
         reduce=dp.pmean, lookahead=lookahead)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "skipped_total": methods.skip_count(opt_state).astype(jnp.float32)}
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
@@ -243,6 +269,10 @@ def _host(dp: bq.DataParallel, tree):
   return jax.device_get(dp.unreplicate(tree))
 
 
+class TrainingStopped(ValueError):
+  """Too many steps in a row were skipped (the run diverged)."""
+
+
 def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
                        force: bool = False) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
@@ -255,6 +285,9 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   ``images_per_sec`` (global, compilation excluded) and the last eval metrics.
   """
   config.validate()
+  config_cli.check_workdir(workdir)
+  if fresh and jax.process_index() == 0:
+    checkpointing.move_aside(workdir)
   dp = bq.data_parallel(config.parallel)
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
@@ -264,6 +297,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
 
+  ckpts = checkpointing.Checkpoints(
+      os.path.join(workdir, "checkpoints"), dataclasses.asdict(config), free=FREE_ON_RESUME,
+      max_to_keep=config.max_checkpoints_to_keep, force=force)
+  ckpts.check_config()   # a changed config stops here, before data and compiling
   if config.synthetic:
     classes, num_classes, num_train = None, config.num_classes, NUM_IMAGENET_TRAIN_IMAGES
   else:
@@ -286,14 +323,15 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
     logging.info("initialised from %s", config.init_from)
   state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
 
-  ckpts = checkpointing.Checkpoints(
-      os.path.join(workdir, "checkpoints"), dataclasses.asdict(config), free=FREE_ON_RESUME,
-      max_to_keep=config.max_checkpoints_to_keep, fresh=fresh, force=force)
   start_step = 0
   restored = ckpts.restore(jax.device_get(state))
   if restored is not None:
     start_step, state, _ = restored
     logging.info("resumed from %s at step %d", ckpts.directory, start_step)
+    if ckpts.differs and start_step >= num_steps:
+      raise checkpointing.ResumeError(
+          f"{ckpts.differs}; that run is finished, so --force would train nothing and "
+          "report a model made with the old config; use --fresh or another workdir")
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
@@ -339,13 +377,15 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   if is_main:   # the log holds this run only, up to the step it resumes from
     checkpointing.truncate_jsonl(log_path, "step", start_step if start_step else None)
 
+  run_hash = checkpointing.config_hash(dataclasses.asdict(config), FREE_ON_RESUME)
+
   def write(record):
     if is_main:
-      with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      checkpointing.append_jsonl(log_path, {**record, "config_hash": run_hash})
 
   summary = {"start_step": start_step, "step": start_step, "num_steps": num_steps}
   timer_step, timer_start, window = None, None, []
+  skipped_before, consecutive = float(methods.skip_count(state["opt_state"])), 0
   for step in range(start_step, num_steps):
     batch = next(batches)
     params, batch_stats, opt_state, metrics = p_train_steps[method.lookahead_at(options, step)](
@@ -359,7 +399,19 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
       record = {"step": done}
       if window:
         host = _host(dp, window)
+        totals = [float(m.pop("skipped_total")) for m in host]
+        flags = [(t > prev) or not np.isfinite(m["loss"])
+                 for t, prev, m in zip(totals, [skipped_before] + totals[:-1], host)]
+        skipped_before = totals[-1]
+        record["skipped_steps"], longest, consecutive = methods.skip_runs(flags, consecutive)
         record.update({k: float(np.mean([m[k] for m in host])) for k in host[0]})
+        if longest >= config.max_consecutive_skips:
+          ckpts.close()
+          raise TrainingStopped(
+              f"step {done}: {longest} consecutive steps were skipped (non-finite loss, "
+              f"gradient or weights; config.max_consecutive_skips="
+              f"{config.max_consecutive_skips}); the last checkpoint is kept: lower "
+              "--learning-rate or check the data")
       if done > timer_step:
         record["images_per_sec"] = ((done - timer_step) * config.batch_size
                                     / (time.perf_counter() - timer_start))
