@@ -125,7 +125,8 @@ def warm_passes(shape, spec) -> float:
   size = int(np.prod(shape))
   groups = shape[-1] if spec.per_channel else 1
   per_group = size // groups
-  sample = max(per_group // quantizers.SEARCH_FRACTION, quantizers.SEARCH_MIN_SAMPLE)
+  least = quantizers.SEARCH_MIN_ROWS if spec.per_channel else quantizers.SEARCH_MIN_SAMPLE
+  sample = max(per_group // quantizers.SEARCH_FRACTION, least)
   stride = -(-per_group // sample)
   sampled = -(-per_group // stride) * groups
   search = quantizers.SEARCH_LEVELS * quantizers.SEARCH_CANDIDATES * sampled / size

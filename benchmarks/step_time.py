@@ -237,8 +237,9 @@ class Runner:
 
 
 class ScheduledRunner(Runner):
-  """Two compiled steps on one state: ``active`` on every ``every``-th call,
-  ``inactive`` on the others; each call's seconds are also kept by kind."""
+  """Two compiled steps on one state: ``active`` on the first call of every
+  ``every``, ``inactive`` on the others; each call's seconds are also kept by
+  kind."""
 
   def __init__(self, name, active, inactive, args, carry: int, every: int):
     super().__init__(name, inactive, args, carry)
@@ -247,7 +248,7 @@ class ScheduledRunner(Runner):
     self.by_kind = {True: [], False: []}
 
   def __call__(self) -> float:
-    active = self.calls % self.every == self.every - 1
+    active = self.calls % self.every == 0
     self.calls += 1
     self.compiled = self.steps[active]
     dt = super().__call__()
@@ -522,11 +523,12 @@ def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
     results[name]["time"] = summarize(times[name])
   for r in runners:
     if isinstance(r, ScheduledRunner):
-      kinds = {"active": summarize([r.by_kind[True]]), "inactive": summarize([r.by_kind[False]])}
+      kinds = {kind: summarize([r.by_kind[on]])
+               for kind, on in (("active", True), ("inactive", False)) if r.by_kind[on]}
       results[r.name]["time"]["by_kind"] = kinds
-      # The schedule's mean: one active step in every `every`.
-      results[r.name]["time"]["schedule_mean_ms"] = (
-          kinds["active"]["mean_ms"] + (r.every - 1) * kinds["inactive"]["mean_ms"]) / r.every
+      if len(kinds) == 2:  # the schedule's mean: one active step in every `every`
+        results[r.name]["time"]["schedule_mean_ms"] = (
+            kinds["active"]["mean_ms"] + (r.every - 1) * kinds["inactive"]["mean_ms"]) / r.every
   report = {
       "env": env,
       "config": {"model": model_name, "batch": batch, "dtype": jnp.dtype(jdtype).name,

@@ -220,12 +220,16 @@ def test_grad_fn_called_exactly_once_at_the_trial_weights():
   np.testing.assert_allclose(trial["l1"]["bias"], -1e-2 * gb / (np.abs(gb) + EPS), rtol=1e-4)
 
 
-def test_missing_grad_fn_is_a_clear_error():
+def test_grad_fn_none_is_laqs_step_and_a_bad_grad_fn_is_a_clear_error():
   params, loss = mlp_problem()
   spec = bq.quant_spec(params, bits=1)
   tx = bq.blaq(1e-2, spec)
-  with pytest.raises(ValueError, match="grad_fn"):
-    tx.update(jax.grad(loss)(params), tx.init(params), params)
+  g = jax.grad(loss)(params)
+  u_blaq, _ = tx.update(g, tx.init(params), params)          # no grad_fn: LAQ's step
+  u_laq, _ = bq.laq(1e-2, spec).update(g, bq.laq(1e-2, spec).init(params), params)
+  chex.assert_trees_all_equal(u_blaq, u_laq)
+  with pytest.raises(TypeError, match="grad_fn must be a function"):
+    tx.update(g, tx.init(params), params, grad_fn="not a function")
   with pytest.raises(ValueError, match="params"):
     tx.update(jax.grad(loss)(params), tx.init(params), grad_fn=jax.grad(loss))
 

@@ -191,7 +191,8 @@ SEARCH_CANDIDATES = 9   # per level; odd, so the centre is always a candidate
 SEARCH_LEVELS = 4       # each level spans one candidate step of the last
 SEARCH_SPAN = 2.0       # the first level spans [alpha / 2, 2 alpha]
 SEARCH_FRACTION = 256   # the sample holds 1/256 of the weights ...
-SEARCH_MIN_SAMPLE = 16384  # ... but at least this many per scale group (or all)
+SEARCH_MIN_SAMPLE = 16384  # ... but at least this many per tensor (or all)
+SEARCH_MIN_ROWS = 64    # ... and per output channel (per-channel scales)
 
 
 def compute_dtype(dtype):
@@ -221,6 +222,15 @@ def _largest_divisor(n: int, options) -> int:
   return next(k for k in options if n % k == 0)
 
 
+def _explicitly_sharded(x) -> bool:
+  """Whether ``x``'s type carries a sharding (``jax.sharding.AxisType.Explicit``)."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return False
+  return any(axis is not None for axis in spec)
+
+
 def group_sums(xs, per_channel: bool):
   """``[Σ x for x in xs]`` per scale group (reduced axes kept), in one pass.
 
@@ -232,6 +242,10 @@ def group_sums(xs, per_channel: bool):
   """
   shape = xs[0].shape
   out = scale_shape(shape, QuantSpec(2, per_channel=per_channel))
+  if _explicitly_sharded(xs[0]):
+    # A reshape across a sharded axis is refused in explicit-sharding mode.
+    axes = _reduce_axes(len(shape), per_channel)
+    return [jnp.sum(x, axis=axes, keepdims=True) for x in xs]
   zeros = tuple(jnp.zeros([], x.dtype) for x in xs)
   add = lambda p, q: tuple(u + v for u, v in zip(p, q))
   if per_channel and len(shape) >= 1:
@@ -273,11 +287,12 @@ def _grid_sample(wf, d, per_channel):
 
 def _search_sample(wf, d, per_channel):
   """The warm search's sample: ``1/SEARCH_FRACTION`` of each scale group's
-  weights, at least ``SEARCH_MIN_SAMPLE`` (all of a small group)."""
-  c = wf.shape[-1] if per_channel and wf.ndim >= 1 else 1
-  group = wf.size // max(c, 1)
-  return _strided_sample(wf, d, per_channel,
-                         max(group // SEARCH_FRACTION, SEARCH_MIN_SAMPLE))
+  weights, at least ``SEARCH_MIN_SAMPLE`` per tensor or ``SEARCH_MIN_ROWS``
+  per channel (all of a small group)."""
+  if per_channel and wf.ndim >= 1:
+    rows = wf.size // max(wf.shape[-1], 1)
+    return _strided_sample(wf, d, True, max(rows // SEARCH_FRACTION, SEARCH_MIN_ROWS))
+  return _strided_sample(wf, d, False, max(wf.size // SEARCH_FRACTION, SEARCH_MIN_SAMPLE))
 
 
 def _sample_error(ws, ds, spec):
@@ -419,7 +434,8 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
     the best of the three.
   * **Warm** (``scale`` given: a training step, from the last step's scale):
     a fixed amount of work (see the module docstring): a search on a strided
-    sample of the weights (``1/256`` of them, at least 16384 per scale group)
+    sample of the weights (``1/256`` of them, at least 16384 per tensor or
+    64 per output channel)
     over scales within a factor 2 of ``scale``, then one full round below 4
     bits, or a refinement on all the weights and a round from the best of
     three candidates from 4 bits on. No loop runs to a tolerance, so the
