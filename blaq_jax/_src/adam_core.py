@@ -176,21 +176,26 @@ def counted(ok, count, skipped):
   return count + ok.astype(count.dtype), skipped + (~ok).astype(skipped.dtype)
 
 
-def skip_if_nonfinite(ok, new_params, params, new_state, state):
+def skip_if_nonfinite(ok, new_params, params, new_state, state, spec):
   """A step whose new latent weights are not finite is skipped and counted.
 
   ``new_state`` is the state after a step that applied ``ok`` (None: the
   check is off, nothing changes). If ``new_params`` hold a NaN or inf (e.g.
   ``eps = 0`` with a zero second moment, or an overflow), the params and the
   state keep their old values and ``skipped`` grows by 1, as for a
-  non-finite gradient. A stored ``curvature`` is left as the step computed
-  it: no update reads it back, and selecting it again would change how XLA
+  non-finite gradient. A quantized leaf is checked through its new scale,
+  whose sums run over all its weights (a non-finite weight makes it
+  non-finite), so the check adds no pass over the weights; other leaves are
+  checked directly. A stored ``curvature`` is left as the step computed it:
+  no update reads it back, and selecting it again would change how XLA
   fuses the scale fit that consumes it (BLAQ with ``a = 1`` would no longer
   match LAQ bit for bit). Returns ``(new_params, new_state)``.
   """
   if ok is None:
     return new_params, new_state
-  fine = all_finite(new_params)
+  witnesses = tree_lib.map_with_spec(lambda s, w, a: w if s is None else a,
+                                     spec, new_params, new_state.scale)
+  fine = all_finite(witnesses)
   kept = state._replace(skipped=state.skipped + 1)  # one skip, whatever ok was
   merged = {f: n if f == "curvature" else select(fine, n, o)
             for f, n, o in zip(state._fields, new_state, kept)}

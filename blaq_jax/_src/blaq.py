@@ -305,5 +305,5 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state)
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec)
   return core.updates_from(new_params, params), new_state

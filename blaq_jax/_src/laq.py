@@ -58,7 +58,7 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
     new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state)
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec)
   return core.updates_from(new_params, params), new_state
 
 

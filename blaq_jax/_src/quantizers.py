@@ -192,7 +192,7 @@ SEARCH_LEVELS = 4       # each level spans one candidate step of the last
 SEARCH_SPAN = 2.0       # the first level spans [alpha / 2, 2 alpha]
 SEARCH_FRACTION = 256   # the sample holds 1/256 of the weights ...
 SEARCH_MIN_SAMPLE = 16384  # ... but at least this many per tensor (or all)
-SEARCH_MIN_ROWS = 64    # ... and per output channel (per-channel scales)
+SEARCH_MIN_ROWS = 256   # ... and per output channel (per-channel scales)
 
 
 def compute_dtype(dtype):
@@ -378,7 +378,14 @@ def _round(wf, d, spec, alpha):
   (one pass; ``alpha`` is kept where a group's codes are all zero)."""
   b = nearest_code(_safe_div(wf, alpha), spec)
   num, den = group_sums((d * b * wf, d * b * b), spec.per_channel)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), alpha)
+  return _lsq_scale(num, den, alpha)
+
+
+def _lsq_scale(num, den, alpha):
+  """``num / den``, or ``alpha`` where every code is zero (``den = 0``); a
+  non-finite weight makes it non-finite (the skip of a non-finite step
+  relies on that)."""
+  return jnp.where(den == 0, alpha + 0 * num, num / jnp.where(den == 0, 1, den))
 
 
 REFINE_STEP = 0.02   # the parabola's points: alpha e^{-h}, alpha, alpha e^{h}, h = this
@@ -418,7 +425,7 @@ def _best_round(wf, d, spec, cands):
     better = sums[3 * k + 2] < err
     num, den, err, alpha = (jnp.where(better, new, old) for new, old in zip(
         (sums[3 * k], sums[3 * k + 1], sums[3 * k + 2], cands[k]), (num, den, err, alpha)))
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), alpha)
+  return _lsq_scale(num, den, alpha)
 
 
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
@@ -435,7 +442,7 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
   * **Warm** (``scale`` given: a training step, from the last step's scale):
     a fixed amount of work (see the module docstring): a search on a strided
     sample of the weights (``1/256`` of them, at least 16384 per tensor or
-    64 per output channel)
+    256 per output channel)
     over scales within a factor 2 of ``scale``, then one full round below 4
     bits, or a refinement on all the weights and a round from the best of
     three candidates from 4 bits on. No loop runs to a tolerance, so the
@@ -468,8 +475,7 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
     return jnp.sum(x, axis=axes, keepdims=True)
 
   if spec.is_binary:
-    num, den = group_sums((d * jnp.abs(wf), d), spec.per_channel)
-    alpha = _safe_div(num, den)
+    alpha = _lsq_scale(wsum(d * jnp.abs(wf)), wsum(d), 0)
     return (alpha, jnp.zeros([], jnp.int32)) if with_rounds else alpha
 
   if scale is not None:
