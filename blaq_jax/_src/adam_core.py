@@ -176,22 +176,43 @@ def counted(ok, count, skipped):
   return count + ok.astype(count.dtype), skipped + (~ok).astype(skipped.dtype)
 
 
-def skip_if_nonfinite(ok, new_params, params, new_state, state, spec):
+def step_ok(g, lr, skip_nonfinite: bool):
+  """Whether a step may be applied: a finite gradient and a finite, non-negative
+  learning rate (a scalar check, fused into the update); None when off."""
+  if not skip_nonfinite:
+    return None
+  lr = jnp.asarray(lr)
+  return all_finite(g) & jnp.isfinite(lr) & (lr >= 0)
+
+
+def latent_check_needed(hyper: Hyper) -> bool:
+  """Whether new latent weights can be non-finite though the gradient, the
+  learning rate and the old weights are finite: only if ``eps`` may be 0.
+  With ``eps > 0``, ``D >= eps`` and Adam's ``m̂ / D`` stays bounded (a
+  gradient whose square overflows makes ``D`` infinite and the step 0)."""
+  eps = hyper.eps
+  return not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0)
+
+
+def skip_if_nonfinite(ok, new_params, params, new_state, state, spec, needed=True):
   """A step whose new latent weights are not finite is skipped and counted.
 
   ``new_state`` is the state after a step that applied ``ok`` (None: the
-  check is off, nothing changes). If ``new_params`` hold a NaN or inf (e.g.
-  ``eps = 0`` with a zero second moment, or an overflow), the params and the
+  check is off, nothing changes; ``needed`` False, see
+  :func:`latent_check_needed`: nothing to check). If ``new_params`` hold a
+  NaN or inf (``eps = 0`` with a zero second moment), the params and the
   state keep their old values and ``skipped`` grows by 1, as for a
-  non-finite gradient. A quantized leaf is checked through its new scale,
-  whose sums run over all its weights (a non-finite weight makes it
-  non-finite), so the check adds no pass over the weights; other leaves are
-  checked directly. A stored ``curvature`` is left as the step computed it:
-  no update reads it back, and selecting it again would change how XLA
+  non-finite gradient. The check waits for the step's scales and then
+  selects every buffer again, about a third of a LAQ update's cost on
+  XLA:CPU, which is why it runs only when it can fire. A quantized leaf is
+  checked through its new scale, whose sums run over all its weights (a
+  non-finite weight makes it non-finite); other leaves are checked
+  directly. A stored ``curvature`` is left as the step computed it: no
+  update reads it back, and selecting it again would change how XLA
   fuses the scale fit that consumes it (BLAQ with ``a = 1`` would no longer
   match LAQ bit for bit). Returns ``(new_params, new_state)``.
   """
-  if ok is None:
+  if ok is None or not needed:
     return new_params, new_state
   witnesses = tree_lib.map_with_spec(lambda s, w, a: w if s is None else a,
                                      spec, new_params, new_state.scale)

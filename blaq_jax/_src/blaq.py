@@ -234,7 +234,7 @@ def blaq(
     core.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
     lr = core.learning_rate_at(learning_rate, state.count)
-    ok_t = core.all_finite(updates) if skip_nonfinite else None
+    ok_t = core.step_ok(updates, lr, skip_nonfinite)
 
     def two_stage():
       count = optax.safe_increment(state.count)
@@ -305,5 +305,6 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec)
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
+                                                 core.latent_check_needed(hyper))
   return core.updates_from(new_params, params), new_state

@@ -58,7 +58,8 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
     new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec)
+  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
+                                                 core.latent_check_needed(hyper))
   return core.updates_from(new_params, params), new_state
 
 
@@ -138,7 +139,7 @@ def laq(
       raise ValueError("laq.update: params are required (pass params=...)")
     tree_lib.check_like_params(updates, params, "updates", "laq.update")
     lr = core.learning_rate_at(learning_rate, state.count)
-    ok = core.all_finite(updates) if skip_nonfinite else None
+    ok = core.step_ok(updates, lr, skip_nonfinite)
     updates, new_state = laq_step(spec, hyper, state, updates, params, lr, ok)
     return updates, new_state._replace(b2=core.as_float(b2), eps=core.as_float(eps))
 
