@@ -82,23 +82,28 @@ def laq(
       m, v    ← b1 m + (1-b1) g_t,  b2 v + (1-b2) g_t²
       D_{t+1} = sqrt(v / (1 - b2^t)) + eps
       w_{t+1} = clip(w_t - lr · (m / (1 - b1^t)) / D_{t+1}, -c, c)
-      α_{t+1} = fixed point of α ← Σ D b w / Σ D b²,  b = code(w_{t+1} / α),
-                warm-started from α_t                         (Algorithm 2)
+      α_{t+1} ≈ argmin_α Σ D (w_{t+1} - α code(w_{t+1} / α))², from α_t:
+                a search near α_t, then the round α ← Σ D b w / Σ D b²
+                of Algorithm 2 (see blaq_jax.fit_scale)
       ŵ_{t+1} = α_{t+1} · code(w_{t+1} / α_{t+1})
 
   ``D`` is Adam's denominator, the diagonal curvature estimate of the
   proximal Newton derivation. The state keeps ``α_{t+1}`` (``state.scale``),
   so the next forward pass gets exactly the ``ŵ_{t+1}`` the update assumed
   with ``quantize_params(params, spec, state=state)``, and the projection is
-  warm-started as the paper's Algorithm 2 and the LAQ reference code do (it
-  takes a few rounds, see benchmarks/README.md). At init ``D = 1`` and ``α``
+  warm-started as the paper's Algorithm 2 and the LAQ reference code do, at
+  a fixed cost per step (:func:`blaq_jax.fit_scale`; benchmarks/README.md
+  gives its error and cost). At init ``D = 1`` and ``α``
   is the cold-started plain projection. The state holds ``m, v`` and the
   scales, not ``D``: the update computes ``D`` from ``v`` where it needs it,
   so the state is Adam's plus one scale per quantized tensor (or channel).
   Leaves whose spec is None take the same Adam step without clipping. Steps
-  whose gradient, or whose new latent weights, are not finite are skipped:
-  params, moments, scales and the step count stay, ``skipped`` grows by 1;
-  the skip is a select inside the fused update, not a branch.
+  whose gradient or learning rate is not finite (or the rate negative), or
+  whose new latent weights are not finite, are skipped: params, moments,
+  scales and the step count stay, ``skipped`` grows by 1; the skip is a
+  select inside the fused update, not a branch. New latent weights can be
+  non-finite with finite inputs only if ``eps`` is 0, so they are checked
+  only when ``eps`` is not a positive constant (that check costs a pass).
   (optax's own answer is the wrapper ``optax.apply_if_finite``; this
   transform does it itself, so that a skipped step also leaves the
   quantization state alone.)

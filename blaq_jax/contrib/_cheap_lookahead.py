@@ -23,7 +23,7 @@ structure (``blaq.forward_step`` and ``blaq.backtrack``) and change only where
 
 Experimental: measured in benchmarks/README.md, neither beats LAQ at equal
 compute. (The lookahead on a schedule, e.g. every ``m``-th epoch as the paper
-runs it, is ``blaq_jax.blaq(..., lookahead_schedule=...)``.)
+runs it, is ``blaq_jax.blaq`` with ``grad_fn=None`` on the off steps.)
 
 Departures from Eq. 4-10: ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
 previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
