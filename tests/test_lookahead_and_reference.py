@@ -59,16 +59,7 @@ def reference_laq(params, loss, lr, steps, ternary):
         codes[i] = np.where(x >= 0, 1.0, -1.0)
         alpha = np.sum(d * np.abs(x)) / np.sum(d)
       else:
-        b = codes[i]
-        alpha = np.sum(np.abs(b * d * x)) / np.sum(np.abs(b * d))
-        for _ in range(10):
-          b = np.where(np.abs(x) > alpha / 2, np.sign(x), 0.0)
-          new = np.sum(np.abs(b * d * x)) / np.sum(np.abs(b * d))
-          done = abs(new - alpha) < 1e-6
-          alpha = new
-          if done:
-            break
-        codes[i] = np.where(np.abs(x) > alpha / 2, np.sign(x), 0.0)
+        alpha, codes[i] = reference_ternary(x, d, codes[i])
       q.append(alpha * codes[i])
     history.append([c.copy() for c, k in zip(codes, quantized) if k])
     g = [np.asarray(v, np.float64) for v in jax.tree.leaves(grad(treedef.unflatten(q)))]
@@ -82,9 +73,10 @@ def reference_laq(params, loss, lr, steps, ternary):
   return history
 
 
-def reference_ternary_error(w, d, prev_codes):
-  """The reference code's ternary solver (warm-started from ``prev_codes``,
-  at most 10 rounds) at ``w`` and ``D``: its weighted error ``Σ D (w - ŵ)²``."""
+def reference_ternary(w, d, prev_codes):
+  """The reference code's ternary solver: warm-started from ``prev_codes``,
+  alternate until ``|Δα| < 1e-6``, at most 10 rounds, threshold ``α/2``.
+  Returns ``(alpha, codes)``."""
   b = prev_codes
   alpha = np.sum(np.abs(b * d * w)) / np.sum(np.abs(b * d))
   for _ in range(10):
@@ -94,13 +86,18 @@ def reference_ternary_error(w, d, prev_codes):
     alpha = new
     if done:
       break
-  b = np.where(np.abs(w) > alpha / 2, np.sign(w), 0.0)
+  return alpha, np.where(np.abs(w) > alpha / 2, np.sign(w), 0.0)
+
+
+def reference_ternary_error(w, d, prev_codes):
+  """The weighted error ``Σ D (w - ŵ)²`` of the reference's ternary solver."""
+  alpha, b = reference_ternary(w, d, prev_codes)
   return float(np.sum(d * (w - alpha * b) ** 2))
 
 
-def test_laq_follows_the_reference_rule_binary(x64):
-  params, loss = hinge_problem()
-  spec = bq.quant_spec(params, bits=1)
+def laq_trajectory(params, loss, spec, steps):
+  """LAQ at lr 1e-2: per step, the params and state after it and the ``ŵ``
+  its gradient was taken at."""
   tx = bq.laq(1e-2, spec)
 
   @jax.jit
@@ -109,10 +106,18 @@ def test_laq_follows_the_reference_rule_binary(x64):
     updates, state = tx.update(jax.grad(loss)(q), state, params)
     return optax.apply_updates(params, updates), state, q
 
-  state = tx.init(params)
-  ours = []
-  for _ in range(40):
+  state, out = tx.init(params), []
+  for _ in range(steps):
     params, state, q = step(params, state)
+    out.append((params, state, q))
+  return out
+
+
+def test_laq_follows_the_reference_rule_binary(x64):
+  params, loss = hinge_problem()
+  spec = bq.quant_spec(params, bits=1)
+  ours = []
+  for _, _, q in laq_trajectory(params, loss, spec, 40):
     ours.append([np.sign(np.asarray(q["l1"]["kernel"])), np.sign(np.asarray(q["l2"]["kernel"]))])
   ref = reference_laq(hinge_problem()[0], loss, 1e-2, 40, ternary=False)
   agree = sum(int(np.sum(a == b)) for o, r in zip(ours, ref) for a, b in zip(o, r))
@@ -130,19 +135,9 @@ def test_laq_ternary_projects_at_least_as_well_as_the_reference_solver(x64):
   1.001 (one round after the search need not reach the fixed point)."""
   params, loss = hinge_problem()
   spec = bq.quant_spec(params, bits=2, scheme="ternary")
-  tx = bq.laq(1e-2, spec)
-
-  @jax.jit
-  def step(params, state):
-    q = bq.quantize_params(params, spec, state=state)
-    updates, state = tx.update(jax.grad(loss)(q), state, params)
-    return optax.apply_updates(params, updates), state, q
-
-  state = tx.init(params)
   prev = None
   used_zero = False
-  for t in range(40):
-    params, state, _ = step(params, state)
+  for t, (params, state, _) in enumerate(laq_trajectory(params, loss, spec, 40)):
     q = bq.quantize_params(params, spec, state=state)
     d = bq.curvature(state)
     codes = {}
