@@ -23,7 +23,7 @@ Parts, each skipped with a printed reason when what it needs is missing
    ``cifar-10-batches-py``.
 
 Writes ``suite.json`` and ``suite.md`` (plus each part's own files) into
-``--out``; the ratios against the targets of issue 15 come from the side-by-side
+``--out``; the ratios against the GPU targets come from the side-by-side
 measurements of part 1 (ResNet18 224²) and part 2. ``--dry-run`` runs every part
 at tiny sizes on the CPU, with fake MNIST-format data written into ``--out``.
 """

@@ -22,6 +22,7 @@ from examples.imagenet_resnet18 import main as inet_main
 @pytest.fixture(autouse=True)
 def only_given_data_dirs(monkeypatch):
   """The data sets are looked for in --data-dir only: never in a shared copy."""
+  monkeypatch.delenv(ip.DATA_ROOT_VARIABLE, raising=False)
   real = ip._candidate_dirs
   monkeypatch.setattr(ip, "_candidate_dirs", lambda name, data_dir, known: real(
       name, data_dir, ()))

@@ -7,10 +7,11 @@ Each loader reads the canonical files from a directory and returns
 Where the files are looked for, in order:
 
 1. ``data_dir`` (``--data-dir``), or its sub-directory named after the data set;
-2. the known places: ``../shared/data/mnist`` beside a checkout (MNIST) and
-   ``/usr/share/datasets/fashion-mnist`` (Debian package
+2. ``$BLAQ_DATA_DIR``, a directory of data sets by name (``mnist/``,
+   ``fashion_mnist/``, ``cifar10/``), for machines that keep them in one place;
+3. the known place ``/usr/share/datasets/fashion-mnist`` (Debian package
    ``dataset-fashion-mnist``);
-3. with ``download=True``, the canonical files are fetched into ``data_dir``
+4. with ``download=True``, the canonical files are fetched into ``data_dir``
    (md5-checked).
 
 Batches come from :func:`train_batches`, whose order depends only on
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
 import struct
 import tarfile
@@ -32,7 +34,6 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -52,10 +53,9 @@ IDX_DATASETS = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
-        (REPO_ROOT.parent / "shared" / "data" / "mnist",),
+        (),
         "put the four MNIST IDX .gz files (train-images-idx3-ubyte.gz, ...) in "
-        "--data-dir or in ../shared/data/mnist beside the checkout, or pass "
-        "--download",
+        "--data-dir or in $BLAQ_DATA_DIR/mnist, or pass --download",
     ),
     "fashion_mnist": (
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
@@ -165,11 +165,22 @@ def _fetch(urls: Sequence[str], dest: Path, md5: str) -> None:
                         + "); check the network, or put the files into --data-dir yourself")
 
 
+DATA_ROOT_VARIABLE = "BLAQ_DATA_DIR"
+
+
+def data_root() -> Optional[Path]:
+  """``$BLAQ_DATA_DIR``: a directory of data sets by name, looked in after
+  ``--data-dir`` (None when unset)."""
+  root = os.environ.get(DATA_ROOT_VARIABLE)
+  return Path(root) if root else None
+
+
 def _candidate_dirs(name: str, data_dir, known: Sequence[Path]) -> list[Path]:
   dirs = []
-  if data_dir is not None:
-    data_dir = Path(data_dir)
-    dirs += [data_dir, data_dir / name, data_dir / name.replace("_", "-")]
+  for base in (data_dir, data_root()):
+    if base is not None:
+      base = Path(base)
+      dirs += [base, base / name, base / name.replace("_", "-")]
   return dirs + [Path(p) for p in known]
 
 
@@ -233,7 +244,8 @@ def find_cifar10_dir(data_dir=None, download: bool = False) -> Path:
   if data_dir is not None:
     data_dir = Path(data_dir)
     tried = [data_dir, data_dir / CIFAR10_DIR, data_dir / "cifar10" / CIFAR10_DIR]
-  tried.append(REPO_ROOT.parent / "shared" / "data" / "cifar10" / CIFAR10_DIR)
+  if data_root() is not None:
+    tried += [data_root() / "cifar10" / CIFAR10_DIR, data_root() / CIFAR10_DIR]
   for d in tried:
     if (d / "data_batch_1").is_file() and (d / "test_batch").is_file():
       return d

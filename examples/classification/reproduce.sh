@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
+# Where the loaders look for MNIST / Fashion-MNIST / CIFAR-10 after --data-dir.
+export BLAQ_DATA_DIR=${BLAQ_DATA_DIR:-data}
 what=${1:?"usage: reproduce.sh <target> (the targets are listed in the script)"}
 
 # Targets (CPU unless marked GPU; sizes under SCALE=cpu, below):

@@ -1,7 +1,7 @@
 """The BLAQ paper's protocol, shared by the ``paper_*`` configs.
 
-What the LAB / LAQ reference code and the BLAQ appendix agree on (see
-``../shared/papers/blaq-appendix-notes.md`` and ``hou-laq-reference-notes.md``):
+What the LAB / LAQ reference code (Hou, Yao & Kwok, ICLR 2017; Hou & Kwok,
+ICLR 2018) and the BLAQ paper's appendix (Ma et al., AAAI 2024) agree on:
 squared-hinge loss on ±1 targets, batch norm after every layer including the
 output layer with ε = 1e-4 on the standard deviation (running averages with
 factor 0.1), every dense/conv kernel quantized (first and last included),
