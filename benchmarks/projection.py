@@ -37,7 +37,6 @@ import numpy as np
 import optax
 
 import blaq_jax as bq
-from blaq_jax._src import quantizers
 
 WIDTHS = tuple(range(2, 9))
 SCHEMES = ("linear", "log")
@@ -113,28 +112,6 @@ def error_ratios(w, d, spec, alpha):
   return (np.where(ref > 0, ours / np.where(ref > 0, ref, 1), 1.0)).ravel()
 
 
-def warm_passes(shape, spec) -> float:
-  """Weights visited by one warm projection, in units of the leaf's size: the
-  search's candidate evaluations on its sample, then one round (below
-  ``REFINE_BITS``), or the three-scale refinement, ``max|w|`` and the
-  three-candidate round (from ``REFINE_BITS`` on). Each full-size term is one
-  evaluation per weight; the refinement's three errors and the last round's
-  three candidates each share one read of ``w`` and ``D``."""
-  if spec.is_binary:
-    return 1.0
-  size = int(np.prod(shape))
-  groups = shape[-1] if spec.per_channel else 1
-  per_group = size // groups
-  least = quantizers.SEARCH_MIN_ROWS if spec.per_channel else quantizers.SEARCH_MIN_SAMPLE
-  sample = max(per_group // quantizers.SEARCH_FRACTION, least)
-  stride = -(-per_group // sample)
-  sampled = -(-per_group // stride) * groups
-  search = quantizers.SEARCH_LEVELS * quantizers.SEARCH_CANDIDATES * sampled / size
-  if spec.bits < quantizers.REFINE_BITS:
-    return search + 1.0
-  return search + 3.0 + 1.0 + 3.0
-
-
 # ------------------------------------------------------------ measurements
 
 
@@ -201,7 +178,7 @@ def warm_start_ratios(spec_kwargs: dict, steps: int, every: int, seed: int = 0,
   ratios, passes, sizes = [], [], []
   for s, w in zip(jax.tree.leaves(spec), jax.tree.leaves(params)):
     if s is not None:
-      passes.append(warm_passes(w.shape, s))
+      passes.append(bq.warm_fit_cost(w.shape, s))
       sizes.append(w.size)
   for t in range(steps):
     idx = rng.integers(0, x.shape[0], 64)

@@ -29,6 +29,7 @@ from blaq_jax._src.quantizers import QuantSpec
 from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.quantizers import quantize_with_scale
+from blaq_jax._src.quantizers import warm_fit_cost
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
 from blaq_jax._src.state import curvature
@@ -58,6 +59,7 @@ __all__ = (
     "curvature",
     "data_parallel",
     "fit_scale",
+    "warm_fit_cost",
     "freeze_oscillations",
     "laq",
     "load_packed",

@@ -69,3 +69,17 @@ def test_warm_start_costs_a_fixed_number_of_rounds():
     assert int(rounds) == 1
     # From a warm start 40% too small (within the search's factor 2) it finds the basin.
     assert ref.error_ratios(np.asarray(w, np.float64), np.ones(w.shape), spec, alpha)[0] < 1.01
+
+
+def test_warm_fit_cost_counts_the_search_and_the_passes():
+  # 784x2048 per tensor at 2 bits: 1/256 sampled (6272 of 1,605,632 weights,
+  # at least 16384), 4 levels x 9 candidates, then one round.
+  size = 784 * 2048
+  stride = -(-size // 16384)
+  expected = 36 * (-(-size // stride)) / size + 1.0
+  assert bq.warm_fit_cost((784, 2048), bq.QuantSpec(2)) == pytest.approx(expected)
+  # From 4 bits: + refinement (3), max|w| (1), three-candidate round (3).
+  assert bq.warm_fit_cost((784, 2048), bq.QuantSpec(4)) == pytest.approx(expected + 6.0)
+  assert bq.warm_fit_cost((3, 3, 8, 16), bq.QuantSpec(1)) == 1.0
+  # A small leaf is sampled whole: every candidate visits every weight.
+  assert bq.warm_fit_cost((64, 32), bq.QuantSpec(2)) == pytest.approx(37.0)

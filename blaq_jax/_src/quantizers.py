@@ -202,7 +202,11 @@ def compute_dtype(dtype):
 
 def scale_shape(shape, spec: QuantSpec) -> tuple:
   """The shape of a leaf's scale: ``shape`` with the reduced axes set to 1."""
-  axes = _reduce_axes(len(shape), spec.per_channel)
+  return _kept_shape(shape, spec.per_channel)
+
+
+def _kept_shape(shape, per_channel: bool) -> tuple:
+  axes = _reduce_axes(len(shape), per_channel)
   return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
 
@@ -241,7 +245,7 @@ def group_sums(xs, per_channel: bool):
   several passes over the weights.
   """
   shape = xs[0].shape
-  out = scale_shape(shape, QuantSpec(2, per_channel=per_channel))
+  out = _kept_shape(shape, per_channel)
   if _explicitly_sharded(xs[0]):
     # A reshape across a sharded axis is refused in explicit-sharding mode.
     axes = _reduce_axes(len(shape), per_channel)
@@ -426,6 +430,29 @@ def _best_round(wf, d, spec, cands):
     num, den, err, alpha = (jnp.where(better, new, old) for new, old in zip(
         (sums[3 * k], sums[3 * k + 1], sums[3 * k + 2], cands[k]), (num, den, err, alpha)))
   return _lsq_scale(num, den, alpha)
+
+
+def warm_fit_cost(shape, spec: QuantSpec) -> float:
+  """Weights a training step's (warm) :func:`fit_scale` visits, over the
+  leaf's size: the search's candidate evaluations on its sample, then one
+  round (below ``REFINE_BITS``), or the three-scale refinement, a read for
+  ``max|w|`` and the three-candidate round (from ``REFINE_BITS`` on). Each
+  full-size term counts one evaluation per weight; the refinement's three
+  errors and the last round's three candidates each share one read of ``w``
+  and ``D``. 1 for binary codes (one pass for the closed form)."""
+  if spec.is_binary:
+    return 1.0
+  shape = tuple(shape)
+  size = int(np.prod(shape))
+  groups = shape[-1] if spec.per_channel and shape else 1
+  per_group = size // groups
+  least = SEARCH_MIN_ROWS if spec.per_channel else SEARCH_MIN_SAMPLE
+  stride = -(-per_group // max(per_group // SEARCH_FRACTION, least))
+  sampled = -(-per_group // stride) * groups
+  search = SEARCH_LEVELS * SEARCH_CANDIDATES * sampled / size
+  if spec.bits < REFINE_BITS:
+    return search + 1.0
+  return search + 3.0 + 1.0 + 3.0
 
 
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
