@@ -190,8 +190,7 @@ def latent_check_needed(hyper: Hyper) -> bool:
   learning rate and the old weights are finite: only if ``eps`` may be 0.
   With ``eps > 0``, ``D >= eps`` and Adam's ``m̂ / D`` stays bounded (a
   gradient whose square overflows makes ``D`` infinite and the step 0)."""
-  eps = hyper.eps
-  return not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0)
+  return not (checks.is_concrete_number(hyper.eps) and hyper.eps > 0)
 
 
 def skip_if_nonfinite(ok, new_params, params, new_state, state, spec, needed=True):
