@@ -22,7 +22,9 @@ what=${1:?"usage: reproduce.sh <target> (the targets are listed in the script)"}
 #   table3_mlp512     paper_mnist_mlp at width 512 (the 2048-wide MLP needs a GPU), 50 epochs
 #   appendix_lenet    paper_mnist_lenet5 with the appendix's literal schedule
 #   imagefolder       CIFAR-10 as PNG files through the ResNet18 example's grain pipeline
-#   gpu_mlp2048       (GPU) paper_mnist_mlp at full width
+#   table3_mlp        paper_mnist_mlp at the paper's width 2048 (METHODS default
+#                     "fp laq blaq-m"); with SCALE=full about an hour a run on one core
+#   gpu_mlp2048       (GPU) paper_mnist_mlp at full width, all methods
 #   gpu_cifar         (GPU) paper_cifar10_vgg
 #   paper_report      the tables of all of the above (and runs/plots/<group>.png)
 # The first five, table4_lenet and fashion_lenet in particular, run fp, bwn-ste,
@@ -34,19 +36,24 @@ SEEDS=${SEEDS:-"0 1 2"}
 # SCALE=cpu (the default) keeps the models, epochs and schedules but shrinks the
 # training sets, so that the LeNet5 tables fit about an hour of a 2-core CPU
 # (examples/README.md); SCALE=full trains on the paper's 50k images.
+# Full-size runs go to their own groups (runs/<group>_full/), so that the two
+# scales never mix in one table.
 SCALE=${SCALE:-cpu}
 if [[ $SCALE == cpu ]]; then
   LENET_SCALE=(--train-subset 10000 --val-split 5000)   # 5,000 train / 5,000 val images
   MLP_SCALE=(--train-subset 15000 --val-split 5000)     # 10,000 train / 5,000 val images
+  SUFFIX=
+elif [[ $SCALE == full ]]; then
+  LENET_SCALE=(); MLP_SCALE=(); SUFFIX=_full
 else
-  LENET_SCALE=(); MLP_SCALE=()
+  echo "SCALE must be cpu or full, got '$SCALE'" >&2; exit 2
 fi
 
 # Several copies of this script may run at once (e.g. one per core under
 # `taskset -c N`): each run is claimed with an atomic mkdir, so each copy takes
 # the next run nobody has started. An interrupted run resumes from its checkpoint.
 prun() {  # group name config seed [flags...]: runs/<group>/<name>_s<seed>
-  local group=$1 name=$2 config=$3 seed=$4; shift 4
+  local group=$1$SUFFIX name=$2 config=$3 seed=$4; shift 4
   local dir=runs/$group/${name}_s$seed
   mkdir -p runs/$group
   if [[ -f $dir/model_packed.npz ]]; then echo "done: $dir"; return; fi
@@ -106,9 +113,12 @@ case $what in
         --workdir runs/cifar10_imagefolder/$opt > runs/cifar10_imagefolder_$opt.log 2>&1 \
         || echo "FAILED: cifar10_imagefolder $opt"
     done ;;
+  table3_mlp)
+    PAPER_METHODS=${METHODS:-"fp laq blaq-m"} paper_all_methods paper_mnist_mlp paper_mnist_mlp \
+      "${MLP_SCALE[@]}" ;;
   gpu_mlp2048) paper_all_methods paper_mnist_mlp paper_mnist_mlp ;;
   gpu_cifar) paper_all_methods paper_cifar10_vgg paper_cifar10_vgg --data-dir data/cifar10 ;;
   paper_report)
     $PY -m examples.classification.report --runs runs --paper --plots runs/plots --configs \
-      paper_mnist_mlp512,paper_mnist_mlp,paper_mnist_lenet5,paper_fashion_lenet5,paper_mnist_lenet5_appendix,table1_lenet5,ablation_lenet5,paper_cifar10_vgg ;;
+      paper_mnist_mlp512,paper_mnist_mlp,paper_mnist_lenet5,paper_fashion_lenet5,paper_mnist_lenet5_full,paper_mnist_mlp_full,paper_fashion_lenet5_full,paper_mnist_lenet5_appendix,table1_lenet5,ablation_lenet5,paper_cifar10_vgg ;;
 esac
