@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import jax
+import numpy as np
 
 
 class ResumeError(ValueError):
@@ -46,11 +47,19 @@ def _plain(x):
   return json.loads(json.dumps(x))
 
 
-def config_mismatch(saved: dict, current: dict, free: Iterable[str] = ()) -> Optional[str]:
-  """The first field (in ``current``'s order) whose values differ, or None."""
+def config_mismatch(saved: dict, current: dict, free: Iterable[str] = (),
+                    defaults: Optional[dict] = None) -> Optional[str]:
+  """The first field (in ``current``'s order) whose values differ, or None.
+
+  A field that ``saved`` lacks (one added to the config since that run was
+  saved) does not differ while ``current`` holds its value from ``defaults``.
+  """
   saved, current, free = _plain(saved), _plain(current), set(free)
+  defaults = _plain(defaults or {})
   for key in list(current) + [k for k in saved if k not in current]:
     if key in free:
+      continue
+    if key not in saved and key in defaults and current.get(key) == defaults[key]:
       continue
     if key not in saved or key not in current or saved[key] != current[key]:
       return key
@@ -74,7 +83,7 @@ def truncate_jsonl(path, key: str, upto) -> None:
       continue
     if isinstance(row, dict) and row.get(key, upto + 1) <= upto:
       rows.append(line + "\n")
-  path.write_text("".join(rows))
+  write_atomic(path, "".join(rows))
 
 
 class Checkpoints:
@@ -84,18 +93,22 @@ class Checkpoints:
     directory: the checkpoint directory (``<workdir>/checkpoints``).
     config: the run's config as a dict (saved with every step, checked on resume).
     free: config fields that may differ on resume.
+    defaults: the config's default values: a field added to the config after
+      a run was saved does not block its resume while it keeps its default.
     max_to_keep: steps kept (the latest ones).
     fresh: delete existing checkpoints first (start the run over).
     force: resume even if the config differs.
   """
 
   def __init__(self, directory, config: dict, *, free: Iterable[str] = (),
-               max_to_keep: int = 2, fresh: bool = False, force: bool = False):
+               defaults: Optional[dict] = None, max_to_keep: int = 2, fresh: bool = False,
+               force: bool = False):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
     self.directory = Path(directory).resolve()
     self.config, self.free, self.force = _plain(config), tuple(free), force
+    self.defaults = defaults
     self.differs = None   # after a forced restore: what differed from the saved config
     if jax.process_index() == 0:
       if fresh and self.directory.exists():
@@ -115,7 +128,7 @@ class Checkpoints:
 
   def _mismatch(self, meta) -> Optional[str]:
     """The one-line description of the first differing config field, or None."""
-    field = config_mismatch(meta["config"], self.config, self.free)
+    field = config_mismatch(meta["config"], self.config, self.free, self.defaults)
     if field is None:
       return None
     return (f"{self.directory} holds a run with {field}="
@@ -232,6 +245,15 @@ def write_atomic(path, text: str) -> None:
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def savez_atomic(path, **arrays) -> None:
+  """``np.savez(path, **arrays)`` through a temporary file and ``os.replace``."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
   os.replace(tmp, path)
 
 

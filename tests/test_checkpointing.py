@@ -36,6 +36,14 @@ def test_resume_checks_the_config_and_names_the_field(tmp_path):
     with pytest.raises(checkpointing.ResumeError) as e:
       ckpts.restore(LIKE)
     assert f"holds a run with {field}=" in str(e.value) and "\n" not in str(e.value)
+  # A field added to the config since the save blocks the resume only off its default.
+  defaults = {"new": 0}
+  grown = checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, new=0), defaults=defaults)
+  assert grown.restore(LIKE)[0] == 2
+  with pytest.raises(checkpointing.ResumeError, match="holds a run with new='<unset>', this "
+                     "run has new=1"):
+    checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, new=1),
+                              defaults=defaults).restore(LIKE)
   forced = checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, bits=2), force=True)
   assert forced.restore(LIKE)[0] == 2
   fresh = checkpointing.Checkpoints(tmp_path / "c", dict(CONFIG, bits=2), fresh=True)

@@ -99,8 +99,13 @@ def test_resume_is_bit_exact(tmp_path, data_dir, capsys):
   with pytest.raises(checkpointing.ResumeError, match=r"holds a run with seed=0, this run "):
     train.train_and_evaluate(_config(data_dir, export=False, seed=1), split)
   assert [r["epoch"] for r in _rows(split)] == [1]
+  # A damaged metrics log (its last row cut short) is rebuilt from the checkpoint.
+  log = split / "metrics.jsonl"
+  log.write_text(log.read_text()[:40])
   b = train.train_and_evaluate(_config(data_dir, export=False), split)   # same config: resume
-  assert "resumed from epoch 1" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "resumed from epoch 1" in out
+  assert "1 missing or damaged row(s) restored from the checkpoint" in out
   la, lb = jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])
   assert len(la) == len(lb)
   for x, y in zip(la, lb):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -104,6 +105,11 @@ def first_runs(image_folder, tmp_path_factory):
   return runs
 
 
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
 @pytest.mark.parametrize("parallel", ["pmap", "jit"])
 def test_train_eval_checkpoint_resume(first_runs, parallel):
   config, workdir, first = first_runs[parallel]
@@ -120,7 +126,7 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   saved.close()
   with pytest.raises(checkpointing.ResumeError, match="holds a run with bits=1, this run has"):
     train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = _records(workdir)
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
   assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 0]
   assert {r["config_hash"] for r in records} == {checkpointing.config_hash(
@@ -136,6 +142,17 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(second["state"]["params"]),
                                                jax.tree.leaves(first["state"]["params"]))]
   assert max(moved) > 0
+  if parallel == "jit":
+    # --fresh moves the old run aside whole before the new one writes anything.
+    workdir = shutil.copytree(workdir, workdir + "_fresh")
+    train.train_and_evaluate(dataclasses.replace(config, bits=2, num_train_steps=1), workdir,
+                             fresh=True)
+    assert [r["step"] for r in _records(workdir) if "loss" in r] == [1]
+    assert {r["config_hash"] for r in _records(workdir)} == {checkpointing.config_hash(
+        dataclasses.asdict(dataclasses.replace(config, bits=2, num_train_steps=1)),
+        train.FREE_ON_RESUME)}
+    assert [r["step"] for r in _records(workdir + ".old-1") if "loss" in r] == [1, 2, 3]
+    assert sorted(os.listdir(os.path.join(workdir + ".old-1", "checkpoints"))) == ["2", "3"]
 
 
 def test_pmap_and_jit_take_the_same_steps(first_runs):
@@ -143,8 +160,7 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
   averaged over all devices under pmap, global under jit."""
   losses = {}
   for parallel, (_, workdir, _) in first_runs.items():
-    records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-    losses[parallel] = [r["loss"] for r in records if "loss" in r]
+    losses[parallel] = [r["loss"] for r in _records(workdir) if "loss" in r]
   np.testing.assert_allclose(losses["pmap"], losses["jit"], rtol=1e-5)
   pmap_state, jit_state = first_runs["pmap"][2]["state"], first_runs["jit"][2]["state"]
   for key in ("params", "batch_stats"):

@@ -509,8 +509,8 @@ def state_from_checkpoint(saved: dict, trainer: "Trainer") -> dict:
 def open_checkpoints(config: Config, workdir: Path, *, fresh: bool = False,
                      force: bool = False) -> checkpointing.Checkpoints:
   return checkpointing.Checkpoints(workdir / "checkpoints", dataclasses.asdict(config),
-                                   free=FREE_ON_RESUME, max_to_keep=2, fresh=fresh,
-                                   force=force)
+                                   free=FREE_ON_RESUME, defaults=dataclasses.asdict(Config()),
+                                   max_to_keep=2, fresh=fresh, force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -580,13 +580,14 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
               for on in kinds}
   trainer.train_step = lambda *args, lookahead: compiled[lookahead](*args)
 
-  start_epoch, step, train_s = 0, 0, 0.0
+  start_epoch, step, train_s, saved_rows = 0, 0, 0.0, None
   if ckpts is not None:
     restored = ckpts.restore(jax.eval_shape(lambda: checkpoint_state(state)))
     if restored is not None:
       _, saved, meta = restored
       state = state_from_checkpoint(saved, trainer)
       start_epoch, step, train_s = meta["epoch"], meta["step"], meta["train_s"]
+      saved_rows = meta.get("metrics")
       print(f"resumed from epoch {start_epoch} (step {step})")
     if not config.checkpoint:
       ckpts.close()
@@ -596,6 +597,12 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
   checkpointing.write_atomic(workdir / "config.json",
                              json.dumps(dataclasses.asdict(config), indent=1))
   rows = _read_metrics(metrics_path, start_epoch)
+  if saved_rows is not None and rows != saved_rows:
+    # The checkpoint holds every row up to its epoch: a damaged or cut log is rebuilt.
+    print(f"{metrics_path}: {len(saved_rows) - len(rows)} missing or damaged row(s) "
+          "restored from the checkpoint")
+    checkpointing.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in saved_rows))
+    rows = saved_rows
 
   total_epochs = run_epochs(config)
   end_epoch = total_epochs
@@ -664,6 +671,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
       window.append((w, codes, off))
       row.update(WeightTracker.window_stats(*(np.concatenate(a) for a in zip(*window))))
     checkpointing.append_jsonl(metrics_path, row)
+    rows.append(row)
     checkpointing.append_jsonl(losses_path, {
         "epoch": epoch, "losses": [round(float(l), 6) for l in step_losses]})
     val = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
@@ -672,15 +680,16 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
           flush=True)
     if config.checkpoint:
       ckpts.save(epoch, checkpoint_state(state),
-                 {"epoch": epoch, "step": step, "train_s": train_s})
+                 {"epoch": epoch, "step": step, "train_s": train_s, "metrics": rows})
 
   if config.checkpoint:
     ckpts.close()   # waits for the last save
   if window:
     w, codes, off = (np.concatenate(a) for a in zip(*window))
-    np.savez(workdir / "tracked_weights.npz", w=w, codes=codes,
-             paths=np.asarray(trainer.tracker.paths()),
-             flat_index=trainer.tracker.flat_indices(), last_epoch=row.get("epoch", 0))
+    checkpointing.savez_atomic(workdir / "tracked_weights.npz", w=w, codes=codes,
+                               paths=np.asarray(trainer.tracker.paths()),
+                               flat_index=trainer.tracker.flat_indices(),
+                               last_epoch=row.get("epoch", 0))
   summary = {**best_validation(_read_metrics(metrics_path, end_epoch)),
              "config_hash": config_hash(config)}
   checkpointing.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))

@@ -192,7 +192,7 @@ def save_params_npz(path: str, params, batch_stats) -> None:
   ``batch_stats/<path>`` (the format ``config.init_from`` reads)."""
   arrays = {f"params/{k}": np.asarray(v) for k, v in _path_dict(params).items()}
   arrays.update({f"batch_stats/{k}": np.asarray(v) for k, v in _path_dict(batch_stats).items()})
-  np.savez(path, **arrays)
+  checkpointing.savez_atomic(path, **arrays)
 
 
 def load_init(path: str, params, batch_stats):
@@ -299,7 +299,8 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
 
   ckpts = checkpointing.Checkpoints(
       os.path.join(workdir, "checkpoints"), dataclasses.asdict(config), free=FREE_ON_RESUME,
-      max_to_keep=config.max_checkpoints_to_keep, force=force)
+      defaults=dataclasses.asdict(Config()), max_to_keep=config.max_checkpoints_to_keep,
+      force=force)
   ckpts.check_config()   # a changed config stops here, before data and compiling
   if config.synthetic:
     classes, num_classes, num_train = None, config.num_classes, NUM_IMAGENET_TRAIN_IMAGES
