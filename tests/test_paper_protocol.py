@@ -252,8 +252,11 @@ def test_paper_report(tmp_path, capsys):
   # laq-as-blaq: 4 epochs; best validation at epoch 4; at 2 epochs its 2nd.
   assert cells("laq-as-blaq")[1] == "4" and cells("laq-as-blaq")[3] == "90.50 ± 0.71"
   assert cells("laq-as-blaq")[5] == "70.50 ± 0.71"
-  assert cells("laq")[11] == "60.50 ± 0.71"                # accuracy after 1 epoch
+  assert cells("laq")[10] == "60.50 ± 0.71"                # accuracy after 1 epoch
   assert "max latent amplitude" in out and "| laq | 1 | 2 | 0.500 ± 0.000" in out
+  assert cells("blaq")[12] == "4 ± 0"                     # training seconds per run
+  assert "| blaq − laq | best val. | 0, 1 | +0.00, +0.00 | +0.000 | [+0.000, +0.000] |" in out
+  assert "| blaq − laq-as-blaq | last | 0, 1 | -20.00, -20.00 | -20.000 |" in out
   # --plots draws the training loss (Fig. 5) and the accuracy curves per group.
   report.main(["--runs", str(tmp_path), "--paper", "--configs", "grp",
                "--plots", str(tmp_path / "plots")])
@@ -285,3 +288,17 @@ def test_ablation_report(tmp_path, capsys):
   assert [r.split("|")[1:4] + r.split("|")[4:5] for r in rows] == [
       [" 5 ", " 0.6 ", " 1 ", " 95.00 "], [" 10 ", " 0.3 ", " 1 ", " 91.00 "],
       [" – ", " – ", " 1 ", " 93.00 "]]
+
+
+def test_t_interval_matches_scipy():
+  from scipy import stats
+
+  for n in range(2, 12):
+    assert abs(report.T975[n - 2] - stats.t.ppf(0.975, n - 1)) < 1e-3
+  diffs = [0.3, -0.1, 0.5, 0.2]
+  mean, low, high = report.t_interval(diffs)
+  sem = np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+  ref = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=sem)
+  np.testing.assert_allclose([mean, low, high], [np.mean(diffs), *ref], atol=1e-3)
+  mean, low, high = report.t_interval(np.arange(14.0))     # beyond the table: scipy's
+  np.testing.assert_allclose(high - mean, stats.t.ppf(0.975, 13) * np.sqrt(17.5 / 14))
