@@ -31,6 +31,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
+from blaq_jax import contrib
 
 LR = 0.05
 # The kernel target is representable at 1 and 2 bits (per tensor and per
@@ -61,6 +62,9 @@ CASES = [
         bq.ste(optax.adam(LR), s), bq.freeze_oscillations(0.5, s)), laq_like=False),
     Case("laq_tracking", lambda s: optax.chain(
         bq.laq(LR, s), bq.track_oscillations(s, window=3))),
+    # blaq_jax.contrib, held to the same table.
+    Case("contrib_blaq_model", lambda s: contrib.blaq_model(LR, s, a=0.6)),
+    Case("contrib_blaq_reuse", lambda s: contrib.blaq_reuse(LR, s, a=0.6), grad_fn=True),
 ]
 BY_NAME = {c.name: c for c in CASES}
 IDS = [c.name for c in CASES]
@@ -166,7 +170,14 @@ def assert_state_like(a, b):
 # ------------------------------------------------------------ optimisation
 
 
-@pytest.mark.parametrize("name", IDS)
+# blaq_model's predicted restoring gradient blocks the flips the problem needs
+# (its docstring): it stalls, and this records it.
+STALLS = {"contrib_blaq_model": "blaq_model blocks code flips and stalls (see its docstring)"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALLS[n])) if n in STALLS
+    else n for n in IDS])
 def test_optimization_reaches_best_quantized_loss(name):
   case = BY_NAME[name]
   params, state, tx, step, _ = fresh(name)

@@ -22,8 +22,14 @@ structure (``blaq.forward_step`` and ``blaq.backtrack``) and change only where
   ``g* = g_t``.
 
 Experimental: measured in benchmarks/README.md, neither beats LAQ at equal
-compute. (The lookahead on a schedule, e.g. every ``m``-th epoch as the paper
-runs it, is ``blaq_jax.blaq`` with ``grad_fn=None`` on the off steps.)
+compute. ``blaq_model`` can also stall: its restoring term
+``(1-a) (D1 / lr) (ŵ* - ŵ_t)`` outweighs ``a g_t`` wherever a flip's size
+``2 alpha`` exceeds about ``lr`` (``D1`` is about ``|g|`` under Adam), so the
+codes that the trial step would flip never flip. On the 2x3 problem of the
+conformance tests it stays at loss 0.89 (from 1.67) after 600 steps, where
+LAQ, BLAQ and ``blaq_reuse`` reach 0.
+
+(The lookahead on a schedule, e.g. every ``m``-th epoch as the paper runs it, is ``blaq_jax.blaq`` with ``grad_fn=None`` on the off steps.)
 
 Departures from Eq. 4-10: ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
 previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
@@ -64,6 +70,14 @@ def _require_grad_fn(where, grad_fn):
 
 def _blaq_init(spec, where):
   return lambda params: core.init_state(BLAQState, params, spec, where)
+
+
+def _check_update(where, updates, params):
+  """The core transforms' checks on ``update``'s arguments."""
+  if params is None:
+    raise ValueError(f"{where}: params are required (pass params=...)")
+  core.check_not_masked(params, where)
+  tree_lib.check_like_params(updates, params, "updates", where)
 
 
 class BLAQReuseState(NamedTuple):
@@ -118,11 +132,12 @@ def blaq_reuse(
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
     del extra
     _require_grad_fn("blaq_reuse.update", grad_fn)
+    _check_update("blaq_reuse.update", updates, params)
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
     g_prev = state.trial_grad
     stage1 = forward_step(spec, hyper, state, g_prev, params, lr, count)
-    g_trial = grad_fn(stage1.trial)
+    g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq_reuse.update")
     if batch_axis_name:
       g_trial = jax.lax.pmean(g_trial, batch_axis_name)
     a_t = jnp.where(state.count == 0, 0.0, a)
@@ -166,6 +181,7 @@ def blaq_model(
 
   def update_fn(updates, state, params=None, **extra):
     del extra
+    _check_update("blaq_model.update", updates, params)
     count = optax.safe_increment(state.count)
     lr = core.learning_rate_at(learning_rate, state.count)
     stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
