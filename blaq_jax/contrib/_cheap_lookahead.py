@@ -29,7 +29,8 @@ codes that the trial step would flip never flip. On the 2x3 problem of the
 conformance tests it stays at loss 0.89 (from 1.67) after 600 steps, where
 LAQ, BLAQ and ``blaq_reuse`` reach 0.
 
-(The lookahead on a schedule, e.g. every ``m``-th epoch as the paper runs it, is ``blaq_jax.blaq`` with ``grad_fn=None`` on the off steps.)
+(The lookahead on a schedule, e.g. every ``m``-th epoch as the paper runs
+it, is ``blaq_jax.blaq`` with ``grad_fn=None`` on the off steps.)
 
 Departures from Eq. 4-10: ``blaq_reuse`` replaces ``ĝ^t`` in Eq. 6 and 9 by the
 previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
