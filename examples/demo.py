@@ -36,6 +36,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import methods as methods_lib
+from examples import statistics
 
 METHODS = ("fp", "bwn-ste", "laq", "blaq")   # names of examples/methods.py
 
@@ -152,7 +153,28 @@ def format_table(results, *, epochs: int, seeds: int, train_size: int, test_size
                  f"{total:.0f} | {res['seconds']:.1f} |")
   lines.append("(flips: code changes of sign(w) of the kernels, mean over seeds; for FP "
                "the sign of its full-precision weights; seconds include compilation)")
+  lines += paired_lines(results, test_size)
   return "\n".join(lines)
+
+
+def paired_lines(results, test_size: int, reference: str = "LAQ") -> list[str]:
+  """Each method's accuracy minus ``reference``'s, seed by seed, with the 95%
+  t-interval of the mean: what a difference in the table is worth. XLA's CPU
+  kernels round differently on different CPUs, so single digits move between
+  machines; an interval that holds 0 is no difference."""
+  if reference not in results or len(results[reference]["runs"]) < 2:
+    return []
+  ref = 100 * np.array([r["acc"] for r in results[reference]["runs"]])
+  lines = [f"Paired differences against {reference} (points; one test image is "
+           f"{100 / test_size:.2f}), 95% t-interval over seeds:"]
+  for method, res in results.items():
+    if method == reference:
+      continue
+    diffs = 100 * np.array([r["acc"] for r in res["runs"]]) - ref
+    mean, low, high = statistics.t_interval(diffs)
+    verdict = "not resolved" if low <= 0 <= high else ("higher" if low > 0 else "lower")
+    lines.append(f"  {method} - {reference}: {mean:+.2f} [{low:+.2f}, {high:+.2f}] ({verdict})")
+  return lines
 
 
 def plot(results, path):

@@ -12,6 +12,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import methods
+from examples import statistics
 from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import report
@@ -294,11 +295,11 @@ def test_t_interval_matches_scipy():
   from scipy import stats
 
   for n in range(2, 12):
-    assert abs(report.T975[n - 2] - stats.t.ppf(0.975, n - 1)) < 1e-3
+    assert abs(statistics.T975[n - 2] - stats.t.ppf(0.975, n - 1)) < 1e-3
   diffs = [0.3, -0.1, 0.5, 0.2]
-  mean, low, high = report.t_interval(diffs)
+  mean, low, high = statistics.t_interval(diffs)
   sem = np.std(diffs, ddof=1) / np.sqrt(len(diffs))
   ref = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=sem)
   np.testing.assert_allclose([mean, low, high], [np.mean(diffs), *ref], atol=1e-3)
-  mean, low, high = report.t_interval(np.arange(14.0))     # beyond the table: scipy's
+  mean, low, high = statistics.t_interval(np.arange(14.0))     # beyond the table: scipy's
   np.testing.assert_allclose(high - mean, stats.t.ppf(0.975, 13) * np.sqrt(17.5 / 14))

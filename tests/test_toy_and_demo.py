@@ -51,3 +51,15 @@ def test_demo_end_to_end_at_reduced_size(tmp_path, capsys):
     assert run["flips_total"] >= sum(run["curves"]["flips"]) - 1e-6
   # Two epochs on 256 images already beat chance (10 classes) by far.
   assert digits["FP"]["runs"][0]["acc"] > 0.5
+
+
+def test_demo_paired_differences():
+  runs = lambda accs: {"runs": [{"acc": a} for a in accs]}
+  results = {"LAQ": runs([0.90, 0.91, 0.92]), "BLAQ": runs([0.90, 0.92, 0.92]),
+             "FP": runs([0.95, 0.96, 0.97])}
+  lines = demo.paired_lines(results, test_size=400)
+  assert lines[0].startswith("Paired differences against LAQ (points; one test image is 0.25)")
+  # BLAQ - LAQ = (0, 1, 0): mean 0.33, half-width 4.303 * 0.577 / sqrt(3) = 1.43.
+  assert lines[1] == "  BLAQ - LAQ: +0.33 [-1.10, +1.77] (not resolved)"
+  assert lines[2] == "  FP - LAQ: +5.00 [+5.00, +5.00] (higher)"
+  assert demo.paired_lines({"LAQ": runs([0.9])}, test_size=400) == []

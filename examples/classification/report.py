@@ -35,6 +35,8 @@ from typing import Optional
 
 import numpy as np
 
+from examples.statistics import t_interval
+
 METHOD_ORDER = ("fp", "bwn-ste", "laq", "blaq")
 PAPER_ORDER = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m")
 
@@ -120,25 +122,6 @@ def paper_table(group: dict) -> str:
 
 PAIRS = (("blaq-m", "laq"), ("blaq-m", "laq-as-blaq-m"), ("blaq", "laq"),
          ("blaq", "laq-as-blaq-m"), ("blaq", "laq-as-blaq"))
-# Two-sided 95% quantiles of Student's t for 1-10 degrees of freedom.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t_interval(diffs) -> tuple[float, float, float]:
-  """``(mean, low, high)``: the 95% t-interval of the mean of paired differences."""
-  d = np.asarray(diffs, float)
-  mean = float(d.mean())
-  if len(d) < 2:
-    return mean, float("nan"), float("nan")
-  if len(d) - 1 <= len(T975):
-    t = T975[len(d) - 2]
-  else:
-    from scipy import stats
-    t = float(stats.t.ppf(0.975, len(d) - 1))
-  half = t * float(d.std(ddof=1)) / np.sqrt(len(d))
-  return mean, mean - half, mean + half
-
-
 def paired_table(group: dict) -> Optional[str]:
   """Per-seed paired differences of test accuracy (percentage points) between
   the methods of :data:`PAIRS` present in ``group``, with the 95% t-interval of
