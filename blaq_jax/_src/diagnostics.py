@@ -86,24 +86,8 @@ class OscillationState(NamedTuple):
 _PER_LEAF = tuple(f for f in OscillationState._fields if f not in ("count", "window", "cosine_all"))
 # One leaf's results of a step: its entries of the new state, and the sums the
 # cosine over all leaves needs.
-class _LeafStep(NamedTuple):
-  codes: Any
-  flips: Any
-  window_flips: Any
-  window_min: Any
-  window_max: Any
-  window_cosine: Any
-  last_flips: Any
-  last_amplitude: Any
-  last_cosine: Any
-  prev_updates: Any
-  cosine: Any
-  dot: Any
-  norm_u: Any
-  norm_prev: Any
-
-
-assert _LeafStep._fields == _PER_LEAF + ("dot", "norm_u", "norm_prev")
+_LeafStep = NamedTuple(  # pyrefly: ignore[bad-class-definition]  (fields from a tuple)
+    "_LeafStep", [(f, Any) for f in _PER_LEAF + ("dot", "norm_u", "norm_prev")])
 
 
 def _cosine(dot, n1, n2):
