@@ -46,9 +46,15 @@ each solver comes to the best fixed point, and what it costs, is measured by
 ``python -m benchmarks.projection`` (benchmarks/README.md).
 
 The quantized weights are ``ŵ = alpha · code(w / alpha)``: given the scale,
-the map is elementwise. The scale ``alpha`` is per tensor by default, or per
-output channel (the last axis) with ``per_channel=True``. No gradient flows
-through the scale (it is fitted to ``stop_gradient(w)``).
+the map is elementwise. The scale ``alpha`` is per tensor by default, per
+output channel (the last axis) with ``per_channel=True``, or per group of
+``g`` consecutive weights along the input axis (axis -2, the ``in`` of a
+dense kernel ``(in, out)`` and the ``c_in`` of a conv kernel ``(h, w, c_in,
+c_out)``) and per output channel with ``group_size=g``: the scale then has
+the kernel's shape with axis -2 divided by ``g`` (``(in // g, out)``,
+``(h, w, c_in // g, c_out)``), and each group is its own instance of the
+problem above. No gradient flows through the scale (it is fitted to
+``stop_gradient(w)``).
 
 References:
   Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
@@ -85,8 +91,19 @@ class QuantSpec:
       for every scale (relative; the paper's Algorithm 2 uses ``1e-6``). A
       training step's warm start does a fixed amount of work instead.
     max_iters: the most rounds of each cold-start alternation (a safety cap).
+    group_size: ``g`` for group-wise scales, or None. One scale per group of
+      ``g`` consecutive weights along the input axis (axis -2: ``in`` of a
+      dense kernel ``(in, out)``, ``c_in`` of a conv kernel ``(h, w, c_in,
+      c_out)``), per output channel (and per spatial position): the scale
+      has the leaf's shape with axis -2 divided by ``g``. ``g`` must divide
+      that axis, and the leaf needs at least 2 axes. It implies scales per
+      output channel, whatever ``per_channel`` says.
 
   Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m``.
+
+  Example::
+
+    spec = QuantSpec(4, group_size=64)     # a (512, 256) kernel: scales (8, 256)
   """
 
   bits: int
@@ -94,6 +111,7 @@ class QuantSpec:
   per_channel: bool = False
   tol: float = 1e-6
   max_iters: int = 50
+  group_size: Optional[int] = None
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
@@ -117,6 +135,11 @@ class QuantSpec:
       raise TypeError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
     if not 0 <= self.tol < 1:
       raise ValueError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
+    g = self.group_size
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, np.integer))):
+      raise TypeError(f"QuantSpec: group_size must be None or an int >= 1, got {g!r}")
+    if g is not None and g < 1:
+      raise ValueError(f"QuantSpec: group_size must be None or an int >= 1, got {g}")
 
   @property
   def is_binary(self) -> bool:
@@ -143,7 +166,21 @@ class QuantSpec:
     return np.arange(-n, n + 1, dtype=np.float64) / n
 
 
-def _reduce_axes(ndim: int, per_channel: bool):
+# The layout of a spec's scale groups, as the projection's helpers take it:
+# False (per tensor), True (per output channel), or GROUP: the weights in the
+# grouped view ``(..., in // g, g, out)`` of :func:`group_view`, one scale per
+# group of the ``g`` axis (axis -2 of the view).
+GROUP = "group"
+
+
+def layout(spec: QuantSpec):
+  """``False``, ``True`` or :data:`GROUP`: how ``spec`` groups the weights."""
+  return GROUP if spec.group_size is not None else spec.per_channel
+
+
+def _reduce_axes(ndim: int, per_channel):
+  if per_channel is GROUP:
+    return (ndim - 2,)
   if per_channel and ndim >= 1:
     return tuple(range(ndim - 1))
   return tuple(range(ndim))
@@ -200,9 +237,47 @@ def compute_dtype(dtype):
   return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
 
 
+def check_group_shape(shape, spec: QuantSpec, name: str = "the leaf") -> None:
+  """A one-line ValueError unless ``spec.group_size`` divides axis -2 of ``shape``."""
+  g = spec.group_size
+  if g is None:
+    return
+  shape = tuple(shape)
+  if len(shape) < 2:
+    raise ValueError(
+        f"group_size={g} needs a kernel with an input axis (axis -2), but {name} has shape "
+        f"{shape}; quantize it per tensor (group_size=None) or leave it in full precision")
+  if shape[-2] % g:
+    raise ValueError(
+        f"group_size={g} does not divide the input axis (axis -2, size {shape[-2]}) of "
+        f"{name} of shape {shape}; use a group size that divides {shape[-2]}, or override "
+        "this leaf in quant_spec (another QuantSpec, or None)")
+
+
+def group_view(shape, spec: QuantSpec) -> tuple:
+  """``(..., in, out)`` as ``(..., in // g, g, out)``: the groups on axis -2."""
+  shape = tuple(shape)
+  g = spec.group_size
+  return shape[:-2] + (shape[-2] // g, g, shape[-1])
+
+
 def scale_shape(shape, spec: QuantSpec) -> tuple:
-  """The shape of a leaf's scale: ``shape`` with the reduced axes set to 1."""
+  """The shape of a leaf's scale: ``shape`` with the reduced axes set to 1
+  (per tensor, per channel), or with axis -2 divided by ``group_size``."""
+  if spec.group_size is not None:
+    check_group_shape(shape, spec)
+    shape = tuple(shape)
+    return shape[:-2] + (shape[-2] // spec.group_size, shape[-1])
   return _kept_shape(shape, spec.per_channel)
+
+
+def expand_scale(alpha, spec: QuantSpec, shape):
+  """``alpha`` broadcastable to a leaf of ``shape``: a group-wise scale is
+  repeated ``group_size`` times along axis -2; other scales are returned as
+  they are (their reduced axes already have size 1)."""
+  if spec.group_size is None or jnp.ndim(alpha) < 2:
+    return alpha
+  return jnp.repeat(alpha, spec.group_size, axis=-2, total_repeat_length=tuple(shape)[-2])
 
 
 def _kept_shape(shape, per_channel: bool) -> tuple:
@@ -235,8 +310,12 @@ def _explicitly_sharded(x) -> bool:
   return any(axis is not None for axis in spec)
 
 
-def group_sums(xs, per_channel: bool):
+def group_sums(xs, per_channel):
   """``[Σ x for x in xs]`` per scale group (reduced axes kept), in one pass.
+
+  ``per_channel`` is False (one sum per array), True (per output channel,
+  the last axis) or :data:`GROUP` (``xs`` in the grouped view ``(..., in //
+  g, g, out)``: sums over axis -2).
 
   The sums come out of one multi-output ``lax.reduce`` over blocks of the
   flattened arrays, so the elementwise producers of ``xs`` fuse into the
@@ -252,6 +331,10 @@ def group_sums(xs, per_channel: bool):
     return [jnp.sum(x, axis=axes, keepdims=True) for x in xs]
   zeros = tuple(jnp.zeros([], x.dtype) for x in xs)
   add = lambda p, q: tuple(u + v for u, v in zip(p, q))
+  if per_channel is GROUP:
+    axis = len(shape) - 2
+    parts = jax.lax.reduce(tuple(xs), zeros, add, (axis,))
+    return [jnp.expand_dims(p, axis) for p in parts]
   if per_channel and len(shape) >= 1:
     c = shape[-1]
     rows = xs[0].size // max(c, 1)
@@ -268,6 +351,9 @@ def group_sums(xs, per_channel: bool):
 
 def _strided_sample(wf, d, per_channel, per_group: int):
   """At most ``per_group`` weights per scale group, evenly strided (static)."""
+  if per_channel is GROUP:
+    stride = -(-wf.shape[-2] // max(per_group, 1))
+    return wf[..., ::stride, :], d[..., ::stride, :]
   if per_channel and wf.ndim >= 1:
     c = wf.shape[-1]
     rows = wf.reshape(-1, c)
@@ -284,6 +370,9 @@ def _grid_sample(wf, d, per_channel):
   The grid only picks the basin; the alternation that follows runs on every
   weight, so the result is a fixed point of the full problem.
   """
+  if per_channel is GROUP:
+    groups = wf.size // max(wf.shape[-2], 1)
+    return _strided_sample(wf, d, GROUP, max(GRID_SAMPLE // max(groups, 1), 64))
   c = wf.shape[-1] if per_channel and wf.ndim >= 1 else 1
   per_group = max(GRID_SAMPLE // max(c, 1), 64) if c > 1 else GRID_SAMPLE
   return _strided_sample(wf, d, per_channel, per_group)
@@ -292,7 +381,10 @@ def _grid_sample(wf, d, per_channel):
 def _search_sample(wf, d, per_channel):
   """The warm search's sample: ``1/SEARCH_FRACTION`` of each scale group's
   weights, at least ``SEARCH_MIN_SAMPLE`` per tensor or ``SEARCH_MIN_ROWS``
-  per channel (all of a small group)."""
+  per channel or group (all of a small group)."""
+  if per_channel is GROUP:
+    per_group = max(wf.shape[-2] // SEARCH_FRACTION, SEARCH_MIN_ROWS)
+    return _strided_sample(wf, d, GROUP, per_group)
   if per_channel and wf.ndim >= 1:
     rows = wf.size // max(wf.shape[-1], 1)
     return _strided_sample(wf, d, True, max(rows // SEARCH_FRACTION, SEARCH_MIN_ROWS))
@@ -302,7 +394,7 @@ def _search_sample(wf, d, per_channel):
 def _sample_error(ws, ds, spec):
   """``cand -> Σ D (w - cand code(w / cand))²`` per scale group of the sample,
   for ``cand`` of shape ``(1,..,1, groups)``."""
-  axes = _reduce_axes(ws.ndim, spec.per_channel)
+  axes = _reduce_axes(ws.ndim, layout(spec))
 
   def error(cand):
     return jnp.sum(ds * (ws - cand * nearest_code(_safe_div(ws, cand), spec)) ** 2,
@@ -311,9 +403,12 @@ def _sample_error(ws, ds, spec):
   return error
 
 
-def _group_row(x, ndim):
+def _group_row(x, ndim, per_channel=False):
   """A scale of shape ``(1,..,1)`` or ``(1,..,1,c)`` as ``(1,..,1, groups)``
-  of ``ndim`` axes (the sample's layout)."""
+  of ``ndim`` axes (the sample's layout); a group-wise scale, already in the
+  grouped view's layout, as it is."""
+  if per_channel is GROUP:
+    return x
   return x.reshape((1,) * (ndim - 1) + (-1,))
 
 
@@ -334,8 +429,8 @@ def _cold_start(wf, d, spec, wsum, axes):
   top = 4.0 / 3.0 if spec.scheme == "log" else 1.0
   hi = jnp.maximum(top * jnp.max(absw, axis=axes, keepdims=True), lo)
   out_shape = lo.shape
-  ws, ds = _grid_sample(wf, d, spec.per_channel)
-  lo, hi = _group_row(lo, ws.ndim), _group_row(hi, ws.ndim)
+  ws, ds = _grid_sample(wf, d, layout(spec))
+  lo, hi = _group_row(lo, ws.ndim, layout(spec)), _group_row(hi, ws.ndim, layout(spec))
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
   error = _sample_error(ws, ds, spec)
 
@@ -362,9 +457,9 @@ def _search(wf, d, spec, alpha0):
   """
   # The barrier materialises the (small, contiguous) sample once, rather than
   # letting every candidate's evaluation gather it from the whole leaf.
-  ws, ds = jax.lax.optimization_barrier(_search_sample(wf, d, spec.per_channel))
+  ws, ds = jax.lax.optimization_barrier(_search_sample(wf, d, layout(spec)))
   error = _sample_error(ws, ds, spec)
-  centre = _group_row(alpha0, ws.ndim)
+  centre = _group_row(alpha0, ws.ndim, layout(spec))
   frac = jnp.linspace(-1.0, 1.0, SEARCH_CANDIDATES, dtype=wf.dtype).reshape(
       (-1,) + (1,) * ws.ndim)
   width = float(np.log(SEARCH_SPAN))
@@ -381,7 +476,7 @@ def _round(wf, d, spec, alpha):
   """One alternation round: ``Σ D b w / Σ D b²`` with ``b = code(w / alpha)``
   (one pass; ``alpha`` is kept where a group's codes are all zero)."""
   b = nearest_code(_safe_div(wf, alpha), spec)
-  num, den = group_sums((d * b * wf, d * b * b), spec.per_channel)
+  num, den = group_sums((d * b * wf, d * b * b), layout(spec))
   return _lsq_scale(num, den, alpha)
 
 
@@ -407,7 +502,7 @@ def _refine(wf, d, spec, alpha):
   cands = (alpha * float(np.exp(-h)), alpha, alpha * float(np.exp(h)))
   e0, e1, e2 = group_sums(
       tuple(d * (wf - c * nearest_code(_safe_div(wf, c), spec)) ** 2 for c in cands),
-      spec.per_channel)
+      layout(spec))
   curv = e0 - 2 * e1 + e2
   shift = jnp.where(curv > 0, 0.5 * h * (e0 - e2) / jnp.where(curv > 0, curv, 1), 0.0)
   best = jnp.where(e0 < jnp.minimum(e1, e2), cands[0], jnp.where(e2 < e1, cands[2], alpha))
@@ -422,7 +517,7 @@ def _best_round(wf, d, spec, cands):
   for alpha in cands:
     b = nearest_code(_safe_div(wf, alpha), spec)
     terms += [d * b * wf, d * b * b, d * (wf - alpha * b) ** 2]
-  sums = group_sums(tuple(terms), spec.per_channel)
+  sums = group_sums(tuple(terms), layout(spec))
   num, den, err = sums[0:3]
   alpha = cands[0]
   for k in range(1, len(cands)):
@@ -444,9 +539,13 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
     return 1.0
   shape = tuple(shape)
   size = int(np.prod(shape))
-  groups = shape[-1] if spec.per_channel and shape else 1
+  if spec.group_size is not None:
+    check_group_shape(shape, spec)
+    groups = size // spec.group_size
+  else:
+    groups = shape[-1] if spec.per_channel and shape else 1
   per_group = size // groups
-  least = SEARCH_MIN_ROWS if spec.per_channel else SEARCH_MIN_SAMPLE
+  least = SEARCH_MIN_ROWS if layout(spec) else SEARCH_MIN_SAMPLE
   stride = -(-per_group // max(per_group // SEARCH_FRACTION, least))
   sampled = -(-per_group // stride) * groups
   search = SEARCH_LEVELS * SEARCH_CANDIDATES * sampled / size
@@ -492,11 +591,38 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
       three alternations for a cold start).
 
   Returns:
-    ``alpha`` with the reduced axes kept (shape ``(1,..,1)`` or
-    ``(1,..,1,c)``), float32 for half-precision ``w``, else ``w``'s dtype.
+    ``alpha`` of shape :func:`scale_shape`: the reduced axes kept
+    (``(1,..,1)`` or ``(1,..,1,c)``), or with ``group_size=g`` the leaf's
+    shape with axis -2 divided by ``g``; float32 for half-precision ``w``,
+    else ``w``'s dtype. Group-wise, each group's scale is the one this
+    function gives for that group's weights alone, per tensor.
   """
   wf, d = _prepare(w, curvature, "fit_scale")
-  axes = _reduce_axes(wf.ndim, spec.per_channel)
+  if spec.group_size is not None:
+    return _fit_groups(wf, d, spec, scale, with_rounds)
+  return _fit(wf, d, spec, scale, with_rounds)
+
+
+def _fit_groups(wf, d, spec, scale, with_rounds):
+  """:func:`fit_scale` with group-wise scales: the fit on the grouped view
+  ``(..., in // g, g, out)`` (one scale per group of its axis -2), reshaped
+  to :func:`scale_shape`."""
+  check_group_shape(wf.shape, spec)
+  out_shape = scale_shape(wf.shape, spec)
+  view = group_view(wf.shape, spec)
+  kept = _kept_shape(view, GROUP)
+  if scale is not None:
+    scale = jnp.broadcast_to(jnp.asarray(scale), out_shape).reshape(kept)
+  res = _fit(wf.reshape(view), d.reshape(view), spec, scale, with_rounds)
+  if with_rounds:
+    return res[0].reshape(out_shape), res[1]
+  return res.reshape(out_shape)
+
+
+def _fit(wf, d, spec, scale, with_rounds):
+  """:func:`fit_scale` on prepared ``w`` and ``D`` (in the grouped view for
+  group-wise scales)."""
+  axes = _reduce_axes(wf.ndim, layout(spec))
 
   def wsum(x):
     return jnp.sum(x, axis=axes, keepdims=True)
@@ -558,7 +684,8 @@ def codes(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
   wf = w.astype(compute_dtype(w.dtype))
   if spec.is_binary:
     return nearest_code(wf, spec)
-  return nearest_code(_safe_div(wf, jnp.asarray(alpha, wf.dtype)), spec)
+  alpha = expand_scale(jnp.asarray(alpha, wf.dtype), spec, wf.shape)
+  return nearest_code(_safe_div(wf, alpha), spec)
 
 
 def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
@@ -568,7 +695,7 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
   """
   w = jnp.asarray(w)
   alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
-  return (alpha * codes(w, spec, alpha)).astype(w.dtype)
+  return (expand_scale(alpha, spec, w.shape) * codes(w, spec, alpha)).astype(w.dtype)
 
 
 def solve(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
@@ -577,7 +704,8 @@ def solve(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
 
   ``alpha`` is :func:`fit_scale`'s, ``b`` the code values ``code(w /
   alpha)``, both in the compute dtype (float32 for half-precision ``w``);
-  ``ŵ = (alpha * b).astype(w.dtype)``.
+  ``ŵ = (alpha * b).astype(w.dtype)`` (a group-wise ``alpha`` repeated
+  along axis -2 first, see :func:`expand_scale`).
   """
   alpha = fit_scale(w, spec, curvature, scale)
   return alpha, codes(w, spec, alpha)
@@ -627,7 +755,7 @@ def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
 def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
   """``Q(w)`` of the STE family, without a straight-through derivative."""
   alpha, b = scale_and_codes(w, spec, scale)
-  return (alpha * b).astype(jnp.asarray(w).dtype)
+  return (expand_scale(alpha, spec, jnp.shape(w)) * b).astype(jnp.asarray(w).dtype)
 
 
 def code_index(b: jax.Array, spec: QuantSpec) -> jax.Array:

@@ -30,6 +30,7 @@ def quant_spec(
     per_channel: bool = False,
     tol: float = 1e-6,
     max_iters: int = 50,
+    group_size: Optional[int] = None,
     include: Union[None, str, Callable[[str, Any], bool]] = None,
     overrides: Optional[Mapping[str, Override]] = None,
 ):
@@ -57,6 +58,13 @@ def quant_spec(
       no trailing ``/value``). None leaves stay None.
     bits: default bit width (1..8).
     scheme, per_channel, tol, max_iters: defaults for :class:`QuantSpec`.
+    group_size: default ``g`` of group-wise scales (None: per tensor or per
+      channel): one scale per group of ``g`` consecutive weights along each
+      kernel's input axis (axis -2: ``in`` of a dense kernel ``(in, out)``,
+      ``c_in`` of a conv kernel ``(h, w, c_in, c_out)``), per output channel.
+      A quantized leaf whose input axis ``g`` does not divide is an error
+      naming it; give it another :class:`QuantSpec` (or None) in
+      ``overrides``. An int override keeps ``group_size``.
     include: which leaves are quantized by default. None quantizes every
       floating leaf with ``ndim >= 2`` (kernels) and leaves biases and norm
       scales in full precision; a string is a regular expression searched in
@@ -77,15 +85,19 @@ def quant_spec(
     ValueError: an ``include`` regex or an override pattern that is not a
       valid regular expression or matches no
       parameter path; a per-channel spec on a leaf with fewer than 2 axes
-      (it would give one scale per weight). Each message names the pattern
+      (it would give one scale per weight); a ``group_size`` that does not
+      divide a quantized leaf's input axis. Each message names the pattern
       or path.
 
   Example::
 
     spec = quant_spec(params, bits=1, overrides={"conv_init": 8, "head": 8})
+    # 4 bits, one scale per 64 inputs of each output channel; the head per channel:
+    spec = quant_spec(params, bits=4, group_size=64,
+                      overrides={"head": QuantSpec(8, per_channel=True)})
   """
   params = tree_lib.unwrap(params)
-  default = QuantSpec(bits, scheme, per_channel, tol, max_iters)
+  default = QuantSpec(bits, scheme, per_channel, tol, max_iters, group_size)
   if include is None:
     include_fn = _default_include
   elif isinstance(include, str):
@@ -113,7 +125,8 @@ def quant_spec(
         scheme_k = "linear"
       if scheme_k == "log" and value < 2:
         scheme_k = "linear"
-      value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters)
+      value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters,
+                        default.group_size)
     compiled.append((pat, _compile(pat, "overrides key"), value))
   used, matched, included_paths = set(), {}, []
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax._src.quantizers import QuantSpec, scale_shape
+from blaq_jax._src.quantizers import QuantSpec, check_group_shape, scale_shape
 
 
 def path_str(path) -> str:
@@ -131,8 +131,9 @@ def check_spec_matches(spec, params, where: str) -> None:
   """Raises a one-line ValueError/TypeError naming ``where`` and the bad path.
 
   Checks that ``spec`` is a tree like ``params`` (NNX Variables unwrapped)
-  with a :class:`QuantSpec` or None per leaf, and that no per-channel spec
-  sits on a leaf with fewer than 2 axes. optax's ``map_params`` placeholder
+  with a :class:`QuantSpec` or None per leaf, that no per-channel spec
+  sits on a leaf with fewer than 2 axes, and that a spec's ``group_size``
+  divides its leaf's input axis (axis -2). optax's ``map_params`` placeholder
   passes.
   """
   if is_params_placeholder(params):
@@ -162,7 +163,18 @@ def check_spec_matches(spec, params, where: str) -> None:
         "build the spec with blaq_jax.quant_spec(params, ...)")
 
   def per_channel_check(path, s, w):
-    if isinstance(s, QuantSpec) and s.per_channel and w is not None and jnp.ndim(w) < 2:
+    if not isinstance(s, QuantSpec) or w is None or is_masked(w):
+      return
+    if s.group_size is not None:
+      if where == "pack":  # bit-packing stores one scale per tensor or per channel
+        raise ValueError(f"pack: {path_str(path)!r} has group-wise scales (group_size="
+                         f"{s.group_size}), which pack cannot store yet; export it per "
+                         "channel or keep the latent params")
+      try:
+        check_group_shape(jnp.shape(w), s, repr(path_str(path)))
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    elif s.per_channel and jnp.ndim(w) < 2:
       raise ValueError(
           f"{where}: per_channel spec on {path_str(path)!r} of shape {jnp.shape(w)} would "
           "give one scale per weight; quantize it per tensor (per_channel=False) or "
