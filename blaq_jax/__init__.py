@@ -30,6 +30,7 @@ from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.quantizers import quantize_with_scale
 from blaq_jax._src.quantizers import warm_fit_cost
+from blaq_jax._src.sharding import shard_like
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
 from blaq_jax._src.state import curvature
@@ -72,6 +73,7 @@ __all__ = (
     "quantize_params",
     "quantize_with_scale",
     "save_packed",
+    "shard_like",
     "sign_activation",
     "size_report",
     "ste",

@@ -568,7 +568,7 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = No
   * **Warm** (``scale`` given: a training step, from the last step's scale):
     a fixed amount of work (see the module docstring): a search on a strided
     sample of the weights (``1/256`` of them, at least 16384 per tensor or
-    256 per output channel)
+    256 per output channel or group, so all of a group of up to 256)
     over scales within a factor 2 of ``scale``, then one full round below 4
     bits, or a refinement on all the weights and a round from the best of
     three candidates from 4 bits on. No loop runs to a tolerance, so the
