@@ -76,7 +76,7 @@ def test_resume_is_exact(tmp_path, corpus_dir):
 def test_cli_bad_flags(tmp_path, capsys):
   for args, text in ((["--bits", "9"], "config.bits must be an int >= 1 and <= 8, got 9"),
                      (["--group-size", "0"], "config.group_size must be an int >= 1"),
-                     (["--set", "d_model=30"], "config.d_model 30 must be a multiple of")):
+                     (["--set", "d_model=31"], "config.d_model 31 must be a multiple of")):
     with pytest.raises(SystemExit) as info:
       config_cli.run_main(lm_main.main, ["--config", "tiny", "--workdir", str(tmp_path / "w"),
                                          *args])
