@@ -253,7 +253,8 @@ def load_packed(path) -> dict:
       the file).
   """
   try:
-    with np.load(path, allow_pickle=False) as z:
+    # The file is opened here, so that it is closed even when np.load fails.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
       if not hasattr(z, "files"):
         raise ValueError("not an .npz archive")
       return {k: z[k] for k in z.files}

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax._src import state as state_lib
+from blaq_jax._src import quantizers
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, fit_scale,
                                       nearest_code, scale_shape)
@@ -295,8 +296,10 @@ def check_fixed_point(where, name, w, s: QuantSpec, d, alpha) -> None:
   if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
     raise ValueError(f"{where}: the optimizer state's scale for {name!r} is not finite and "
                      "> 0; pass the state of the optimizer that trained these params")
-  again = np.asarray(fit_scale(w, dataclasses.replace(s, max_iters=1), d, jnp.asarray(alpha)),
-                     np.float64)
+  # One plain round of the alternation (alpha <- Σ D b w / Σ D b²): a state's
+  # scale ends with such a round, so it barely moves; another spec's moves far.
+  wf, df = quantizers._prepare(w, d, where)
+  again = np.asarray(quantizers._round(wf, df, s, jnp.asarray(alpha, wf.dtype)), np.float64)
   if np.any(np.abs(again - alpha) > FIXED_POINT_RTOL * np.abs(alpha)):
     raise ValueError(
         f"{where}: the optimizer state's scale for {name!r} does not fit its spec "
