@@ -38,6 +38,11 @@ def image_folder(tmp_path_factory):
   return str(root)
 
 
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
 def tiny_config(data_dir, parallel, **kw):
   config = main.get_config("default")
   return dataclasses.replace(
@@ -101,7 +106,33 @@ def first_runs(image_folder, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(parallel))
     config = tiny_config(image_folder, parallel)
     runs[parallel] = (config, workdir, train.train_and_evaluate(config, workdir))
+    # The packed model of these 2 steps (a later resume writes another).
+    os.replace(os.path.join(workdir, "model_packed.npz"),
+               os.path.join(workdir, "model_packed_step2.npz"))
   return runs
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "jit"])
+def test_eval_packed_equals_the_final_eval_accuracy(first_runs, parallel, capsys):
+  """The packed file serves the trained model (packed weights and batch-norm
+  statistics, unpacked inside the step) at the run's accuracy."""
+  config, workdir, first = first_runs[parallel]
+  path = os.path.join(workdir, "model_packed_step2.npz")
+  served = train.evaluate_packed(config, path)
+  assert served["eval_accuracy"] == first["eval_accuracy"]
+  assert served["eval_images"] == first["eval_images"] == 2 * N_VAL
+  np.testing.assert_allclose(served["eval_loss"], first["eval_loss"], rtol=1e-6)
+  assert served["device_bytes"] < served["float_bytes"] / 4
+  packed, stats = bq.load_packed_model(path)
+  assert isinstance(packed["blocks/0/conv1/kernel"], bq.PackedArray)
+  assert packed["conv_init/kernel"].spec.bits == 8 and "bn_init/mean" in stats
+  # The command line does the same.
+  flags = ["--config", "default", "--data-dir", config.data_dir, "--parallel", parallel,
+           "--batch-size", "8", "--set", "model='ResNet1'", "--set", "num_filters=8",
+           "--set", "image_size=32", "--set", "resize_size=36", "--set", "num_data_threads=2"]
+  cli = main.main(flags + ["--eval-packed", path])
+  assert cli["eval_accuracy"] == first["eval_accuracy"]
+  assert "packed model" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("parallel", ["pmap", "jit"])
@@ -120,7 +151,7 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   saved.close()
   with pytest.raises(checkpointing.ResumeError, match="holds a run with bits=1, this run has"):
     train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = _records(workdir)
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
   assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 0]
   assert {r["config_hash"] for r in records} == {checkpointing.config_hash(
@@ -143,7 +174,7 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
   averaged over all devices under pmap, global under jit."""
   losses = {}
   for parallel, (_, workdir, _) in first_runs.items():
-    records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    records = _records(workdir)
     losses[parallel] = [r["loss"] for r in records if "loss" in r]
   np.testing.assert_allclose(losses["pmap"], losses["jit"], rtol=1e-5)
   pmap_state, jit_state = first_runs["pmap"][2]["state"], first_runs["jit"][2]["state"]
