@@ -36,6 +36,7 @@ from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.quantizers import quantize_with_scale
 from blaq_jax._src.quantizers import warm_fit_cost
+from blaq_jax._src.qwix_export import to_qwix
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
 from blaq_jax._src.state import curvature
@@ -89,6 +90,7 @@ __all__ = (
     "ste",
     "ste_quantize",
     "ste_quantize_params",
+    "to_qwix",
     "track_oscillations",
     "unpack",
 )
