@@ -41,7 +41,7 @@ import numpy as np
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.packed import (PackedArray, code_bytes, codebook, dequantize, is_packed,
-                                  pack_params, spec_dict)
+                                  pack_tree, spec_dict)
 from blaq_jax._src.quantizers import QuantSpec, compute_dtype, scale_shape
 
 _META = "__meta__"
@@ -191,8 +191,7 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
     ``"<path>::value"``, and a JSON ``"__meta__"`` entry with shapes, dtypes,
     specs and a sha256 per leaf that every reader checks.
   """
-  return serialise(pack_params(params, spec, curvature, state=state, where="pack"),
-                   source="pack")
+  return serialise(pack_tree(params, spec, curvature, state, "pack"), source="pack")
 
 
 def save_packed(path, packed, *, extra=None) -> None:

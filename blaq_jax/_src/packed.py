@@ -112,7 +112,7 @@ class PackedArray:
 def _nbytes(x) -> int:
   if x is None:
     return 0
-  return math.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize
+  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
 
 
 def is_packed(x) -> bool:
@@ -258,7 +258,7 @@ def dequantize_tree(tree):
   return out if pure is tree else tree_lib.rewrap(tree, out)
 
 
-def pack_leaf(w, s: QuantSpec, alpha, name: str = "") -> PackedArray:
+def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params") -> PackedArray:
   """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
   w = jnp.asarray(w)
   b = codes(w, s, alpha)
@@ -269,7 +269,7 @@ def pack_leaf(w, s: QuantSpec, alpha, name: str = "") -> PackedArray:
   idx = code_index(flat_b, s)
   if not isinstance(flat_b, jax.core.Tracer):
     if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
-      raise ValueError(f"pack_params: leaf {name!r} has values outside its codebook "
+      raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "
                        "(NaN or inf weights?); fix the weights or leave the leaf unquantized")
   idx = jnp.where((flat_b == 0) & jnp.signbit(flat_b), n_codes, idx)  # -0.0
   alpha = jnp.broadcast_to(jnp.asarray(alpha, compute), scale_shape(w.shape, s))
@@ -332,7 +332,7 @@ def _pairs(params, spec, curvature, scale, where):
   return out
 
 
-def pack_params(params, spec, curvature=None, *, state=None, where: str = "pack_params"):
+def pack_params(params, spec, curvature=None, *, state=None):
   """Packs a whole model: every quantized leaf becomes a :class:`PackedArray`.
 
   Per quantized leaf the same projection as :func:`blaq_jax.quantize_params`,
@@ -370,6 +370,11 @@ def pack_params(params, spec, curvature=None, *, state=None, where: str = "pack_
     A pure tree like ``params`` (Variables unwrapped) with a
     :class:`PackedArray` at every quantized leaf.
   """
+  return pack_tree(params, spec, curvature, state, "pack_params")
+
+
+def pack_tree(params, spec, curvature, state, where: str):
+  """:func:`pack_params`, with ``where`` naming the caller in error messages."""
   tree_lib.check_spec_matches(spec, params, where)
   scale = state_curv = None
   if state is not None:
@@ -391,7 +396,7 @@ def pack_params(params, spec, curvature=None, *, state=None, where: str = "pack_
       alpha = jnp.asarray(a)
     else:
       alpha = fit_scale(w, s, d)
-    packed[name] = pack_leaf(w, s, alpha, name)
+    packed[name] = pack_leaf(w, s, alpha, name, where)
   pure = tree_lib.unwrap(params)
   return jax.tree_util.tree_map_with_path(
       lambda p, w: None if w is None else packed[tree_lib.path_str(p)], pure)

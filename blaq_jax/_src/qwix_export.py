@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.packed import is_packed, pack_params, unpack_indices
+from blaq_jax._src.packed import is_packed, pack_tree, unpack_indices
 
 # qwix's name of the k-bit signed integer type (its synthetic "intk" types are
 # stored in int4 / int8 containers).
@@ -79,7 +79,7 @@ def to_qwix(params, spec, curvature=None, *, state=None):
     ValueError: a leaf whose format qwix cannot hold (1-bit or log codes),
       naming it.
   """
-  packed = pack_params(params, spec, curvature, state=state, where="to_qwix")
+  packed = pack_tree(params, spec, curvature, state, "to_qwix")
   for path, leaf in jax.tree_util.tree_flatten_with_path(packed, is_leaf=is_packed)[0]:
     if is_packed(leaf):
       _check_representable(tree_lib.path_str(path), leaf.spec)
