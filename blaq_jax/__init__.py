@@ -14,7 +14,9 @@ from blaq_jax._src.dampening import add_oscillation_dampening
 from blaq_jax._src.diagnostics import OscillationState
 from blaq_jax._src.diagnostics import oscillation_stats
 from blaq_jax._src.diagnostics import track_oscillations
+from blaq_jax._src.export import PackedModel
 from blaq_jax._src.export import load_packed
+from blaq_jax._src.export import load_packed_model
 from blaq_jax._src.export import pack
 from blaq_jax._src.export import save_packed
 from blaq_jax._src.export import size_report
@@ -23,6 +25,10 @@ from blaq_jax._src.freezing import FreezingState
 from blaq_jax._src.freezing import freeze_oscillations
 from blaq_jax._src.laq import LAQState
 from blaq_jax._src.laq import laq
+from blaq_jax._src.packed import PackedArray
+from blaq_jax._src.packed import dequantize
+from blaq_jax._src.packed import dequantize_tree
+from blaq_jax._src.packed import pack_params
 from blaq_jax._src.parallel import DataParallel
 from blaq_jax._src.parallel import data_parallel
 from blaq_jax._src.quantizers import QuantSpec
@@ -30,6 +36,7 @@ from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.quantizers import quantize_with_scale
 from blaq_jax._src.quantizers import warm_fit_cost
+from blaq_jax._src.qwix_export import to_qwix
 from blaq_jax._src.sharding import shard_like
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
@@ -51,6 +58,8 @@ __all__ = (
     "FreezingState",
     "LAQState",
     "OscillationState",
+    "PackedArray",
+    "PackedModel",
     "QuantSpec",
     "STEState",
     "add_oscillation_dampening",
@@ -59,13 +68,17 @@ __all__ = (
     "blaq",
     "curvature",
     "data_parallel",
+    "dequantize",
+    "dequantize_tree",
     "fit_scale",
     "warm_fit_cost",
     "freeze_oscillations",
     "laq",
     "load_packed",
+    "load_packed_model",
     "oscillation_stats",
     "pack",
+    "pack_params",
     "periodic_lookahead",
     "quant_spec",
     "quantize",
@@ -79,6 +92,7 @@ __all__ = (
     "ste",
     "ste_quantize",
     "ste_quantize_params",
+    "to_qwix",
     "track_oscillations",
     "unpack",
 )

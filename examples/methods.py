@@ -136,6 +136,17 @@ class Method:
       return bq.quantize_params(params, spec)
     return bq.quantize_params(params, spec, state=opt_state)
 
+  def pack(self, params, spec, opt_state):
+    """The packed model of :meth:`weights` (``bq.pack_params``): its
+    ``bq.dequantize_tree`` is ``weights(params, spec, opt_state)`` as computed
+    outside ``jit``, bit for bit, and is the same inside ``jit`` (where XLA
+    may round ``quantize_params``'s product differently by one ulp)."""
+    if self.forward == "identity":
+      return bq.pack_params(params, jax.tree.map(lambda _: None, params))
+    if self.forward == "plain":
+      return bq.pack_params(params, spec)
+    return bq.pack_params(params, spec, state=opt_state)
+
   def step(self, tx, spec, params, opt_state, loss_fn, *, count=0, options=Options(),
            reduce=lambda g: g, lookahead: bool = True):
     """One step of the method: ``(updates, opt_state, loss, aux)``.

@@ -95,3 +95,20 @@ def test_convergence_method_names():
   for bad in ("adamw", "laq_x", "laq_0x"):
     with pytest.raises(ValueError, match="--methods"):
       convergence.parse_method(bad)
+
+
+def test_serving_quick(tmp_path):
+  from benchmarks import serving
+  report = serving.main(["--quick", "--models", "mlp", "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "serving_1bit_quick.json").read_text())
+  (result,) = saved["results"]
+  assert result["model"] == "mlp" and result["bits"] == 1
+  assert result["packed_bytes"] < result["float_bytes"] / 16
+  assert set(result["batches"]) == {"1", "8"}
+  for timing in result["batches"].values():
+    assert set(timing) == {"float", "packed", "dequantize"}
+    assert all(t["median_ms"] > 0 and t["n"] == 4 for t in timing.values())
+  assert "| mlp | 1 |" in (tmp_path / "serving_1bit_quick.md").read_text()
+  assert report["config"]["quick"]
+  with pytest.raises(ValueError, match="--models: unknown model 'vgg'"):
+    serving.main(["--quick", "--models", "vgg", "--out", str(tmp_path)])

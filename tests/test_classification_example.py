@@ -177,3 +177,26 @@ def test_paper_architectures():
     assert len(jax.tree.leaves(nnx.state(m, nnx.BatchStat))) > 0
   out = models.LeNet5(rngs=nnx.Rngs(0))(jnp.ones((2, 28, 28, 1)))
   assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("model,method,bits", [("mlp", "blaq", 2), ("lenet5", "bwn-ste", 1)])
+def test_eval_packed_equals_the_final_test_accuracy(tmp_path, data_dir, capsys, model, method,
+                                                    bits):
+  """The packed file serves the trained model: packed weights and batch-norm
+  statistics, unpacked inside the jitted step, give the run's test accuracy."""
+  kwargs = "{'hidden': (16,)}" if model == "mlp" else "{}"
+  flags = ["--config", f"mnist_{model}", "--method", method, "--bits", str(bits),
+           "--data-dir", str(data_dir), "--num-epochs", "1", "--batch-size", "16",
+           "--learning-rate", "0.01", "--no-progress", "--set", f"model_kwargs={kwargs}",
+           "--set", "plot=False", "--set", "eval_batch_size=8", "--set", "checkpoint=False"]
+  out = main_lib.main(flags + ["--workdir", str(tmp_path)])
+  path = tmp_path / "model_packed.npz"
+  served = main_lib.main(flags + ["--eval-packed", str(path)])
+  assert served["test_acc"] == out["metrics"]["test_acc"]
+  np.testing.assert_allclose(served["test_loss"], out["metrics"]["test_loss"], rtol=1e-6)
+  assert served["device_bytes"] < served["float_bytes"] / 4
+  assert "packed model" in capsys.readouterr().out
+  # Another config is refused in one line.
+  with pytest.raises(ValueError, match=r"--eval-packed .* was written by a run with config "
+                     r"hash \w+, this config has"):
+    main_lib.main(flags + ["--seed", "1", "--eval-packed", str(path)])

@@ -116,7 +116,9 @@ def test_size_report():
   assert report["fp32_bytes"] == 32320
   assert report["packed_bytes"] == 1324
   assert report["ratio"] == pytest.approx(32320 / 1324)
-  assert lines[0].split()[0] == "layer" and lines[-1].split()[0] == "total"
+  assert lines[0].split()[0] == "layer"
+  assert [l.split()[0] for l in lines[-2:]] == ["total", "on"]
+  assert report["device_bytes"] == 1000 + 4 + 320 and report["file_bytes"] is None
   assert any("a/kernel" in l for l in lines)
 
 

@@ -39,6 +39,11 @@ def image_folder(tmp_path_factory):
   return str(root)
 
 
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
 def tiny_config(data_dir, parallel, **kw):
   config = main.get_config("default")
   return dataclasses.replace(
@@ -102,12 +107,33 @@ def first_runs(image_folder, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(parallel))
     config = tiny_config(image_folder, parallel)
     runs[parallel] = (config, workdir, train.train_and_evaluate(config, workdir))
+    # The packed model of these 2 steps (a later resume writes another).
+    os.replace(os.path.join(workdir, "model_packed.npz"),
+               os.path.join(workdir, "model_packed_step2.npz"))
   return runs
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f]
+@pytest.mark.parametrize("parallel", ["pmap", "jit"])
+def test_eval_packed_equals_the_final_eval_accuracy(first_runs, parallel, capsys):
+  """The packed file serves the trained model (packed weights and batch-norm
+  statistics, unpacked inside the step) at the run's accuracy."""
+  config, workdir, first = first_runs[parallel]
+  path = os.path.join(workdir, "model_packed_step2.npz")
+  served = train.evaluate_packed(config, path)
+  assert served["eval_accuracy"] == first["eval_accuracy"]
+  assert served["eval_images"] == first["eval_images"] == 2 * N_VAL
+  np.testing.assert_allclose(served["eval_loss"], first["eval_loss"], rtol=1e-6)
+  assert served["device_bytes"] < served["float_bytes"] / 4
+  packed, stats = bq.load_packed_model(path)
+  assert isinstance(packed["blocks/0/conv1/kernel"], bq.PackedArray)
+  assert packed["conv_init/kernel"].spec.bits == 8 and "bn_init/mean" in stats
+  # The command line does the same.
+  flags = ["--config", "default", "--data-dir", config.data_dir, "--parallel", parallel,
+           "--batch-size", "8", "--set", "model='ResNet1'", "--set", "num_filters=8",
+           "--set", "image_size=32", "--set", "resize_size=36", "--set", "num_data_threads=2"]
+  cli = main.main(flags + ["--eval-packed", path])
+  assert cli["eval_accuracy"] == first["eval_accuracy"]
+  assert "packed model" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("parallel", ["pmap", "jit"])

@@ -39,7 +39,8 @@ def test_public_factories_carry_their_math_and_references():
   names = ["laq", "blaq", "ste", "ste_quantize", "ste_quantize_params",
            "add_oscillation_dampening", "freeze_oscillations", "alpha_blend_params",
            "alpha_blending_schedule", "track_oscillations", "oscillation_stats", "pack",
-           "unpack", "quant_spec", "quantize_params", "data_parallel"]
+           "unpack", "quant_spec", "quantize_params", "data_parallel", "pack_params",
+           "dequantize", "to_qwix"]
   fns = [getattr(bq, n) for n in names] + [contrib.blaq_reuse, contrib.blaq_model]
   for fn in fns:
     doc = fn.__doc__

@@ -1,21 +1,22 @@
-"""Deployment export: bit-packed codes plus scales, and the model's size.
+"""Deployment export: the ``.npz`` serialisation of a packed model, and its size.
 
-For a quantized leaf with spec ``s`` and curvature ``D``, :func:`pack` solves
-the same projection as :func:`blaq_jax.quantize_params`,
+The value is the tree of :func:`blaq_jax.pack_params`: a
+:class:`blaq_jax.PackedArray` per quantized leaf (``ŵ = α · b``, ``b`` in the
+code set of its spec, stored as ``index(b)`` in ``bits`` bits plus ``α``) and
+the unquantized leaves as they are. :func:`save_packed` writes it to one
+``.npz`` file, atomically, optionally with the model's non-parameter state
+(``extra=``: batch-norm running statistics and the like), so that the file
+holds everything the forward pass needs; :func:`load_packed_model` reads it
+back as the same value, every leaf checked first; :func:`unpack` reads it
+back as ``ŵ`` in float, bit for bit the ``ŵ`` that was packed.
 
-    ŵ = alpha · b,    b in C (the code set of ``s``),
-
-and stores the index of each ``b`` in the sorted codebook of ``s`` in
-``s.bits`` bits (``2^bits - 1`` codes or 2 for binary, so every index fits),
-bit-packed into bytes, plus ``alpha`` (in the compute dtype: float32 for
-half-precision leaves; one per tensor, or one per output
-channel). :func:`unpack` maps indices back to code values and multiplies by
-``alpha`` in the leaf's dtype, which is the very product ``quantize`` computes,
-(a code ``-0.0``, which rounding produces, takes the spare index ``2^bits - 1``
-of the codebooks that hold 0, so even the sign of zero survives),
-so ``unpack(pack(params, spec, state=opt_state))`` equals
-``quantize_params(params, spec, state=opt_state)`` bit for bit (and likewise
-with a curvature tree, or neither). Leaves whose spec is None are stored as they are.
+File layout (``np.savez``): per parameter leaf ``"<path>::codes"`` (uint8,
+``ceil(n · bits / 8)`` bytes, little-endian bit order) and ``"<path>::alpha"``
+(the scales), or ``"<path>::value"``; per leaf of the extra state
+``"extra:<path>::value"``; and ``"__meta__"``, JSON: per leaf its path,
+shape, dtype, spec (None for a stored value), ``"extra": true`` for the
+extra state, and a sha256 of all of these and of its arrays, which every
+reader checks. :func:`pack` returns this dict without writing it.
 
 Packed size per quantized leaf: ``ceil(n · bits / 8)`` bytes of codes plus
 4 bytes per scale.
@@ -32,18 +33,19 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src import state as state_lib
-from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, fit_scale,
-                                      nearest_code)
+from blaq_jax._src.packed import (PackedArray, code_bytes, codebook, dequantize, is_packed,
+                                  pack_tree, spec_dict)
+from blaq_jax._src.quantizers import QuantSpec, compute_dtype, scale_shape
 
 _META = "__meta__"
+_EXTRA = "extra:"
 
 
 def _pack_indices(idx: np.ndarray, bits: int) -> np.ndarray:
@@ -59,20 +61,7 @@ def _unpack_indices(packed: np.ndarray, bits: int, size: int) -> np.ndarray:
 
 
 def _codebook(s: QuantSpec, dtype) -> np.ndarray:
-  """The code values exactly as the quantizer computes them, sorted.
-
-  ``nearest_code`` of the exact codes reproduces the quantizer's arithmetic
-  (e.g. ``round(x n) / n`` may be evaluated as ``round(x n) · (1/n)``), so
-  these are bit-identical to the ``b`` that :func:`codes` returns. Codebooks
-  that hold 0 get ``-0.0`` at the spare index ``2^bits - 1``.
-  """
-  book = np.asarray(nearest_code(jnp.asarray(s.codebook(), dtype), s))
-  return book if s.is_binary else np.append(book, np.asarray(-0.0, book.dtype))
-
-
-def _spec_dict(s: QuantSpec) -> dict:
-  return {k: (v.item() if isinstance(v, np.generic) else v)
-          for k, v in dataclasses.asdict(s).items()}
+  return codebook(s, jnp.dtype(dtype))
 
 
 def _spec_from(d: dict) -> QuantSpec:
@@ -85,6 +74,8 @@ def _digest(entry: dict, arrays) -> str:
   """sha256 of the entry's description and its arrays (detects edits and truncation)."""
   h = hashlib.sha256()
   desc = {k: entry[k] for k in ("path", "shape", "dtype", "spec")}
+  if entry.get("extra"):
+    desc["extra"] = True
   h.update(json.dumps(desc, sort_keys=True).encode())
   for a in arrays:
     a = np.ascontiguousarray(a)
@@ -93,40 +84,90 @@ def _digest(entry: dict, arrays) -> str:
   return h.hexdigest()
 
 
-def _pairs(params, spec, curvature, scale):
-  """``(path, spec_leaf, param, curvature_leaf, scale_leaf)`` per param leaf,
-  paired by path (None where no curvature or scale tree is given).
+def _key(entry: dict, suffix: str) -> str:
+  return f"{_EXTRA if entry.get('extra') else ''}{entry['path']}::{suffix}"
 
-  None params (and their None spec) are skipped; NNX Variables are unwrapped.
-  """
-  tree_lib.check_spec_matches(spec, params, "pack")
-  spec, params = tree_lib.unwrap(spec), tree_lib.unwrap(params)
-  none = jax.tree.map(lambda s: None, spec, is_leaf=tree_lib.is_spec_leaf)
-  trees = (params, none if curvature is None else tree_lib.unwrap(curvature),
-           none if scale is None else tree_lib.unwrap(scale))
+
+# --- writing --------------------------------------------------------------------
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _flat_leaves(tree, what: str, source: str):
+  """``[(path, leaf)]`` of a packed tree (PackedArray or array leaves)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(tree), is_leaf=is_packed)[0]
   out = []
+  for path, leaf in flat:
+    name = tree_lib.path_str(path)
+    if not (is_packed(leaf) or _is_array(leaf)):
+      raise ValueError(
+          f"{source}: {what} must be the dict blaq_jax.pack returns or a tree of arrays and "
+          f"blaq_jax.PackedArray (blaq_jax.pack_params); leaf {name!r} is a "
+          f"{type(leaf).__name__}")
+    if _is_array(leaf) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      raise ValueError(f"{source}: {what} leaf {name!r} is a PRNG key; store "
+                       "jax.random.key_data(key) instead, or leave the RNG state out")
+    out.append((name, leaf))
+  return out
 
-  def collect(path, s, w, d=None, a=None):
-    if w is not None:
-      out.append((path, s, w, d, a))
 
-  try:
-    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=tree_lib.is_spec_leaf)
-  except (ValueError, TypeError):
-    raise ValueError(
-        "pack: the curvature tree does not match params; pass "
-        "blaq_jax.curvature(opt_state) of the optimizer that trained these params, "
-        "or None") from None
+def _entries(tree, *, extra: bool, what: str, source: str) -> dict:
+  """The flat dict (arrays and ``__meta__`` entries) of one tree."""
+  out, meta = {}, []
+  for name, leaf in _flat_leaves(tree, what, source):
+    if is_packed(leaf):
+      entry = {"path": name, "shape": list(leaf.shape), "dtype": leaf.dtype.name,
+               "spec": spec_dict(leaf.spec)}
+      arrays = {"codes": np.asarray(leaf.codes, np.uint8), "alpha": np.asarray(leaf.scale)}
+    else:
+      value = np.asarray(leaf)
+      entry = {"path": name, "shape": list(value.shape), "dtype": str(value.dtype),
+               "spec": None}
+      arrays = {"value": value}
+    if extra:
+      entry["extra"] = True
+    for suffix, a in arrays.items():
+      out[_key(entry, suffix)] = a
+    entry["sha256"] = _digest(entry, list(arrays.values()))
+    meta.append(entry)
+  return out, meta
+
+
+def serialise(packed, extra=None, source: str = "save_packed") -> dict:
+  """The ``.npz`` dict of a packed tree (and its extra state)."""
+  out, meta = {}, []
+  if isinstance(packed, dict) and _META in packed:
+    out.update({k: v for k, v in packed.items() if k != _META})
+    meta += _meta(packed, source)
+  else:
+    arrays, entries = _entries(packed, extra=False, what="packed", source=source)
+    out.update(arrays)
+    meta += entries
+  if extra is not None:
+    if any(isinstance(e, dict) and e.get("extra") for e in meta):
+      raise ValueError(f"{source}: packed already holds an extra state; pass it once")
+    arrays, entries = _entries(extra, extra=True, what="extra", source=source)
+    out.update(arrays)
+    meta += entries
+  out[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   return out
 
 
 def pack(params, spec, curvature=None, *, state=None) -> dict:
-  """Packs the quantized leaves of ``params`` into bit codes plus scales.
+  """Packs the quantized leaves of ``params`` into bit codes plus scales, as a dict.
 
-  Per quantized leaf: ``ŵ = α · b`` with ``b ∈ C`` (the code set of its spec),
-  stored as ``index(b)`` in the sorted codebook, ``bits`` bits each, plus
-  ``α``; ``ceil(n · bits / 8) + 4 · (number of scales)`` bytes against ``4 n``
-  in float32.
+  The ``.npz`` serialisation of :func:`blaq_jax.pack_params`'s tree (which
+  holds the same codes as JAX arrays, ready for ``jit``): per quantized leaf
+  ``ŵ = α · b`` with ``b ∈ C`` (the code set of its spec), stored as
+  ``index(b)`` in the sorted codebook, ``bits`` bits each, plus ``α``;
+  ``ceil(n · bits / 8) + 4 · (number of scales)`` bytes against ``4 n`` in
+  float32.
+
+  Example::
+
+    bq.save_packed("model.npz", bq.pack(params, spec, state=opt_state))
 
   References:
     Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
@@ -136,83 +177,91 @@ def pack(params, spec, curvature=None, *, state=None) -> dict:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
       None leaves are skipped, NNX Variables unwrapped).
     spec: the tree from :func:`blaq_jax.quant_spec` (None leaves are kept in
-      full precision). Each spec leaf is paired with the param at the same
-      path.
+      full precision).
     curvature: a ``D`` tree for a cold-started projection, or None for
       ``D = 1``; ignored when ``state`` is given.
     state: the LAQ/BLAQ optimizer state (alone or inside a chain): its
       stored scales are used, so the packed model is exactly
-      ``quantize_params(params, spec, state=state)``.
+      ``quantize_params(params, spec, state=state)``; a state of another spec
+      or model is refused with a one-line error naming the leaf.
 
   Returns:
     A flat dict of numpy arrays (ready for :func:`save_packed` /
     ``np.savez``): per leaf ``"<path>::codes"`` and ``"<path>::alpha"`` or
     ``"<path>::value"``, and a JSON ``"__meta__"`` entry with shapes, dtypes,
-    specs and a sha256 per leaf that :func:`unpack` checks.
+    specs and a sha256 per leaf that every reader checks.
   """
-  out, meta = {}, []
-  scale = state_curv = None
-  if state is not None:
-    curvature, scale = None, state_lib.find_field(state, "scale", "pack")
-    tree_lib.check_spec_matches(spec, params, "pack")
-    tree_lib.check_state_scales(spec, params, scale, "pack")
-    state_curv = state_lib.find_field(state, "curvature", "pack")
-  curv_pairs = (None if state_curv is None else
-                {tree_lib.path_str(p): d for p, _, _, d, _ in
-                 _pairs(params, spec, state_curv, None)})
-  for path, s, w, d, a in _pairs(params, spec, curvature, scale):
-    name = tree_lib.path_str(path)
-    w = jnp.asarray(w)
-    if s is not None and a is not None:
-      _check_fixed_point(name, w, s, curv_pairs.get(name), a)
-    entry = {"path": name, "shape": list(w.shape), "dtype": str(w.dtype)}
-    if s is None:
-      out[f"{name}::value"] = np.asarray(w)
-      entry["spec"] = None
-      arrays = [out[f"{name}::value"]]
-    else:
-      alpha = fit_scale(w, s, d) if a is None else jnp.asarray(a)
-      b = codes(w, s, alpha)
-      book = _codebook(s, b.dtype)
-      n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
-      b = np.asarray(b)
-      flat_b = b.reshape(-1)
-      idx = np.asarray(code_index(flat_b, s))
-      if not np.array_equal(book[idx], flat_b):
-        raise ValueError(f"pack: leaf {name!r} has values outside its codebook")
-      idx = np.where((flat_b == 0) & np.signbit(flat_b), n_codes, idx)  # -0.0
-      out[f"{name}::codes"] = _pack_indices(idx, s.bits)
-      out[f"{name}::alpha"] = np.asarray(alpha, b.dtype)
-      entry["spec"] = _spec_dict(s)
-      arrays = [out[f"{name}::codes"], out[f"{name}::alpha"]]
-    entry["sha256"] = _digest(entry, arrays)
-    meta.append(entry)
-  out[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-  return out
+  return serialise(pack_tree(params, spec, curvature, state, "pack"), source="pack")
 
 
-# How far one more round of the projection may move a state's scale (relative)
-# before the scale is taken to belong to another spec. A state's scale is the
-# fixed point for its params; a frozen or rounded weight moves it a little,
-# another bit width or scheme by tens of percent.
-FIXED_POINT_RTOL = 0.1
+def save_packed(path, packed, *, extra=None) -> None:
+  """Writes a packed model to one ``.npz`` file, atomically.
+
+  The archive is written to a temporary file next to ``path`` and then
+  renamed over it (``os.replace``), so an interrupted write leaves either the
+  old file or the new one, never a truncated archive.
+
+  Example (Flax NNX; the file then holds all the forward pass needs)::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    bq.save_packed("model.npz", bq.pack_params(params, spec, state=opt_state), extra=rest)
+
+  Args:
+    path: the ``.npz`` file to write.
+    packed: the tree of :func:`blaq_jax.pack_params` (or the dict of
+      :func:`pack`).
+    extra: optional tree of the model's non-parameter state (batch-norm
+      running statistics, counters: any numeric arrays), read back by
+      :func:`load_packed_model`'s ``extra_like``.
+  """
+  path = Path(path)
+  source = f"save_packed: {str(path)!r}"
+  if isinstance(packed, dict) and _META not in packed and not jax.tree.leaves(packed):
+    raise ValueError(f"{source}: packed must be the dict blaq_jax.pack returns or the tree "
+                     "of blaq_jax.pack_params; it is empty")
+  flat = serialise(packed, extra, source)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **flat)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
-def _check_fixed_point(name, w, s: QuantSpec, d, alpha) -> None:
-  """Refuses a state scale that is not (nearly) a fixed point of ``s``'s projection."""
-  alpha = np.asarray(alpha, np.float64)
-  again = np.asarray(fit_scale(w, dataclasses.replace(s, max_iters=1), d, jnp.asarray(alpha)),
-                     np.float64)
-  if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
-    raise ValueError(f"pack: the optimizer state's scale for {name!r} is not finite and > 0; "
-                     "pass the state of the optimizer that trained these params")
-  if np.any(np.abs(again - alpha) > FIXED_POINT_RTOL * np.abs(alpha)):
-    raise ValueError(
-        f"pack: the optimizer state's scale for {name!r} does not fit its spec "
-        f"({_spec_dict(s)}): one more round of the projection moves it from "
-        f"{float(alpha.reshape(-1)[0]):.4g} to {float(again.reshape(-1)[0]):.4g}; the state "
-        "belongs to another spec (bits, scheme) or other params, pass the state of the "
-        "optimizer built with this spec")
+# --- reading --------------------------------------------------------------------
+
+
+def load_packed(path) -> dict:
+  """Reads a file written by :func:`save_packed` into the dict :func:`pack` returns.
+
+  Args:
+    path: the ``.npz`` file.
+
+  Returns:
+    ``{name: numpy array}``, to pass to :func:`unpack` or :func:`size_report`
+    (both also take the path directly). Nothing is checked here;
+    :func:`unpack` and :func:`load_packed_model` check every leaf.
+
+  Raises:
+    ValueError: the file is not an ``.npz`` archive, or is truncated (names
+      the file).
+  """
+  try:
+    # The file is opened here, so that it is closed even when np.load fails.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+      if not hasattr(z, "files"):
+        raise ValueError("not an .npz archive")
+      return {k: z[k] for k in z.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f"load_packed: {str(path)!r} is not a packed model written by "
+                     f"blaq_jax.save_packed ({' '.join(str(e).split())[:120]})") from None
 
 
 def _meta(packed, source: str = "unpack") -> list[dict]:
@@ -235,18 +284,22 @@ def _corrupt(source, name, what):
                     "was edited, export it again with blaq_jax.pack")
 
 
-def _unpack_entry(packed, entry, source):
-  """Checks one leaf's entry and arrays, and returns its ``ŵ``."""
+def _load_entry(packed, entry, source):
+  """Checks one leaf's entry and arrays; returns ``(name, is_extra, leaf)`` with
+  a :class:`PackedArray` (numpy children) or a numpy array as ``leaf``."""
   name = entry.get("path", "?") if isinstance(entry, dict) else "?"
   if not isinstance(entry, dict) or not {"path", "shape", "dtype", "spec"} <= set(entry):
     raise _corrupt(source, name, "its '__meta__' entry lacks path/shape/dtype/spec")
+  extra = bool(entry.get("extra", False))
   try:
     shape = tuple(int(n) for n in entry["shape"])
-    dtype = jnp.dtype(entry["dtype"])
+    dtype = np.dtype(jnp.dtype(entry["dtype"]))
   except (TypeError, ValueError):
     raise _corrupt(source, name, f"shape {entry['shape']!r} / dtype {entry['dtype']!r} "
                    "are not valid") from None
-  if any(n < 0 for n in shape) or not jnp.issubdtype(dtype, jnp.floating):
+  allowed = (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_) if extra else \
+      jnp.issubdtype(dtype, jnp.floating)
+  if any(n < 0 for n in shape) or not allowed:
     raise _corrupt(source, name, f"shape {shape} / dtype {dtype} are not valid")
   s = None
   if entry["spec"] is not None:
@@ -254,35 +307,71 @@ def _unpack_entry(packed, entry, source):
       s = _spec_from(dict(entry["spec"]))
     except (TypeError, ValueError) as e:
       raise _corrupt(source, name, f"spec {entry['spec']!r} is not valid ({e})") from None
-  keys = [f"{name}::value"] if s is None else [f"{name}::codes", f"{name}::alpha"]
+  keys = [_key(entry, "value")] if s is None else [_key(entry, "codes"), _key(entry, "alpha")]
   missing = [k for k in keys if k not in packed]
   if missing:
     raise _corrupt(source, name, f"arrays {missing} are missing")
   arrays = [np.asarray(packed[k]) for k in keys]
   if "sha256" in entry and _digest(entry, arrays) != entry["sha256"]:
     raise _corrupt(source, name, "its sha256 does not match its shape, dtype, spec and arrays")
-  size = math.prod(shape)
   if s is None:
     value = arrays[0]
     if value.shape != shape:
       raise _corrupt(source, name, f"value has shape {value.shape}, the entry says {shape}")
-    return jnp.asarray(value, dtype)
+    return name, extra, value.astype(dtype, copy=False)
   codes, alpha = arrays
-  want = math.ceil(size * s.bits / 8)
+  want = code_bytes(math.prod(shape), s.bits)
   if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != want:
     raise _corrupt(source, name, f"codes are {codes.size} {codes.dtype} values, expected "
                    f"{want} uint8 bytes for shape {shape} at {s.bits} bits")
-  n_scales = shape[-1] if (s.per_channel and len(shape) >= 2) else 1
-  if alpha.size != n_scales:
-    raise _corrupt(source, name, f"alpha has {alpha.size} scales, expected {n_scales}")
-  compute = compute_dtype(dtype)
-  book = jnp.asarray(_codebook(s, compute))
-  idx = _unpack_indices(codes, s.bits, size)
-  if size and int(idx.max()) >= len(book):
-    raise _corrupt(source, name, f"a code index {int(idx.max())} is outside the "
-                   f"{len(book)}-entry codebook")
-  b = book[jnp.asarray(idx, jnp.int32)].reshape(shape)
-  return (jnp.asarray(alpha).astype(compute) * b).astype(dtype)
+  scales = scale_shape(shape, s)
+  if alpha.size != math.prod(scales):
+    raise _corrupt(source, name, f"alpha has {alpha.size} scales, expected "
+                   f"{math.prod(scales)}")
+  alpha = alpha.reshape(scales).astype(compute_dtype(dtype), copy=False)
+  return name, extra, PackedArray(codes, alpha, shape, dtype, s)
+
+
+def _load_all(packed, source):
+  """``(params, extra)``: ``{path: PackedArray | array}`` each (numpy), every
+  leaf checked."""
+  params, extra = {}, {}
+  for entry in _meta(packed, source):
+    name, is_extra, leaf = _load_entry(packed, entry, source)
+    (extra if is_extra else params)[name] = leaf
+  return params, extra
+
+
+def _open(packed, fn: str):
+  if isinstance(packed, (str, os.PathLike)):
+    return f"{fn}({str(packed)!r})", load_packed(packed)
+  return fn, packed
+
+
+def _shape(leaf):
+  return tuple(leaf.shape) if is_packed(leaf) else tuple(np.shape(leaf))
+
+
+def _like(values: dict, like, source: str, what: str = "`like`"):
+  """``values`` (by path) in the structure of ``like``; paths and shapes checked."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(like))
+  names = [tree_lib.path_str(p) for p, _ in flat]
+  # Files written before paths dropped NNX's trailing "/value" still load.
+  names = [n if n in values or f"{n}/value" not in values else f"{n}/value" for n in names]
+  missing = [n for n in names if n not in values]
+  if missing or len(names) != len(values):
+    extra = sorted(set(values) - set(names))[:5]
+    raise ValueError(
+        f"{source}: the packed model does not match {what} (paths missing from the packed "
+        f"model: {missing[:5]}; packed but not in {what}: {extra}); pass the tree "
+        "the model was packed from")
+  for (path, leaf), n in zip(flat, names):
+    shape = getattr(leaf, "shape", None)
+    if shape is not None and tuple(shape) != _shape(values[n]):
+      raise ValueError(
+          f"{source}: leaf {n!r} was packed with shape {_shape(values[n])}, {what} has "
+          f"{tuple(shape)}; pass the tree the model was packed from")
+  return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
 
 
 def unpack(packed, like=None):
@@ -291,10 +380,15 @@ def unpack(packed, like=None):
   Every leaf is checked before it is used: its arrays must be present, of
   the size its shape and bits imply, and match the sha256 that :func:`pack`
   stored with them, so truncated codes or an edited shape, bits, spec or
-  dtype raise a one-line ValueError naming the leaf (and the file).
+  dtype raise a one-line ValueError naming the leaf (and the file). The
+  extra state of a file is not returned (see :func:`load_packed_model`).
 
-  Per quantized leaf ``ŵ = α · codebook[index]`` in the leaf's dtype, bit for
-  bit the ``ŵ`` that was packed.
+  Per quantized leaf ``ŵ = α · codebook[index]`` in the leaf's dtype
+  (:func:`blaq_jax.dequantize`), bit for bit the ``ŵ`` that was packed.
+
+  Example::
+
+    w_hat = bq.unpack("model.npz", like=params)
 
   References:
     Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
@@ -313,126 +407,121 @@ def unpack(packed, like=None):
     curvature tree, or neither); unquantized leaves as stored.
 
   Raises:
-    ValueError: corrupted or edited packed data, or a ``like`` whose paths
-      differ from the packed leaves.
+    ValueError: corrupted or edited packed data, or a ``like`` whose paths or
+      shapes differ from the packed leaves.
   """
-  source = "unpack"
-  if isinstance(packed, (str, Path)):
-    source = f"unpack({str(packed)!r})"
-    packed = load_packed(packed)
-  values = {}
-  for entry in _meta(packed, source):
-    values[entry.get("path") if isinstance(entry, dict) else None] = _unpack_entry(
-        packed, entry, source)
-  if like is None:
-    return values
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(like))
-  names = [tree_lib.path_str(p) for p, _ in flat]
-  # Files written before paths dropped NNX's trailing "/value" still load.
-  names = [n if n in values or f"{n}/value" not in values else f"{n}/value" for n in names]
-  missing = [n for n in names if n not in values]
-  if missing or len(names) != len(values):
-    extra = sorted(set(values) - set(names))[:5]
-    raise ValueError(
-        f"{source}: the packed model does not match `like` (paths missing from the packed "
-        f"model: {missing[:5]}; packed but not in `like`: {extra}); pass the params tree "
-        "the model was packed from")
-  for (path, leaf), n in zip(flat, names):
-    shape = getattr(leaf, "shape", None)
-    if shape is not None and tuple(shape) != tuple(values[n].shape):
-      raise ValueError(
-          f"{source}: leaf {n!r} was packed with shape {tuple(values[n].shape)}, `like` has "
-          f"{tuple(shape)}; pass the params tree the model was packed from")
-  return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
+  source, packed = _open(packed, "unpack")
+  params, _ = _load_all(packed, source)
+  values = {n: dequantize(jax.tree.map(jnp.asarray, v)) if is_packed(v) else jnp.asarray(v)
+            for n, v in params.items()}
+  return values if like is None else _like(values, like, source)
 
 
-def save_packed(path, packed: dict) -> None:
-  """Writes a packed model to one ``.npz`` file, atomically.
+class PackedModel(NamedTuple):
+  """What :func:`load_packed_model` returns: the packed parameters and the extra state."""
 
-  The archive is written to a temporary file next to ``path`` and then
-  renamed over it (``os.replace``), so an interrupted write leaves either the
-  old file or the new one, never a truncated archive.
-  """
-  path = Path(path)
-  if not isinstance(packed, dict) or _META not in packed:
-    raise ValueError(f"save_packed: {str(path)!r}: packed must be the dict blaq_jax.pack "
-                     "returns (it has no '__meta__' entry)")
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **packed)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  params: Any
+  extra: Any
 
 
-def load_packed(path) -> dict:
-  """Reads a file written by :func:`save_packed` into the dict :func:`pack` returns.
+def load_packed_model(path, like=None, *, extra_like=None) -> PackedModel:
+  """Reads a packed model back as JAX values: packed parameters and extra state.
+
+  Every leaf is checked first, as :func:`unpack` checks it (a truncated or
+  edited file is a one-line error naming the file and the leaf, never wrong
+  weights). Quantized leaves come back as :class:`blaq_jax.PackedArray`
+  (codes and scales on the default device, ``nbytes`` the packed size), the
+  others as arrays, so that ``dequantize_tree(params)`` is the ``ŵ`` that was
+  packed, bit for bit.
+
+  Example (Flax NNX; ``model`` freshly built, e.g. under ``nnx.eval_shape``)::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    packed, rest = bq.load_packed_model("model.npz", like=params, extra_like=rest)
+    forward = nnx.jit(lambda p, r, x: nnx.merge(graphdef, bq.dequantize_tree(p), r)(x))
 
   Args:
-    path: the ``.npz`` file.
+    path: a file written by :func:`save_packed` (or :func:`pack`'s dict).
+    like: optional tree with the structure and shapes of the params (arrays,
+      ``jax.ShapeDtypeStruct`` s or NNX Variables); without it, ``params`` is
+      a flat ``{path: leaf}`` dict.
+    extra_like: likewise for the extra state saved with ``extra=``; without
+      it, ``extra`` is a flat dict (empty if the file holds none).
 
   Returns:
-    ``{name: numpy array}``, to pass to :func:`unpack` or :func:`size_report`
-    (both also take the path directly). Nothing is checked here;
-    :func:`unpack` checks every leaf.
+    ``PackedModel(params, extra)`` (a NamedTuple: unpack it as a pair).
 
   Raises:
-    ValueError: the file is not an ``.npz`` archive, or is truncated (names
-      the file).
+    ValueError: a corrupted or edited file, a ``like`` / ``extra_like`` of
+      other paths or shapes, or ``extra_like`` for a file saved without
+      extra state.
   """
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      if not hasattr(z, "files"):
-        raise ValueError("not an .npz archive")
-      return {k: z[k] for k in z.files}
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    if isinstance(e, FileNotFoundError):
-      raise
-    raise ValueError(f"load_packed: {str(path)!r} is not a packed model written by "
-                     f"blaq_jax.save_packed ({' '.join(str(e).split())[:120]})") from None
+  source, packed = _open(path, "load_packed_model")
+  params, extra = _load_all(packed, source)
+  to_device = lambda v: jax.tree.map(jnp.asarray, v)
+  params = {n: to_device(v) for n, v in params.items()}
+  extra = {n: to_device(v) for n, v in extra.items()}
+  if like is not None:
+    params = _like(params, like, source)
+  if extra_like is not None:
+    if not extra and jax.tree.leaves(extra_like):
+      raise ValueError(f"{source}: the file holds no extra state (it was saved without "
+                       "extra=...); save it with bq.save_packed(path, packed, extra=state), "
+                       "or pass extra_like=None")
+    extra = _like(extra, extra_like, source, "`extra_like`")
+  return PackedModel(params, extra)
 
 
 def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dict:
   """Per-layer and total bytes, fp32 against packed, with the compression ratio.
 
   Packed bytes count the code bytes, 4 bytes per scale and, for unquantized
-  leaves, their stored bytes. Returns ``{"layers": [...], "fp32_bytes",
-  "packed_bytes", "ratio"}`` and prints a table with ``print_fn`` (None: quiet).
+  leaves, their stored bytes. On-device bytes are what the loaded model
+  (:func:`load_packed_model`: codes, scales, unquantized leaves and the
+  extra state) holds on the device; for a file, its size on disk is given
+  too (with the metadata and the archive's headers).
+
+  Returns ``{"layers": [...], "fp32_bytes", "packed_bytes", "ratio",
+  "extra_bytes", "device_bytes", "file_bytes"}`` (``file_bytes`` None unless
+  ``packed`` is a path) and prints a table with ``print_fn`` (None: quiet).
+
+  Args:
+    packed: a path written by :func:`save_packed`, :func:`pack`'s dict or
+      :func:`blaq_jax.pack_params`'s tree.
+    print_fn: called with each line of the table.
 
   Raises:
     ValueError: a file that is not a packed model, or a leaf whose data is
       truncated or edited (as :func:`unpack`; names the file and the leaf).
   """
-  source = "size_report"
-  if isinstance(packed, (str, Path)):
-    source = f"size_report({str(packed)!r})"
-    packed = load_packed(packed)
+  file_bytes = None
+  if isinstance(packed, (str, os.PathLike)):
+    file_bytes = os.path.getsize(packed)
+  source, packed = _open(packed, "size_report")
+  if not (isinstance(packed, dict) and _META in packed):
+    packed = serialise(packed, source=source)
+  # Every leaf is checked as unpack checks it (sizes, sha256), so a truncated
+  # or edited file is an error here too, not a wrong table.
+  params, extra = _load_all(packed, source)
   layers = []
-  for entry in _meta(packed, source):
-    # Every leaf is checked as unpack checks it (sizes, sha256), so a
-    # truncated or edited file is an error here too, not a wrong table.
-    _unpack_entry(packed, entry, source)
-    name = entry["path"]
-    n = math.prod(entry["shape"])
-    fp32 = 4 * n
-    if entry["spec"] is None:
-      size, bits = np.asarray(packed[f"{name}::value"]).nbytes, 32
+  for name, leaf in params.items():
+    n = math.prod(_shape(leaf))
+    if is_packed(leaf):
+      size, bits, device = leaf.codes.nbytes + 4 * leaf.scale.size, leaf.spec.bits, leaf.nbytes
     else:
-      size = packed[f"{name}::codes"].nbytes + 4 * packed[f"{name}::alpha"].size
-      bits = entry["spec"]["bits"]
-    layers.append({"path": name, "params": n, "bits": bits, "fp32_bytes": fp32,
-                   "packed_bytes": int(size)})
+      size = device = np.asarray(leaf).nbytes
+      bits = 8 * np.asarray(leaf).dtype.itemsize
+    layers.append({"path": name, "params": n, "bits": bits, "fp32_bytes": 4 * n,
+                   "packed_bytes": int(size), "device_bytes": int(device)})
   fp32 = sum(l["fp32_bytes"] for l in layers)
   total = sum(l["packed_bytes"] for l in layers)
+  extra_bytes = int(sum(np.asarray(v).nbytes for v in extra.values()))
+  device = sum(l["device_bytes"] for l in layers) + extra_bytes
   report = {"layers": layers, "fp32_bytes": fp32, "packed_bytes": total,
-            "ratio": fp32 / max(total, 1)}
+            "ratio": fp32 / max(total, 1), "extra_bytes": extra_bytes,
+            "device_bytes": device, "file_bytes": file_bytes}
   if print_fn is not None:
-    width = max([len(l["path"]) for l in layers] + [5])
+    width = max([len(l["path"]) for l in layers] + [11])
     print_fn(f"{'layer':<{width}} {'params':>10} {'bits':>4} {'fp32 B':>12} "
              f"{'packed B':>12} {'ratio':>7}")
     for l in layers:
@@ -440,4 +529,11 @@ def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dic
                f"{l['packed_bytes']:>12} {l['fp32_bytes'] / max(l['packed_bytes'], 1):>7.2f}")
     print_fn(f"{'total':<{width}} {sum(l['params'] for l in layers):>10} {'':>4} {fp32:>12} "
              f"{total:>12} {report['ratio']:>7.2f}")
+    if extra:
+      print_fn(f"{'extra state':<{width}} {len(extra):>10} leaves, {extra_bytes} B "
+               "(non-parameter state: batch-norm statistics, ...)")
+    print_fn(f"{'on device':<{width}} {device:>10} B (codes, scales, unquantized leaves"
+             f"{' and extra state' if extra else ''}, as loaded by load_packed_model)")
+    if file_bytes is not None:
+      print_fn(f"{'file':<{width}} {file_bytes:>10} B (with metadata and archive headers)")
   return report

@@ -4,6 +4,12 @@
         --workdir runs/mnist_mlp_blaq_s0 [--bits 1 --a 0.6 --m 5 --seed 0 \\
         --num-epochs 10 --data-dir DIR --download] [--fresh | --force]
 
+``--eval-packed FILE`` evaluates the packed model a run wrote
+(``<workdir>/model_packed.npz``: packed weights and batch-norm statistics)
+on the test set as it is served, packed on the device and unpacked inside the
+jitted step; with the run's ``--config`` and flags, its ``test_acc`` equals
+the run's final one exactly.
+
 ``--config`` names a module in ``configs/`` (``mnist_mlp``, ``mnist_lenet5``,
 ``fashion_lenet5``, ``cifar10_vgg``, and the paper's protocol
 ``paper_mnist_mlp``, ``paper_mnist_lenet5``, ``paper_fashion_lenet5``,
@@ -47,7 +53,8 @@ def get_config(name: str) -> train.Config:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="Train a low-bit classifier (blaq_jax).")
   parser.add_argument("--config", required=True, choices=CONFIGS)
-  parser.add_argument("--workdir", required=True, help="metrics, checkpoints, packed model")
+  parser.add_argument("--workdir", help="metrics, checkpoints, packed model (required unless "
+                      "--eval-packed)")
   config_cli.add_field_flags(parser, train.Config(), FLAGS,
                              choices={"method": train.METHODS, "loss": train.LOSSES})
   parser.add_argument("--schedule-reading", choices=("reference", "appendix"), default=None,
@@ -58,8 +65,15 @@ def parse_args(argv=None):
   config_cli.add_resume_flags(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--no-export", action="store_true")
+  parser.add_argument("--eval-packed", metavar="FILE", default=None,
+                      help="evaluate the packed model FILE (model_packed.npz of a run with "
+                           "the same --config and flags) on the test set, as it is served: "
+                           "packed weights on the device, unpacked inside the jitted step")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.workdir is None and args.eval_packed is None:
+    parser.error("the following arguments are required: --workdir")
+  return args
 
 
 def main(argv=None):
@@ -75,6 +89,12 @@ def main(argv=None):
   if args.no_export:
     config.export = False
   config_cli.apply_args(config, args, FLAGS)
+  if args.eval_packed:
+    result = train.evaluate_packed(config, args.eval_packed)
+    print(config_cli.format_summary(
+        f"{config.dataset} {config.model} {config.method} {config.bits}-bit, packed model "
+        f"{args.eval_packed}", result))
+    return result
   result = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   keys = ("epoch", "step", "grad_evals", "train_s", "train_loss", "test_acc", "val_acc",
           "osc_flip_frequency")

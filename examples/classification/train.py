@@ -10,8 +10,9 @@ compilation and evaluation, oscillation statistics), an orbax checkpoint in
 again continues from the latest one bit for bit, the data order being a
 function of ``(seed, epoch)`` and nothing else random; another config is
 refused unless ``fresh`` or ``force``), and at the end the bit-packed model
-(``model_packed.npz``), its size report and a plot of accuracy per epoch /
-gradient evaluation / second.
+with its batch-norm statistics (``model_packed.npz``, which
+:func:`evaluate_packed` serves: ``main.py --eval-packed``), its size report and
+a plot of accuracy per epoch / gradient evaluation / second.
 
 Methods (``config.method``):
 
@@ -79,6 +80,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -440,26 +442,70 @@ class Trainer:
     return new_state, loss, correct, tracked
 
   def _eval_step(self, qparams, batch_stats, x, y):
-    model = nnx.merge(self.graphdef, qparams, batch_stats)
-    logits = model(x, train=False)
-    losses = per_example_loss(self.config.loss, logits, y)
-    return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+    return eval_sums(self.graphdef, self.config.loss, qparams, batch_stats, x, y)
 
   def evaluate(self, state, images, labels):
     """(mean loss, accuracy) of the quantized model on ``images``."""
     q = self.quantized(state["params"], state["opt_state"])
-    loss = correct = 0.0
-    for x, y in input_pipeline.eval_batches(images, labels, self.config.eval_batch_size):
-      l, c = self.eval_step(q, state["batch_stats"], x, y)
-      loss, correct = loss + l, correct + c
-    n = len(images)
-    return float(loss) / n, float(correct) / n
+    return evaluate_batches(lambda x, y: self.eval_step(q, state["batch_stats"], x, y),
+                            images, labels, self.config.eval_batch_size)
+
 
   def osc_stats(self, state):
     """Oscillation statistics of the last epoch, all quantized leaves together."""
     stats = jax.device_get(bq.oscillation_stats(state["opt_state"]))
     return {k.replace("all/", "osc_"): float(v) for k, v in stats.items()
             if k.startswith("all/")}
+
+
+def eval_sums(graphdef, loss_name: str, params, batch_stats, x, y):
+  """(summed loss, correct predictions) of the model at ``params`` on one batch."""
+  model = nnx.merge(graphdef, params, batch_stats)
+  logits = model(x, train=False)
+  losses = per_example_loss(loss_name, logits, y)
+  return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+
+
+def evaluate_batches(step, images, labels, batch_size: int):
+  """(mean loss, accuracy) summed by ``step(x, y)`` over the batches of ``images``."""
+  loss = correct = 0.0
+  for x, y in input_pipeline.eval_batches(images, labels, batch_size):
+    l, c = step(x, y)
+    loss, correct = loss + l, correct + c
+  n = len(images)
+  return float(loss) / n, float(correct) / n
+
+
+def evaluate_packed(config: Config, path) -> dict:
+  """Test loss and accuracy of the model in a packed file, as it is served.
+
+  The model is rebuilt abstractly from ``config``; its packed parameters and
+  batch-norm statistics are read from ``path`` (``bq.load_packed_model``, every
+  leaf checked) and stay packed on the device; the jitted evaluation step
+  unpacks them (``bq.dequantize_tree``) inside the forward pass. The accuracy
+  equals the training run's final ``test_acc`` exactly.
+  """
+  config.validate()
+  path = Path(path)
+  raw = bq.load_packed(path)
+  saved_hash = bytes(raw.get("__config_hash__", np.zeros(0, np.uint8))).decode()
+  if saved_hash and saved_hash != config_hash(config):
+    raise ValueError(f"--eval-packed {str(path)!r} was written by a run with config hash "
+                     f"{saved_hash}, this config has {config_hash(config)}; pass the "
+                     "--config and flags of the run that wrote it")
+  data = load_data(config)
+  test_x, test_y = data["test"]
+  model = nnx.eval_shape(lambda: build_model(config, test_x.shape[1:]))
+  graphdef, like, stats_like = nnx.split(model, nnx.Param, nnx.BatchStat)
+  packed, batch_stats = bq.load_packed_model(path, like=like, extra_like=stats_like)
+  step = jax.jit(lambda p, s, x, y: eval_sums(graphdef, config.loss, bq.dequantize_tree(p),
+                                              s, x, y))
+  loss, acc = evaluate_batches(lambda x, y: step(packed, batch_stats, x, y), test_x, test_y,
+                               config.eval_batch_size)
+  device_bytes = sum(x.nbytes for x in jax.tree.leaves((packed, batch_stats)))
+  return {"test_loss": loss, "test_acc": acc, "device_bytes": device_bytes,
+          "float_bytes": sum(math.prod(x.shape) * x.dtype.itemsize
+                             for x in jax.tree.leaves((like, stats_like)))}
 
 
 # ----------------------------------------------------------------------------
@@ -703,22 +749,20 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
 
 
 def export_model(trainer: Trainer, state, workdir: Path, run_hash: str = "") -> None:
-  """Writes ``model_packed.npz`` (bit-packed ``ŵ``, with the run's config hash
-  under ``"__config_hash__"``) and ``size_report.txt``, each atomically."""
+  """Writes ``model_packed.npz`` (bit-packed ``ŵ`` and the batch-norm
+  statistics, with the run's config hash under ``"__config_hash__"``: all that
+  :func:`evaluate_packed` needs) and ``size_report.txt``, each atomically."""
   params, forward = state["params"], trainer.method.forward
-  if forward == "identity":
-    packed = bq.pack(params, jax.tree.map(lambda _: None, params))
-  elif forward == "plain":
-    packed = bq.pack(params, trainer.spec)
-  else:
-    packed = bq.pack(params, trainer.spec, state=state["opt_state"])
+  spec = jax.tree.map(lambda _: None, params) if forward == "identity" else trainer.spec
+  packed = bq.pack(params, spec, state=state["opt_state"] if forward == "loss_aware" else None)
   packed["__config_hash__"] = np.frombuffer(run_hash.encode(), np.uint8)
-  bq.save_packed(workdir / "model_packed.npz", packed)
+  path = workdir / "model_packed.npz"
+  bq.save_packed(path, packed, extra=state["batch_stats"])
   lines = []
-  bq.size_report(packed, print_fn=lines.append)
+  bq.size_report(path, print_fn=lines.append)
   checkpointing.write_atomic(workdir / "size_report.txt",
                              "\n".join(lines + [f"config {run_hash}"]) + "\n")
-  print(lines[-1])
+  print("\n".join(l for l in lines if l.split()[0] in ("total", "on", "file")))
 
 
 def plot_metrics(metrics_paths, out_path, title: str = "", labels=None) -> None:

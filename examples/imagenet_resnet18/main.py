@@ -12,6 +12,10 @@ from a full-precision checkpoint given by ``--init-from`` — and
 field's type, as the flags are). A run resumes from the latest checkpoint in ``--workdir`` if
 that was written with the same config (``--fresh`` starts over, ``--force``
 resumes anyway), as in the classification example.
+``--eval-packed FILE`` evaluates the packed model a run wrote
+(``<workdir>/model_packed.npz``) on the validation set as it is served; with
+the run's ``--config`` and flags its ``eval_accuracy`` equals the run's final
+one exactly.
 ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU pod slices,
 multi-node GPU clusters); every process runs the same command.
 """
@@ -40,7 +44,8 @@ def get_config(name: str) -> train.Config:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description="ResNet18 on ImageNet with LAQ/BLAQ weights.")
   parser.add_argument("--config", default="default", choices=CONFIGS)
-  parser.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl")
+  parser.add_argument("--workdir", help="checkpoints, metrics.jsonl and model_packed.npz "
+                      "(required unless --eval-packed)")
   config_cli.add_field_flags(parser, train.Config(), FLAGS,
                              choices={"parallel": ("jit", "pmap"),
                                       "optimizer": train.OPTIMIZERS})
@@ -48,8 +53,15 @@ def parse_args(argv=None):
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--eval-packed", metavar="FILE", default=None,
+                      help="evaluate the packed model FILE (model_packed.npz of a run with "
+                           "the same --config and flags) on the validation set, as it is "
+                           "served: packed weights on the device, unpacked in the step")
   config_cli.add_resume_flags(parser)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.workdir is None and args.eval_packed is None:
+    parser.error("the following arguments are required: --workdir")
+  return args
 
 
 def main(argv=None):
@@ -66,6 +78,12 @@ def main(argv=None):
     config.synthetic = True
   config_cli.apply_args(config, args, FLAGS)
   logging.info("config %s", config)
+  if args.eval_packed:
+    result = train.evaluate_packed(config, args.eval_packed)
+    print(config_cli.format_summary(
+        f"{config.model} {config.optimizer} {config.bits}-bit, packed model "
+        f"{args.eval_packed}", result))
+    return result
   summary = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   summary.pop("state")
   print(config_cli.format_summary(

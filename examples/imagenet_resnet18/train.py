@@ -20,6 +20,13 @@ and ``batch_stats`` of an ``.npz`` file keyed by parameter path
 writes one) or of an orbax checkpoint of this example (a step directory of
 ``<workdir>/checkpoints``, e.g. of an ``adam`` run). The optimizer state starts
 fresh. Ignored when the run resumes from its own checkpoint.
+
+At the end, ``<workdir>/model_packed.npz`` holds the bit-packed ``ŵ`` and the
+batch-norm statistics (``bq.save_packed(..., extra=batch_stats)``):
+everything :func:`evaluate_packed` (``main.py --eval-packed``) needs to serve
+the model. Evaluation during training runs from the same packed value
+(``bq.dequantize_tree(bq.pack_params(...))`` inside the step), so the served
+model's accuracy equals the run's final ``eval_accuracy`` exactly.
 """
 
 from __future__ import annotations
@@ -251,17 +258,85 @@ def make_steps(graphdef, spec, tx, dp: bq.DataParallel, dtype, method: str = "bl
     return params, new_stats, opt_state, dp.pmean(metrics)
 
   def eval_step(params, batch_stats, opt_state, images, labels):
-    model = nnx.merge(graphdef, method.weights(params, spec, opt_state), batch_stats)
-    model.eval()
-    logits = model(input_pipeline.normalize(images, dtype))
-    mask = labels >= 0
-    safe = jnp.where(mask, labels, 0)
-    sums = {"loss": jnp.sum(jnp.where(mask, cross_entropy(logits, safe), 0.0)),
-            "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == labels)),
-            "count": jnp.sum(mask)}
-    return dp.psum(jax.tree.map(lambda x: x.astype(jnp.float32), sums))
+    # ŵ as the packed model holds it (bit for bit), so that the model served
+    # from model_packed.npz (evaluate_packed) scores exactly this.
+    packed = method.pack(params, spec, opt_state)
+    return eval_sums(graphdef, dp, dtype, packed, batch_stats, images, labels)
 
   return train_step, eval_step
+
+
+def eval_sums(graphdef, dp: bq.DataParallel, dtype, packed, batch_stats, images, labels):
+  """Summed loss, correct predictions and count of one evaluation batch, the
+  model running from packed parameters (``bq.dequantize_tree`` inside the step)."""
+  model = nnx.merge(graphdef, bq.dequantize_tree(packed), batch_stats)
+  model.eval()
+  logits = model(input_pipeline.normalize(images, dtype))
+  mask = labels >= 0
+  safe = jnp.where(mask, labels, 0)
+  sums = {"loss": jnp.sum(jnp.where(mask, cross_entropy(logits, safe), 0.0)),
+          "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == labels)),
+          "count": jnp.sum(mask)}
+  return dp.psum(jax.tree.map(lambda x: x.astype(jnp.float32), sums))
+
+
+def run_evaluation(config: Config, dp: bq.DataParallel, classes, step_fn, step: int) -> dict:
+  """Loss and accuracy over the validation set; ``step_fn(images, labels)``
+  returns the (parallelized) sums of :func:`eval_sums`."""
+  local_batch = config.batch_size // jax.process_count()
+  n = (config.steps_per_eval if config.steps_per_eval > 0 else
+       input_pipeline.eval_steps(config.data_dir, classes, config.batch_size))
+  sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  for batch in input_pipeline.eval_dataset(
+      config.data_dir, classes, local_batch, n, image_size=config.image_size,
+      resize_size=config.resize_size, num_threads=config.num_data_threads):
+    batch = dp.shard_batch(batch)
+    out = _host(dp, step_fn(batch["image"], batch["label"]))
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  result = {"step": step, "eval_loss": sums["loss"] / max(sums["count"], 1),
+            "eval_accuracy": sums["correct"] / max(sums["count"], 1),
+            "eval_images": int(round(sums["count"]))}
+  logging.info("eval %s", result)
+  return result
+
+
+def evaluate_packed(config: Config, path: str) -> dict:
+  """Validation loss and accuracy of the model in a packed file, as it is served.
+
+  The model is rebuilt abstractly from ``config``; its packed parameters and
+  batch-norm statistics are read from ``path`` (``bq.load_packed_model``, every
+  leaf checked), placed for ``config.parallel`` and stay packed on the
+  device; the evaluation step unpacks them inside the forward pass. On the
+  same validation set the accuracy equals the training run's final
+  ``eval_accuracy`` exactly.
+  """
+  config.validate()
+  dp = bq.data_parallel(config.parallel)
+  classes = input_pipeline.find_classes(config.data_dir)
+  model = nnx.eval_shape(lambda: models.create_model(
+      config.model, num_classes=len(classes), num_filters=config.num_filters,
+      dtype=compute_dtype(config), axis_name=dp.axis_name, rngs=nnx.Rngs(config.seed)))
+  graphdef, like, stats_like = nnx.split(model, nnx.Param, nnx.BatchStat)
+  packed, batch_stats = bq.load_packed_model(path, like=like, extra_like=stats_like)
+  device_bytes = sum(x.nbytes for x in jax.tree.leaves((packed, batch_stats)))
+  float_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                    for x in jax.tree.leaves((like, stats_like)))
+  packed, batch_stats = dp.replicate((packed, batch_stats))
+  step = dp.parallelize(functools.partial(eval_sums, graphdef, dp, compute_dtype(config)),
+                        batch_argnums=(2, 3))
+  result = run_evaluation(config, dp, classes,
+                          lambda images, labels: step(packed, batch_stats, images, labels), 0)
+  del result["step"]
+  return {**result, "device_bytes": device_bytes, "float_bytes": float_bytes}
+
+
+def export_model(method, spec, state, path: str) -> None:
+  """Writes the packed model (``ŵ`` bit-packed, with the batch-norm statistics)."""
+  packed = method.pack(state["params"], spec, state["opt_state"])
+  bq.save_packed(path, packed, extra=state["batch_stats"])
+  lines = []
+  bq.size_report(path, print_fn=lines.append)
+  logging.info("packed model %s:\n%s", path, "\n".join(lines))
 
 
 def _host(dp: bq.DataParallel, tree):
@@ -357,21 +432,8 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
         seed=config.seed, start_step=start_step, num_threads=config.num_data_threads))
 
   def evaluate(step):
-    n = (config.steps_per_eval if config.steps_per_eval > 0 else
-         input_pipeline.eval_steps(config.data_dir, classes, config.batch_size))
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in input_pipeline.eval_dataset(
-        config.data_dir, classes, local_batch, n, image_size=config.image_size,
-        resize_size=config.resize_size, num_threads=config.num_data_threads):
-      batch = dp.shard_batch(batch)
-      out = _host(dp, p_eval_step(params, batch_stats, opt_state, batch["image"],
-                                  batch["label"]))
-      sums = {k: sums[k] + float(out[k]) for k in sums}
-    result = {"step": step, "eval_loss": sums["loss"] / max(sums["count"], 1),
-              "eval_accuracy": sums["correct"] / max(sums["count"], 1),
-              "eval_images": int(round(sums["count"]))}
-    logging.info("eval %s", result)
-    return result
+    return run_evaluation(config, dp, classes, lambda images, labels: p_eval_step(
+        params, batch_stats, opt_state, images, labels), step)
 
   log_path = os.path.join(workdir, "metrics.jsonl")
   os.makedirs(workdir, exist_ok=True)
@@ -431,4 +493,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   ckpts.close()
   summary["state"] = _host(dp, {"params": params, "batch_stats": batch_stats,
                                "opt_state": opt_state})
+  if is_main:
+    export_model(method, spec, summary["state"],
+                 os.path.join(workdir, "model_packed.npz"))
   return summary

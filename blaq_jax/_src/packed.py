@@ -1,0 +1,402 @@
+"""Packed weights as a JAX value: bit-packed codes plus scales, unpacked under ``jit``.
+
+A quantized leaf ``ŵ = α · b`` (``b`` in the code set ``C`` of its spec) is
+held as a :class:`PackedArray`: the index of each ``b`` in the sorted
+codebook of the spec, ``bits`` bits each, bit-packed into a flat ``uint8``
+array of ``ceil(n · bits / 8)`` bytes (little-endian bit order, the layout of
+the ``.npz`` export), and ``α`` (one per tensor, or one per output channel)
+in the compute dtype (float32 for half-precision leaves). Shape, dtype and
+spec are static: they live in the treedef, so a tree of packed arrays goes
+through ``jit``, ``device_put``, sharding and orbax like any tree of arrays,
+and holds on the device only its codes and scales.
+
+:func:`dequantize` rebuilds ``ŵ`` with ``jnp`` ops that XLA fuses into the
+consumer's computation: shifts and masks of the bytes (eight indices per
+``bits`` bytes, static slices, no gather over the weights), a ``take`` on the
+codebook (at most 256 entries) and the product with ``α``, which is the very
+product :func:`blaq_jax.quantize_params` computes. A code ``-0.0`` (rounding
+makes it) takes the spare index ``2^bits - 1`` of codebooks that hold 0, so
+the result equals ``ŵ`` bit for bit, inside ``jit`` or not.
+
+References:
+  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blaq_jax._src import state as state_lib
+from blaq_jax._src import quantizers
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, fit_scale,
+                                      nearest_code, scale_shape)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PackedArray:
+  """A quantized array held as bit-packed code indices plus scales.
+
+  ``ŵ = α · codebook[index]``, with ``index`` stored in ``spec.bits`` bits
+  per weight. Children (arrays, on the device): ``codes``, a flat ``uint8``
+  array of ``ceil(size · bits / 8)`` bytes, and ``scale``, ``α`` of shape
+  ``(1,..,1)`` or ``(1,..,1, channels)`` in the compute dtype. Static
+  (in the treedef): ``shape``, ``dtype`` (of ``ŵ``) and ``spec``.
+
+  Build one with :func:`blaq_jax.pack_params` and turn it back into ``ŵ``
+  with :func:`blaq_jax.dequantize` (inside ``jit``, so that only the packed
+  bytes live on the device)::
+
+    packed = bq.pack_params(params, spec, state=opt_state)
+    w_hat = jax.jit(bq.dequantize_tree)(packed)   # == quantize_params(...), bit for bit
+
+  Attributes:
+    codes: the bit-packed code indices.
+    scale: the scales ``α``.
+    shape: the shape of ``ŵ``.
+    dtype: the dtype of ``ŵ``.
+    spec: the :class:`blaq_jax.QuantSpec` the codes belong to.
+  """
+
+  __slots__ = ("codes", "scale", "shape", "dtype", "spec")
+
+  def __init__(self, codes, scale, shape, dtype, spec: QuantSpec):
+    self.codes = codes
+    self.scale = scale
+    self.shape = tuple(int(n) for n in shape)
+    self.dtype = jnp.dtype(dtype)
+    self.spec = spec
+
+  def tree_flatten_with_keys(self):
+    keys = (jax.tree_util.GetAttrKey("codes"), jax.tree_util.GetAttrKey("scale"))
+    return tuple(zip(keys, (self.codes, self.scale))), (self.shape, self.dtype, self.spec)
+
+  def tree_flatten(self):
+    return (self.codes, self.scale), (self.shape, self.dtype, self.spec)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    # Children may be tracers, shardings, ShapeDtypeStructs or None (jax and
+    # orbax build such trees): no checks here.
+    obj = object.__new__(cls)
+    obj.codes, obj.scale = children
+    obj.shape, obj.dtype, obj.spec = aux
+    return obj
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes the packed value holds: its codes and its scales."""
+    return int(_nbytes(self.codes) + _nbytes(self.scale))
+
+  def __repr__(self):
+    s = self.spec
+    kind = f"{s.bits}-bit {s.scheme}{', per channel' if s.per_channel else ''}"
+    return f"PackedArray(shape={self.shape}, dtype={self.dtype.name}, {kind})"
+
+
+def _nbytes(x) -> int:
+  if x is None:
+    return 0
+  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def is_packed(x) -> bool:
+  return isinstance(x, PackedArray)
+
+
+def code_bytes(size: int, bits: int) -> int:
+  """Bytes of ``size`` indices of ``bits`` bits: ``ceil(size · bits / 8)``."""
+  return -(-size * bits // 8)
+
+
+@functools.lru_cache(maxsize=None)
+def codebook(spec: QuantSpec, dtype) -> np.ndarray:
+  """The code values exactly as the quantizer computes them, sorted.
+
+  ``nearest_code`` of the exact codes reproduces the quantizer's arithmetic
+  (e.g. ``round(x n) / n`` may be evaluated as ``round(x n) · (1/n)``), so
+  these are bit-identical to the ``b`` that :func:`codes` returns. Codebooks
+  that hold 0 get ``-0.0`` at the spare index ``2^bits - 1``, so every index
+  of ``bits`` bits has a code.
+  """
+  with jax.ensure_compile_time_eval():
+    book = np.asarray(nearest_code(jnp.asarray(spec.codebook(), dtype), spec))
+  book = book if spec.is_binary else np.append(book, np.asarray(-0.0, book.dtype))
+  book.flags.writeable = False
+  return book
+
+
+# --- bit packing (jnp: traceable, fused by XLA) -----------------------------
+
+
+def _pieces(bits: int):
+  """For each of the 8 indices of a group of ``bits`` bytes: the byte it
+  starts in, its bit offset there, and whether it runs into the next byte."""
+  out = []
+  for j in range(8):
+    lo = j * bits
+    out.append((lo // 8, lo % 8, lo % 8 + bits > 8))
+  return out
+
+
+def pack_indices(idx: jax.Array, bits: int) -> jax.Array:
+  """Flat indices ``< 2^bits`` -> ``ceil(n · bits / 8)`` bytes (little-endian bits).
+
+  Eight indices fill ``bits`` bytes; index ``j`` of a group occupies bits
+  ``[j · bits, (j + 1) · bits)`` of it, its lowest bit first.
+  """
+  idx = jnp.asarray(idx, jnp.uint8).reshape(-1)
+  n = idx.size
+  groups = -(-n // 8)
+  idx = jnp.pad(idx, (0, groups * 8 - n)).reshape(groups, 8).astype(jnp.uint16)
+  out = []
+  for k in range(bits):
+    acc = jnp.zeros((groups,), jnp.uint16)
+    for j in range(8):
+      lo = j * bits - 8 * k
+      if lo + bits <= 0 or lo >= 8:
+        continue
+      acc = acc | (idx[:, j] << lo if lo >= 0 else idx[:, j] >> -lo)
+    out.append((acc & 0xFF).astype(jnp.uint8))
+  return jnp.stack(out, axis=1).reshape(-1)[:code_bytes(n, bits)]
+
+
+def unpack_indices(packed: jax.Array, bits: int, size: int) -> jax.Array:
+  """The inverse of :func:`pack_indices`: ``size`` uint8 indices, by shifts
+  and masks of static byte columns (no gather)."""
+  packed = jnp.asarray(packed, jnp.uint8).reshape(-1)
+  if bits == 8:
+    return packed[:size]
+  groups = -(-size // 8)
+  cols = jnp.pad(packed, (0, groups * bits - packed.size)).reshape(groups, bits)
+  mask = jnp.uint8((1 << bits) - 1)
+  out = []
+  for k, shift, spills in _pieces(bits):
+    v = cols[:, k] >> jnp.uint8(shift)
+    if spills:
+      v = v | (cols[:, k + 1] << jnp.uint8(8 - shift))
+    out.append(v & mask)
+  return jnp.stack(out, axis=1).reshape(-1)[:size]
+
+
+# --- packing and unpacking ----------------------------------------------------
+
+
+def dequantize(packed: PackedArray) -> jax.Array:
+  """Returns ``ŵ = α · codebook[index]`` of a :class:`PackedArray`, bit for bit.
+
+  The indices are unpacked from the bytes with shifts and masks, looked up in
+  the codebook of the spec (a ``take`` on at most 256 entries) and multiplied
+  by ``α`` in the compute dtype, then cast to the leaf's dtype: the product
+  :func:`blaq_jax.quantize_params` computes, so the result equals the ``ŵ``
+  that was packed bit for bit, inside ``jit`` or not. Under ``jit`` XLA fuses
+  the unpacking into the computation that consumes ``ŵ``.
+
+  Example::
+
+    packed = bq.pack_params(params, spec, state=opt_state)
+    w_hat = jax.jit(bq.dequantize)(packed["dense"]["kernel"])
+
+  References:
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+
+  Args:
+    packed: a :class:`PackedArray`.
+
+  Returns:
+    ``ŵ`` of ``packed.shape`` and ``packed.dtype``.
+  """
+  if not isinstance(packed, PackedArray):
+    raise TypeError(f"dequantize: expected a blaq_jax.PackedArray, got "
+                    f"{type(packed).__name__}; use blaq_jax.dequantize_tree for a tree")
+  s, size = packed.spec, packed.size
+  compute = compute_dtype(packed.dtype)
+  book = jnp.asarray(codebook(s, compute))
+  idx = unpack_indices(packed.codes, s.bits, size).astype(jnp.int32)
+  b = jnp.take(book, idx, mode="clip").reshape(packed.shape)
+  alpha = jnp.asarray(packed.scale).astype(compute)
+  return (alpha * b).astype(packed.dtype)
+
+
+def dequantize_tree(tree):
+  """:func:`dequantize` at every :class:`PackedArray` of ``tree``; other
+  leaves (biases, batch-norm statistics) are returned as they are.
+
+  With Flax NNX, a model runs from its packed parameters in two lines; under
+  ``nnx.jit`` the device holds the packed bytes and the unpacking is fused
+  into the forward pass::
+
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    logits = nnx.jit(lambda p, r, x: nnx.merge(graphdef, bq.dequantize_tree(p), r)(x))(
+        packed, rest, x)
+
+  Args:
+    tree: any pytree (NNX Variables allowed) whose leaves are arrays or
+      :class:`PackedArray` s, e.g. the result of :func:`blaq_jax.pack_params`.
+
+  Returns:
+    The tree with ``ŵ`` in place of every packed array.
+  """
+  pure = tree_lib.unwrap(tree)
+  out = jax.tree.map(lambda x: dequantize(x) if isinstance(x, PackedArray) else x, pure,
+                     is_leaf=is_packed)
+  return out if pure is tree else tree_lib.rewrap(tree, out)
+
+
+def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params") -> PackedArray:
+  """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
+  w = jnp.asarray(w)
+  b = codes(w, s, alpha)
+  compute = b.dtype
+  book = codebook(s, compute)
+  n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
+  flat_b = b.reshape(-1)
+  idx = code_index(flat_b, s)
+  if not isinstance(flat_b, jax.core.Tracer):
+    if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
+      raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "
+                       "(NaN or inf weights?); fix the weights or leave the leaf unquantized")
+  idx = jnp.where((flat_b == 0) & jnp.signbit(flat_b), n_codes, idx)  # -0.0
+  alpha = jnp.broadcast_to(jnp.asarray(alpha, compute), scale_shape(w.shape, s))
+  return PackedArray(pack_indices(idx, s.bits), alpha, w.shape, w.dtype, s)
+
+
+# How far one more round of the projection may move a state's scale (relative)
+# before the scale is taken to belong to another spec. A state's scale is the
+# fixed point for its params; a frozen or rounded weight moves it a little,
+# another bit width or scheme by tens of percent.
+FIXED_POINT_RTOL = 0.1
+
+
+def spec_dict(s: QuantSpec) -> dict:
+  return {k: (v.item() if isinstance(v, np.generic) else v)
+          for k, v in dataclasses.asdict(s).items()}
+
+
+def check_fixed_point(where, name, w, s: QuantSpec, d, alpha) -> None:
+  """Refuses a state scale that is not (nearly) a fixed point of ``s``'s projection."""
+  if any(isinstance(x, jax.core.Tracer) for x in (w, d, alpha)):
+    return   # traced: the values cannot be read
+  alpha = np.asarray(alpha, np.float64)
+  if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0)):
+    raise ValueError(f"{where}: the optimizer state's scale for {name!r} is not finite and "
+                     "> 0; pass the state of the optimizer that trained these params")
+  # One plain round of the alternation (alpha <- Σ D b w / Σ D b²): a state's
+  # scale ends with such a round, so it barely moves; another spec's moves far.
+  wf, df = quantizers._prepare(w, d, where)
+  again = np.asarray(quantizers._round(wf, df, s, jnp.asarray(alpha, wf.dtype)), np.float64)
+  if np.any(np.abs(again - alpha) > FIXED_POINT_RTOL * np.abs(alpha)):
+    raise ValueError(
+        f"{where}: the optimizer state's scale for {name!r} does not fit its spec "
+        f"({spec_dict(s)}): one more round of the projection moves it from "
+        f"{float(alpha.reshape(-1)[0]):.4g} to {float(again.reshape(-1)[0]):.4g}; the state "
+        "belongs to another spec (bits, scheme) or other params, pass the state of the "
+        "optimizer built with this spec")
+
+
+def _pairs(params, spec, curvature, scale, where):
+  """``(path, spec_leaf, param, curvature_leaf, scale_leaf)`` per param leaf,
+  paired by path (None where no curvature or scale tree is given)."""
+  spec, params = tree_lib.unwrap(spec), tree_lib.unwrap(params)
+  none = jax.tree.map(lambda s: None, spec, is_leaf=tree_lib.is_spec_leaf)
+  trees = (params, none if curvature is None else tree_lib.unwrap(curvature),
+           none if scale is None else tree_lib.unwrap(scale))
+  out = []
+
+  def collect(path, s, w, d=None, a=None):
+    if w is not None:
+      out.append((path, s, w, d, a))
+
+  try:
+    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=tree_lib.is_spec_leaf)
+  except (ValueError, TypeError):
+    raise ValueError(
+        f"{where}: the curvature tree does not match params; pass "
+        "blaq_jax.curvature(opt_state) of the optimizer that trained these params, "
+        "or None") from None
+  return out
+
+
+def pack_params(params, spec, curvature=None, *, state=None):
+  """Packs a whole model: every quantized leaf becomes a :class:`PackedArray`.
+
+  Per quantized leaf the same projection as :func:`blaq_jax.quantize_params`,
+
+      ŵ = α · b,   b = code(w / α) ∈ C,
+
+  held as ``index(b)`` in ``bits`` bits plus ``α``: ``ceil(n · bits / 8)``
+  bytes of codes and one scale per tensor (or output channel), against ``4 n``
+  bytes in float32. Leaves whose spec is None stay as they are.
+  ``dequantize_tree(pack_params(params, spec, state=opt_state))`` equals
+  ``quantize_params(params, spec, state=opt_state)`` bit for bit.
+
+  Example::
+
+    packed = bq.pack_params(params, spec, state=opt_state)
+    bq.save_packed("model.npz", packed, extra=batch_stats)   # optional
+    logits = jax.jit(lambda p, x: forward(bq.dequantize_tree(p), x))(packed, x)
+
+  References:
+    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+
+  Args:
+    params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
+      NNX Variables are unwrapped, None leaves skipped).
+    spec: the tree from :func:`blaq_jax.quant_spec`.
+    curvature: a ``D`` tree for a cold-started projection, or None for
+      ``D = 1``; ignored when ``state`` is given.
+    state: the LAQ/BLAQ optimizer state (alone or inside a chain): its stored
+      scales are used, so the packed model is exactly ``quantize_params(params,
+      spec, state=state)``. A state of another spec (bits, scheme) or model is
+      refused with a one-line error naming the leaf.
+
+  Returns:
+    A pure tree like ``params`` (Variables unwrapped) with a
+    :class:`PackedArray` at every quantized leaf.
+  """
+  return pack_tree(params, spec, curvature, state, "pack_params")
+
+
+def pack_tree(params, spec, curvature, state, where: str):
+  """:func:`pack_params`, with ``where`` naming the caller in error messages."""
+  tree_lib.check_spec_matches(spec, params, where)
+  scale = state_curv = None
+  if state is not None:
+    curvature, scale = None, state_lib.find_field(state, "scale", where)
+    tree_lib.check_state_scales(spec, params, scale, where)
+    state_curv = state_lib.find_field(state, "curvature", where)
+  curv_by_path = (None if state_curv is None else
+                  {tree_lib.path_str(p): d for p, _, _, d, _ in
+                   _pairs(params, spec, state_curv, None, where)})
+  packed = {}
+  for path, s, w, d, a in _pairs(params, spec, curvature, scale, where):
+    name = tree_lib.path_str(path)
+    if s is None:
+      packed[name] = w
+      continue
+    w = jnp.asarray(w)
+    if a is not None:
+      check_fixed_point(where, name, w, s, curv_by_path.get(name), a)
+      alpha = jnp.asarray(a)
+    else:
+      alpha = fit_scale(w, s, d)
+    packed[name] = pack_leaf(w, s, alpha, name, where)
+  pure = tree_lib.unwrap(params)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, w: None if w is None else packed[tree_lib.path_str(p)], pure)
