@@ -31,10 +31,15 @@ def _trained(params, spec, steps=2):
   tx = bq.laq(1e-2, spec)
   state = tx.init(params)
   loss = lambda p: sum(jnp.sum(jnp.sin(3.0 * x.astype(jnp.float32))) for x in jax.tree.leaves(p))
-  for _ in range(steps):
+
+  @jax.jit
+  def step(params, state):
     grads = jax.grad(loss)(bq.quantize_params(params, spec, state=state))
     updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
   return params, state
 
 

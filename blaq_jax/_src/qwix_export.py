@@ -104,6 +104,11 @@ def _check_representable(name, s) -> None:
     raise ValueError(f"to_qwix: leaf {name!r} is 1-bit: its codes ±1 have no zero and qwix "
                      "has no 1-bit integer type; quantize it at 2+ bits, or serve it with "
                      "blaq_jax.pack_params and dequantize_tree")
+  if s.group_size is not None:
+    raise ValueError(f"to_qwix: leaf {name!r} has group-wise scales (group_size="
+                     f"{s.group_size}), which this export does not map to qwix's tiled "
+                     "scales; export a per-channel spec, or serve it with "
+                     "blaq_jax.pack_params and dequantize_tree")
   if s.scheme == "log":
     raise ValueError(f"to_qwix: leaf {name!r} has log codes (±2^-j), which qwix's uniform "
                      "integer types cannot hold; use scheme 'linear' or 'ternary', or serve "

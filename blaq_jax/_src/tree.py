@@ -166,10 +166,6 @@ def check_spec_matches(spec, params, where: str) -> None:
     if not isinstance(s, QuantSpec) or w is None or is_masked(w):
       return
     if s.group_size is not None:
-      if where == "pack":  # bit-packing stores one scale per tensor or per channel
-        raise ValueError(f"pack: {path_str(path)!r} has group-wise scales (group_size="
-                         f"{s.group_size}), which pack cannot store yet; export it per "
-                         "channel or keep the latent params")
       try:
         check_group_shape(jnp.shape(w), s, repr(path_str(path)))
       except ValueError as e:
