@@ -9,7 +9,7 @@ steps in every ``m``).
 **Sharding.** One mesh axis ``"fsdp"`` over ``config.fsdp_devices`` devices.
 Each parameter is split along its largest axis that the device count
 divides (replicated if none does); the optimizer state follows its
-parameter (``bq.shard_like``), and the batch is split along its first
+parameter (:func:`state_shardings`), and the batch is split along its first
 axis. ``jax.jit`` with these ``NamedSharding``\\ s leaves the collectives to
 XLA's SPMD partitioner; the step's outputs are pinned to the inputs'
 shardings, so nothing is silently replicated.
@@ -124,13 +124,13 @@ def fsdp_spec(shape, n: int) -> P:
 
 
 def state_shardings(state, mesh):
-  """A ``NamedSharding`` per leaf: each parameter split by :func:`fsdp_spec`;
-  its moments, curvature and group scales follow it (``bq.shard_like``);
-  per-channel scales and counters are replicated."""
+  """A ``NamedSharding`` per leaf: a leaf of a parameter's shape (the
+  parameter, its moments, its curvature) is split as that parameter is
+  (:func:`fsdp_spec`); any other leaf (scales, counters) is replicated."""
   n = mesh.devices.size
-  params = jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)),
-                        state["params"])
-  return {"params": params, "opt_state": bq.shard_like(state["opt_state"], params)}
+  shapes = {np.shape(x) for x in jax.tree.leaves(state["params"])}
+  return jax.tree.map(lambda x: NamedSharding(
+      mesh, fsdp_spec(np.shape(x), n) if np.shape(x) in shapes else P()), state)
 
 
 def bytes_per_device(tree) -> dict:
