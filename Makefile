@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-all lint venv clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# Two test processes (the CI machine has 2 cores); `make test-all` adds the slow cases.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,8 +1,8 @@
 """blaq_jax.contrib's one-gradient forms of BLAQ's lookahead: reductions and the toy."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -11,9 +11,8 @@ import blaq_jax.contrib as cl
 from test_laq_blaq import mlp_problem, run, toy_flips
 
 
-def assert_trees_close(x, y, **kw):
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    np.testing.assert_allclose(a, b, **kw)
+def assert_trees_close(x, y, rtol=1e-7, atol=0.0):
+  chex.assert_trees_all_close(x, y, rtol=rtol, atol=atol)
 
 
 def test_reuse_and_model_are_laq_when_the_gradient_is_constant():

@@ -8,6 +8,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from blaq_jax._src import export
+from helpers import assert_bits_equal, some_slow
 
 
 def _params(seed=0):
@@ -28,12 +29,6 @@ def _curvature(params, seed=1):
                 for k, x in zip(keys, leaves)])
 
 
-def _bits_equal(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(
-      a.view(np.uint32), b.view(np.uint32))
-
-
 SPECS = [
     dict(bits=1),
     dict(bits=1, per_channel=True),
@@ -47,7 +42,8 @@ SPECS = [
 
 
 @pytest.mark.parametrize("with_curvature", [True])
-@pytest.mark.parametrize("kwargs", SPECS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+@pytest.mark.parametrize("kwargs", some_slow(SPECS, fast={0, 3, 5, 7}),
+                         ids=lambda k: "-".join(f"{v}" for v in k.values()))
 def test_round_trip_is_bit_exact(kwargs, with_curvature):
   params = _params()
   spec = bq.quant_spec(params, **kwargs)
@@ -55,8 +51,7 @@ def test_round_trip_is_bit_exact(kwargs, with_curvature):
   expected = bq.quantize_params(params, spec, curv)
   packed = bq.pack(params, spec, curv)
   restored = bq.unpack(packed, like=params)
-  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
-    assert _bits_equal(got, want)
+  assert_bits_equal(restored, expected)
   # Quantized leaves really are quantized: few distinct values.
   k = kwargs["bits"]
   assert len(np.unique(np.asarray(restored["dense"]["kernel"]))) <= 2 ** k * 5
@@ -82,8 +77,8 @@ def test_round_trip_with_laq_curvature_and_nnx_state(tmp_path):
   restored = bq.unpack(path, like=params)
   expected = bq.quantize_params(params, spec, curv)
   assert isinstance(restored, nnx.State)
-  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
-    assert _bits_equal(got, want)
+  # The restored State holds arrays where expected holds nnx.Params: compare the leaves.
+  assert_bits_equal(jax.tree.leaves(restored), jax.tree.leaves(expected))
   flat = bq.unpack(path)
   assert set(flat) == {"bias/value", "kernel/value"} or set(flat) == {"bias", "kernel"}
 

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import blaq_jax as bq
+from helpers import some_slow
 
 STEPS = 4
 AXIS = "fsdp"
@@ -35,7 +36,11 @@ def _loss(p, x, y):
   return jnp.mean((h @ p["l3"]["kernel"] + p["l3"]["bias"] - y) ** 2)
 
 
-SCALES = {"tensor": {}, "channel": {"per_channel": True}, "group": {"group_size": 4}}
+SCALES = {"tensor": {}, "channel": {"per_channel": True}, "group": {"group_size": 4},
+          # At 4 bits a group of 4 weights has more levels than weights: many
+          # scales fit it almost exactly, so which one the warm fit keeps is
+          # decided by rounding, and the sharded sums' order changes it.
+          "group16": {"group_size": 16}}
 ALGOS = {
     "laq": (lambda spec: bq.laq(1e-2, spec), lambda t: False),
     "blaq": (lambda spec: bq.blaq(1e-2, spec, a=0.6), lambda t: True),
@@ -90,12 +95,12 @@ def _train(params, x, y, tx, spec, active, mesh=None):
   return params, opt_state
 
 
-@pytest.mark.parametrize("scales,bits", [("tensor", 2), ("channel", 2), ("group", 2),
-                                         ("group", 4)])
-@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("algo,scales,bits", some_slow(
+    [("laq", "tensor", 2), ("blaq", "channel", 2), ("blaq_m2", "group", 2),
+     ("blaq_m2", "group16", 4), ("laq", "channel", 2), ("laq", "group", 2),
+     ("blaq", "tensor", 2), ("blaq", "group", 2), ("blaq_m2", "tensor", 2),
+     ("blaq_m2", "channel", 2)], fast={0, 1, 3}))
 def test_fsdp_equals_single_device_and_keeps_the_sharding(algo, scales, bits, x64):
-  if bits == 4 and algo != "blaq_m2":
-    pytest.skip("4 bits: one schedule is enough")
   params, x, y, spec, tx, active = _setup(algo, scales, bits)
   ref_params, ref_state = _train(params, x, y, tx, spec, active)
   mesh = _mesh(8)
@@ -125,11 +130,11 @@ def _bytes_per_device(tree):
   return max(per.values())
 
 
-@pytest.mark.parametrize("scales", list(SCALES))
+@pytest.mark.parametrize("scales", some_slow(["group", "tensor", "channel"], fast={0}))
 def test_bytes_per_device_fall_as_one_over_n(scales, x64):
   params, x, y, spec, tx, active = _setup("blaq", scales)
   replicated = sum(leaf.nbytes for leaf in jax.tree.leaves((params, tx.init(params))))
-  for n in (1, 2, 4, 8):
+  for n in (1, 8):
     mesh = _mesh(n)
     new_params, new_state = _train(params, x, y, tx, spec, active, mesh)
     held = _bytes_per_device((new_params, new_state))

@@ -3,8 +3,10 @@
 import json
 
 from benchmarks import gpu_suite
+from helpers import slow
 
 
+@slow
 def test_gpu_suite_dry_run(tmp_path):
   report = gpu_suite.main(["--dry-run", "--out", str(tmp_path)])
   saved = json.loads((tmp_path / "suite.json").read_text())

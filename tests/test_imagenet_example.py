@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import main
 from examples.imagenet_resnet18 import models
 from examples.imagenet_resnet18 import train
+from helpers import max_abs_diff
 
 CLASSES = ("n01440764", "n01443537")
 N_TRAIN, N_VAL = 8, 3
@@ -147,8 +149,7 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
                                     dataclasses.asdict(config))
   step, restored, meta = saved.restore(first["state"])
   assert (step, meta) == (2, {"step": 2})
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(first["state"])):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(restored, first["state"])
   saved.close()
   with pytest.raises(checkpointing.ResumeError, match="holds a run with bits=1, this run has"):
     train.train_and_evaluate(dataclasses.replace(config, bits=2), workdir)
@@ -165,9 +166,7 @@ def test_train_eval_checkpoint_resume(first_runs, parallel):
   second = train.train_and_evaluate(dataclasses.replace(config, num_train_steps=3), workdir)
   assert (second["start_step"], second["step"]) == (2, 3)
   assert int(second["state"]["opt_state"].count) == 3
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(second["state"]["params"]),
-                                               jax.tree.leaves(first["state"]["params"]))]
-  assert max(moved) > 0
+  assert max_abs_diff(second["state"]["params"], first["state"]["params"]) > 0
   if parallel == "jit":
     # --fresh moves the old run aside whole before the new one writes anything.
     workdir = shutil.copytree(workdir, workdir + "_fresh")
@@ -190,8 +189,7 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
   np.testing.assert_allclose(losses["pmap"], losses["jit"], rtol=1e-5)
   pmap_state, jit_state = first_runs["pmap"][2]["state"], first_runs["jit"][2]["state"]
   for key in ("params", "batch_stats"):
-    for a, b in zip(jax.tree.leaves(pmap_state[key]), jax.tree.leaves(jit_state[key])):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+    chex.assert_trees_all_close(pmap_state[key], jit_state[key], rtol=1e-7, atol=1e-5)
 
 
 def test_synthetic_mode_and_cli(tmp_path, capsys):

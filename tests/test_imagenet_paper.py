@@ -3,7 +3,7 @@
 import dataclasses
 import os
 
-import jax
+import chex
 import numpy as np
 import pytest
 from flax import nnx
@@ -89,8 +89,7 @@ def test_paper_resnet18_tiny_from_a_full_precision_checkpoint(tmp_path, optimize
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   for source in (npz, str(fp_dir / "checkpoints" / "2")):
     p, s = train.load_init(source, params, stats)
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(fp["state"]["params"])):
-      np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(p, fp["state"]["params"])
   summary = train.train_and_evaluate(
       dataclasses.replace(base, optimizer=optimizer, init_from=npz), str(tmp_path / "q"))
   assert summary["step"] == 2 and np.isfinite(summary["loss"])

@@ -137,9 +137,7 @@ def test_blaq_a1_is_laq_bit_for_bit():
   spec = bq.quant_spec(params, bits=1)
   _, s_laq, h_laq = run(bq.laq(1e-2, spec), spec, params, loss, steps=20)
   _, s_blaq, h_blaq = run(bq.blaq(1e-2, spec, a=1.0), spec, params, loss, steps=20)
-  for (p1, q1), (p2, q2) in zip(h_laq, h_blaq):
-    for x, y in zip(jax.tree.leaves((p1, q1)), jax.tree.leaves((p2, q2))):
-      np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(h_laq, h_blaq)
   for field in ("count", "mu", "nu", "scale", "skipped"):
     chex.assert_trees_all_equal(getattr(s_laq, field), getattr(s_blaq, field))
   # LAQ recomputes D from its moment where BLAQ stores D_mix = D1: equal up to
@@ -155,8 +153,7 @@ def test_blaq_a1_is_laq_bit_for_bit_2bit_per_channel():
   spec = bq.quant_spec(params, bits=2, per_channel=True)
   _, _, h_laq = run(bq.laq(3e-3, spec), spec, params, loss, steps=20)
   _, _, h_blaq = run(bq.blaq(3e-3, spec, a=1.0), spec, params, loss, steps=20)
-  for x, y in zip(jax.tree.leaves(h_laq), jax.tree.leaves(h_blaq)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(h_laq, h_blaq)
 
 
 def test_unquantized_leaves_take_the_adam_step():
@@ -177,8 +174,7 @@ def test_unquantized_leaves_take_the_adam_step():
     return p1, p2
 
   p1, p2 = steps(params)
-  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
 
 
 def test_latent_weights_are_clipped():
@@ -290,10 +286,8 @@ def test_non_finite_step_is_skipped_and_counted(where):
     np.testing.assert_array_equal(u, 0)
   assert int(new_state.skipped) == 1
   assert int(new_state.count) == int(state.count) == 1
-  for x, y in zip(jax.tree.leaves((state.mu, state.nu, state.curvature, state.scale)),
-                  jax.tree.leaves((new_state.mu, new_state.nu, new_state.curvature,
-                                   new_state.scale))):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal((state.mu, state.nu, state.curvature, state.scale),
+                              (new_state.mu, new_state.nu, new_state.curvature, new_state.scale))
   # Training goes on from there.
   params, state, _ = step(params, new_state)
   assert int(state.count) == 2 and int(state.skipped) == 1
@@ -350,9 +344,8 @@ def test_chain_with_clipping_and_schedule(x64):
   p, ref_state = params, bq.blaq(1.0, spec).init(params)
   for t in range(3):
     p, ref_state = ref_step(p, ref_state, sched(t))
-    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(hist[t][0])):
-      # rtol: the scheduled rate is a float32 inside the chain.
-      np.testing.assert_allclose(x, y, rtol=1e-7, atol=1e-9)
+    # rtol: the scheduled rate is a float32 inside the chain.
+    chex.assert_trees_all_close(p, hist[t][0], rtol=1e-7, atol=1e-9)
   assert int(state[1].count) == 3
 
 
@@ -362,14 +355,12 @@ def test_inject_hyperparams(x64):
   tx = optax.inject_hyperparams(bq.blaq)(learning_rate=1e-2, spec=spec, a=0.6)
   _, state, hist = run(tx, spec, params, loss, steps=3)
   _, _, hist_ref = run(bq.blaq(1e-2, spec, a=0.6), spec, params, loss, steps=3)
-  for x, y in zip(jax.tree.leaves(hist), jax.tree.leaves(hist_ref)):
-    np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+  chex.assert_trees_all_close(hist, hist_ref, rtol=1e-10, atol=1e-12)
   # The rate can be changed in the state.
   state.hyperparams["learning_rate"] = jnp.array(0.0)
   p = hist[-1][0]
   new_p, _, _ = jax.jit(make_step(tx, spec, loss))(p, state)
-  for x, y in zip(jax.tree.leaves(new_p), jax.tree.leaves(p)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(new_p, p)
 
 
 def test_curvature_is_found_everywhere():
@@ -395,8 +386,7 @@ def test_curvature_is_found_everywhere():
   multi = d_of(optax.multi_transform(
       {"q": bq.laq(1e-2, spec), "fp": optax.adam(1e-2)}, labels))
   for d in (chained, injected, multi):
-    for x, y in zip(jax.tree.leaves(alone), jax.tree.leaves(d)):
-      np.testing.assert_allclose(x, y, rtol=0 if d is not injected else 2e-5)
+    chex.assert_trees_all_close(alone, d, rtol=0 if d is not injected else 2e-5, atol=0)
     assert d["l2"]["bias"] is None
   assert blaq_in["l2"]["kernel"].shape == (16, 3)
   with pytest.raises(ValueError, match="no LAQ/BLAQ state"):

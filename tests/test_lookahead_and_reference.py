@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,9 +318,8 @@ def test_schedule_under_inject_hyperparams_and_chain(x64):
   wrapped = optax.chain(optax.identity(), optax.inject_hyperparams(bq.blaq)(
       learning_rate=1e-2, spec=spec, a=0.6, lookahead_schedule=sched))
   chained = trajectory(wrapped, spec, params, loss, 5)
-  for (p1, _), (p2, _) in zip(plain, chained):
-    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-      np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close([p for p, _ in plain], [p for p, _ in chained],
+                              rtol=1e-12, atol=1e-14)
 
 
 def test_forward_weights_are_the_ones_the_update_assumed():

@@ -18,6 +18,7 @@ from examples.classification import models
 from examples.classification import report
 from examples.classification import train
 from examples.classification.configs import paper
+from helpers import some_slow
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -41,7 +42,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", some_slow(sorted(TINY), fast={1, 2, 3}))
 def test_paper_config_one_tiny_epoch(tmp_path, data_dir, name):
   cifar = "cifar" in name
   argv = ["--config", name, "--workdir", str(tmp_path), "--data-dir", str(data_dir),

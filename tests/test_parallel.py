@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
+from helpers import max_abs_diff
 
 N_DEV = 8
 STEPS = 4
@@ -85,9 +86,7 @@ def _parallel_run(algo, mode, lookahead_axis="same", data=None):
   return dp.unreplicate(params), dp.unreplicate(state), dp.unreplicate(loss)
 
 
-def _max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(u - v))) for u, v in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+_max_diff = max_abs_diff
 
 
 def test_simulated_devices():

@@ -1,5 +1,6 @@
 """quant_spec / quantize_params: which leaves are quantized, overrides, errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,8 +79,7 @@ def test_quantize_params_is_a_pure_map():
   np.testing.assert_allclose(q["head"]["kernel"], -0.2 * np.ones((4, 2)), rtol=1e-6)
   np.testing.assert_array_equal(p["head"]["kernel"], params()["head"]["kernel"])
   q2 = jax.jit(lambda p: bq.quantize_params(p, spec))(p)
-  for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(q2)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(q, q2)
 
 
 def test_quantize_params_with_curvature_tree():

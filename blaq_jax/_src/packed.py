@@ -154,6 +154,7 @@ def _pieces(bits: int):
   return out
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def pack_indices(idx: jax.Array, bits: int) -> jax.Array:
   """Flat indices ``< 2^bits`` -> ``ceil(n · bits / 8)`` bytes (little-endian bits).
 
@@ -176,6 +177,7 @@ def pack_indices(idx: jax.Array, bits: int) -> jax.Array:
   return jnp.stack(out, axis=1).reshape(-1)[:code_bytes(n, bits)]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def unpack_indices(packed: jax.Array, bits: int, size: int) -> jax.Array:
   """The inverse of :func:`pack_indices`: ``size`` uint8 indices, by shifts
   and masks of static byte columns (no gather)."""
@@ -224,13 +226,17 @@ def dequantize(packed: PackedArray) -> jax.Array:
   if not isinstance(packed, PackedArray):
     raise TypeError(f"dequantize: expected a blaq_jax.PackedArray, got "
                     f"{type(packed).__name__}; use blaq_jax.dequantize_tree for a tree")
-  s, size = packed.spec, packed.size
-  compute = compute_dtype(packed.dtype)
+  return _dequantize(packed.codes, packed.scale, packed.shape, packed.dtype, packed.spec)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize(codes_, scale, shape, dtype, s):
+  compute = compute_dtype(dtype)
   book = jnp.asarray(codebook(s, compute))
-  idx = unpack_indices(packed.codes, s.bits, size).astype(jnp.int32)
-  b = jnp.take(book, idx, mode="clip").reshape(packed.shape)
-  alpha = expand_scale(jnp.asarray(packed.scale).astype(compute), s, packed.shape)
-  return (alpha * b).astype(packed.dtype)
+  idx = unpack_indices(codes_, s.bits, math.prod(shape)).astype(jnp.int32)
+  b = jnp.take(book, idx, mode="clip").reshape(shape)
+  alpha = expand_scale(jnp.asarray(scale).astype(compute), s, shape)
+  return (alpha * b).astype(dtype)
 
 
 def dequantize_tree(tree):
@@ -261,12 +267,11 @@ def dequantize_tree(tree):
 def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params") -> PackedArray:
   """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
   w = jnp.asarray(w)
-  b = codes(w, s, alpha)
-  compute = b.dtype
+  flat_b = codes(w, s, alpha).reshape(-1)
+  idx = code_index(flat_b, s)
+  compute = flat_b.dtype
   book = codebook(s, compute)
   n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
-  flat_b = b.reshape(-1)
-  idx = code_index(flat_b, s)
   if not isinstance(flat_b, jax.core.Tracer):
     if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
       raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "

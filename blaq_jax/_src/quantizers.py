@@ -66,6 +66,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -619,9 +620,11 @@ def _fit_groups(wf, d, spec, scale, with_rounds):
   return res.reshape(out_shape)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 4))
 def _fit(wf, d, spec, scale, with_rounds):
   """:func:`fit_scale` on prepared ``w`` and ``D`` (in the grouped view for
-  group-wise scales)."""
+  group-wise scales). Jitted: called eagerly (``init``, export) it compiles
+  once per shape and spec instead of dispatching each operation."""
   axes = _reduce_axes(wf.ndim, layout(spec))
 
   def wsum(x):
