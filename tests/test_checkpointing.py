@@ -83,7 +83,7 @@ def test_kill_during_a_save_then_resume(tmp_path):
   """)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=900)
   assert proc.returncode == -9, proc.stderr[-2000:]
   like = dict(LIKE, big=np.zeros((1 << 22,), np.float32))
   step, state, meta = checkpointing.Checkpoints(tmp_path / "c", CONFIG).restore(like)

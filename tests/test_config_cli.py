@@ -46,7 +46,7 @@ def test_set_is_typed_by_the_dataclass():
 
 def _cli(module, *args):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+                        text=True, timeout=900, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
 
 
 def test_command_line_errors_are_one_line(tmp_path):

@@ -133,7 +133,8 @@ def test_cifar10_python_batches(tmp_path):
   np.testing.assert_array_equal(data["test"][0], batches["test_batch"][0])
   # The canonical layout: rows of 3072 bytes, all of R, then G, then B.
   import pickle
-  raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb"), encoding="bytes")
+  with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
+    raw = pickle.load(f, encoding="bytes")
   assert raw[b"data"].shape == (4, 3072)
   np.testing.assert_array_equal(raw[b"data"][0, :1024].reshape(32, 32),
                                 batches["test_batch"][0][0, :, :, 0])

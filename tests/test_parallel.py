@@ -205,7 +205,7 @@ def test_two_processes_match_single_device(x64, tmp_path):
            for i in range(2)]
   try:
     for proc in procs:
-      out, _ = proc.communicate(timeout=240)
+      out, _ = proc.communicate(timeout=900)
       assert proc.returncode == 0, out.decode()[-3000:]
   finally:
     for proc in procs:
