@@ -40,7 +40,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,9 +74,9 @@ def parse_method(name: str) -> tuple[str, int]:
 
 
 def make_config(dataset: str, method: str, seed: int, *, epochs: int, bits: int,
-                model: str, hidden: Optional[Sequence[int]], train_subset: Optional[int],
-                test_subset: Optional[int], batch_size: int, learning_rate: float,
-                a: float, data_dir: Optional[str]):
+                model: str, hidden: Sequence[int] | None, train_subset: int | None,
+                test_subset: int | None, batch_size: int, learning_rate: float,
+                a: float, data_dir: str | None):
   from examples.classification.train import Config
   base, mult = parse_method(method)
   model_kwargs = {"hidden": tuple(hidden)} if model == "mlp" and hidden else {}

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -167,7 +166,7 @@ def _paper_jobs(group_dir: Path, configs, methods, seeds, extra) -> list:
   return jobs
 
 
-def part_paper(out: Path, dry: bool, data_dir: Optional[str], seeds, concurrency: int,
+def part_paper(out: Path, dry: bool, data_dir: str | None, seeds, concurrency: int,
                configs=PAPER_CONFIGS, group="paper_runs") -> dict:
   from examples.classification import report
   methods = list(PAPER_METHODS)
@@ -203,7 +202,7 @@ def part_paper(out: Path, dry: bool, data_dir: Optional[str], seeds, concurrency
           "results": summary, "concurrency": concurrency}
 
 
-def part_cifar(out: Path, dry: bool, cifar_dir: Optional[str], seeds, concurrency) -> dict:
+def part_cifar(out: Path, dry: bool, cifar_dir: str | None, seeds, concurrency) -> dict:
   from examples.classification import input_pipeline as ip
   if dry:
     return {"status": "skipped", "reason": "dry run: no CIFAR-10 run at tiny size (the "

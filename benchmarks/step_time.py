@@ -60,7 +60,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,7 @@ class Method:
   grad_evals: float        # per step, on average
   tx: optax.GradientTransformation
   spec: Any = None
-  every: Optional[int] = None   # blaq_every{m}: the two-stage step on every m-th call
+  every: int | None = None   # blaq_every{m}: the two-stage step on every m-th call
 
 
 # ----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def build_model(name: str, dtype, seed: int = 0):
   return model, lambda m, x: m(x)
 
 
-def make_methods(names, params, *, lr: float, first_last_bits: Optional[int],
+def make_methods(names, params, *, lr: float, first_last_bits: int | None,
                  a: float, is_resnet: bool) -> list[Method]:
   def spec_for(bits):
     overrides = {}
@@ -279,7 +279,7 @@ def compile_fn(fn, args, donate=()):
   return compiled, seconds, mem
 
 
-def device_peak_bytes() -> Optional[int]:
+def device_peak_bytes() -> int | None:
   try:
     stats = jax.local_devices()[0].memory_stats()
   except Exception:  # noqa: BLE001
@@ -344,7 +344,7 @@ def environment() -> dict:
   }
 
 
-def _timing(results: dict, name: str) -> Optional[dict]:
+def _timing(results: dict, name: str) -> dict | None:
   """``name``'s time summary; ``<name>:active`` / ``<name>:inactive`` are the
   kinds of a scheduled method, and its plain name's mean is the schedule's."""
   base, _, kind = name.partition(":")
@@ -431,10 +431,10 @@ def markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------
 
 
-def run(model_name: str, *, batch: Optional[int] = None, dtype: str = "float32",
-        methods=ALL_METHODS, warmup: int = 3, rounds: int = 5, steps: Optional[int] = None,
-        components: bool = True, first_last_bits: Optional[int] = 8, a: float = 0.6,
-        lr: float = 1e-3, dump_hlo: Optional[str] = None, profile_dir: Optional[str] = None,
+def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
+        methods=ALL_METHODS, warmup: int = 3, rounds: int = 5, steps: int | None = None,
+        components: bool = True, first_last_bits: int | None = 8, a: float = 0.6,
+        lr: float = 1e-3, dump_hlo: str | None = None, profile_dir: str | None = None,
         seed: int = 0) -> dict:
   """Builds, compiles, warms up and times every method; returns the report dict."""
   if model_name not in MODELS:

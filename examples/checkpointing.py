@@ -32,7 +32,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -48,7 +49,7 @@ def _plain(x):
 
 
 def config_mismatch(saved: dict, current: dict, free: Iterable[str] = (),
-                    defaults: Optional[dict] = None) -> Optional[str]:
+                    defaults: dict | None = None) -> str | None:
   """The first field (in ``current``'s order) whose values differ, or None.
 
   A field that ``saved`` lacks (one added to the config since that run was
@@ -101,7 +102,7 @@ class Checkpoints:
   """
 
   def __init__(self, directory, config: dict, *, free: Iterable[str] = (),
-               defaults: Optional[dict] = None, max_to_keep: int = 2, fresh: bool = False,
+               defaults: dict | None = None, max_to_keep: int = 2, fresh: bool = False,
                force: bool = False):
     import orbax.checkpoint as ocp
 
@@ -126,7 +127,7 @@ class Checkpoints:
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"config": self.config, **meta})), force=True)
 
-  def _mismatch(self, meta) -> Optional[str]:
+  def _mismatch(self, meta) -> str | None:
     """The one-line description of the first differing config field, or None."""
     field = config_mismatch(meta["config"], self.config, self.free, self.defaults)
     if field is None:
@@ -155,7 +156,7 @@ class Checkpoints:
       raise ResumeError(f"{differs}; use another workdir, --fresh to start over, or "
                         "--force to resume anyway")
 
-  def restore(self, like) -> Optional[tuple[int, Any, dict]]:
+  def restore(self, like) -> tuple[int, Any, dict] | None:
     """``(step, state, meta)`` of the latest readable step, or None if there is none.
 
     ``like`` is a pytree with the state's structure, shapes and dtypes. A
@@ -225,7 +226,7 @@ def _check_fits(state, like) -> None:
                        f"{b.shape}")
 
 
-def move_aside(workdir) -> Optional[Path]:
+def move_aside(workdir) -> Path | None:
   """Renames a non-empty ``workdir`` to ``<workdir>.old-<n>`` (the first
   free ``n``) before a fresh run writes anything; returns the new path (None
   if there was nothing to move). Nothing of the old run is deleted."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -26,7 +25,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def write_split(images: np.ndarray, labels: np.ndarray, root, split: str,
-                limit: Optional[int] = None) -> int:
+                limit: int | None = None) -> int:
   """Writes ``images`` (``(n, 32, 32, 3)`` uint8) under ``root/split/<class>/``."""
   images, labels = np.asarray(images, np.uint8), np.asarray(labels)
   if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
@@ -44,8 +43,8 @@ def write_split(images: np.ndarray, labels: np.ndarray, root, split: str,
   return len(images)
 
 
-def convert(data_dir, out, train_limit: Optional[int] = None,
-            val_limit: Optional[int] = None) -> dict:
+def convert(data_dir, out, train_limit: int | None = None,
+            val_limit: int | None = None) -> dict:
   from examples.classification import input_pipeline
   data = input_pipeline.load_cifar10(data_dir)
   return {"train": write_split(*data["train"], out, "train", train_limit),

@@ -21,7 +21,8 @@ Forward maps (``Method.forward``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import optax
@@ -38,9 +39,9 @@ class Options:
 
   a: float = 0.6                   # BLAQ's mixing weight (Eq. 9-10)
   m: int = 5                       # blaq-m: the two-stage update in one epoch of every m
-  lookahead_phase: Optional[int] = None   # blaq-m: which epoch of the period (None: m - 1)
+  lookahead_phase: int | None = None   # blaq-m: which epoch of the period (None: m - 1)
   steps_per_epoch: int = 1
-  batch_axis_name: Optional[str] = None   # BLAQ under pmap: pmean the lookahead gradient
+  batch_axis_name: str | None = None   # BLAQ under pmap: pmean the lookahead gradient
   dampen_weight: float = 1e-2      # ste-dampen: lambda of Nagel et al.'s regulariser
   freeze_threshold: float = 0.02   # ste-freeze: EMA oscillation frequency that freezes
   blend_steps: int = 1             # ste-alpha-blend: steps until alpha reaches 1
@@ -107,7 +108,7 @@ class Method:
   run_scale: Callable[[Options], float] = lambda o: 1.0
   reuse_trial_gradient: bool = False
   blend: bool = False
-  lookahead: Optional[Callable[[Options], Callable[[int], bool]]] = None
+  lookahead: Callable[[Options], Callable[[int], bool]] | None = None
 
   def __post_init__(self):
     if self.forward not in FORWARDS:

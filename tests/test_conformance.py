@@ -21,7 +21,8 @@ lookahead needs the whole model); under ``optax.MultiSteps`` BLAQ calls
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import chex
 import jax
@@ -138,7 +139,7 @@ def make_step(case, spec, tx, target, *, grad_dtype=None, wrap=lambda s: s):
 TRACES = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step(name, kind="dict", dtype="float32", grad_dtype=None):
   """The jitted, donating step of one case, compiled once and shared."""
   case = BY_NAME[name]

@@ -17,7 +17,7 @@ UPDATES = [np.array(u) for u in (
     [0.1, 0.1, -0.01], [-0.1, 0.1, 0.01], [0.1, -0.01, -0.01])]
 
 
-def run(tx, steps=len(UPDATES)):
+def run(tx, steps=None):
   params, state = W0, tx.init(W0)
   update = jax.jit(tx.update)
   history = []

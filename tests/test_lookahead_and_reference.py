@@ -138,12 +138,12 @@ def test_laq_ternary_projects_at_least_as_well_as_the_reference_solver(x64):
   spec = bq.quant_spec(params, bits=2, scheme="ternary")
   prev = None
   used_zero = False
-  for t, (params, state, _) in enumerate(laq_trajectory(params, loss, spec, 40)):
-    q = bq.quantize_params(params, spec, state=state)
+  for t, (p_t, state, _) in enumerate(laq_trajectory(params, loss, spec, 40)):
+    q = bq.quantize_params(p_t, spec, state=state)
     d = bq.curvature(state)
     codes = {}
     for name in ("l1", "l2"):
-      w = np.asarray(params[name]["kernel"])
+      w = np.asarray(p_t[name]["kernel"])
       dn = np.asarray(d[name]["kernel"])
       qn = np.asarray(q[name]["kernel"])
       codes[name] = np.sign(qn)

@@ -191,7 +191,7 @@ def test_per_weight_tracking(tmp_path, data_dir):
   leaves = jax.tree.leaves(state["params"])
   qleaves = jax.tree.leaves(q)
   start = 0
-  for i, _, spec, shape, idx in trainer.tracker.leaves:
+  for i, _, spec, _, idx in trainer.tracker.leaves:
     np.testing.assert_array_equal(w[start:start + len(idx)], leaves[i].reshape(-1)[idx])
     ql = np.asarray(qleaves[i]).reshape(-1)
     book = spec.codebook()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class BLAQState(NamedTuple):
 
 
 def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
-                       phase: Optional[int] = None) -> Callable[[jax.Array], jax.Array]:
+                       phase: int | None = None) -> Callable[[jax.Array], jax.Array]:
   """The BLAQ paper's schedule: one epoch of two-stage updates in every ``m``.
 
   The appendix of Ma et al. (2024) runs the forward-and-backtrack "after
@@ -78,12 +79,12 @@ def blaq(
     spec,
     *,
     a: float = 0.6,
-    lookahead_schedule: Optional[Callable[[jax.Array], Any]] = None,
+    lookahead_schedule: Callable[[jax.Array], Any] | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip: Optional[float] = 1.0,
-    batch_axis_name: Optional[str] = None,
+    clip: float | None = 1.0,
+    batch_axis_name: str | None = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BLAQ (one-step forward and backtrack) as an optax transform.
@@ -221,7 +222,7 @@ def blaq(
   def init_fn(params):
     return core.init_state(BLAQState, params, spec, "blaq.init")
 
-  def update_fn(updates, state, params=None, *, grad_fn: Optional[Callable] = None,
+  def update_fn(updates, state, params=None, *, grad_fn: Callable | None = None,
                 **extra_args):
     del extra_args
     if params is None:

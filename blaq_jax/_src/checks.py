@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +119,7 @@ def learning_rate(where: str, value) -> None:
   scalar_or_schedule(where, "learning_rate", value, lo=0.0)
 
 
-def adam(where: str, b1, b2, eps, clip: Optional[float]) -> None:
+def adam(where: str, b1, b2, eps, clip: float | None) -> None:
   """Adam's constants and the clip of the latent weights."""
   number(where, "b1", b1, lo=0, hi=1, hi_open=True)
   number(where, "b2", b2, lo=0, hi=1, hi_open=True)

@@ -33,7 +33,8 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -365,7 +366,7 @@ def _like(values: dict, like, source: str, what: str = "`like`"):
         f"{source}: the packed model does not match {what} (paths missing from the packed "
         f"model: {missing[:5]}; packed but not in {what}: {extra}); pass the tree "
         "the model was packed from")
-  for (path, leaf), n in zip(flat, names):
+  for (_, leaf), n in zip(flat, names):
     shape = getattr(leaf, "shape", None)
     if shape is not None and tuple(shape) != _shape(values[n]):
       raise ValueError(
@@ -472,7 +473,7 @@ def load_packed_model(path, like=None, *, extra_like=None) -> PackedModel:
   return PackedModel(params, extra)
 
 
-def size_report(packed, print_fn: Optional[Callable[[str], Any]] = print) -> dict:
+def size_report(packed, print_fn: Callable[[str], Any] | None = print) -> dict:
   """Per-layer and total bytes, fp32 against packed, with the compression ratio.
 
   Packed bytes count the code bytes, 4 bytes per scale and, for unquantized

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -70,7 +70,7 @@ def laq(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip: Optional[float] = 1.0,
+    clip: float | None = 1.0,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Loss-aware quantization (LAQ) as an optax transform.

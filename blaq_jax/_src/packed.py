@@ -124,7 +124,7 @@ def code_bytes(size: int, bits: int) -> int:
   return -(-size * bits // 8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def codebook(spec: QuantSpec, dtype) -> np.ndarray:
   """The code values exactly as the quantizer computes them, sorted.
 

@@ -31,7 +31,8 @@ process passes its own slice of the global batch to ``shard_batch``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -66,8 +67,8 @@ class DataParallel(NamedTuple):
   """
 
   mode: str
-  axis_name: Optional[str]
-  mesh: Optional[Mesh]
+  axis_name: str | None
+  mesh: Mesh | None
   parallelize: Callable[..., Callable]
   replicate: Callable[[Any], Any]
   shard_batch: Callable[[Any], Any]
@@ -76,7 +77,7 @@ class DataParallel(NamedTuple):
   psum: Callable[[Any], Any]
 
 
-def _argnums(name: str, value: Union[int, Sequence[int]]) -> tuple[int, ...]:
+def _argnums(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
   nums = (value,) if isinstance(value, int) else tuple(value)
   if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums):
     raise TypeError(f"data_parallel: {name} must be non-negative ints, got {value!r}")
@@ -96,7 +97,7 @@ def data_parallel(
     mode: str = "jit",
     *,
     axis_name: str = "batch",
-    mesh: Optional[Mesh] = None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> DataParallel:
   """Returns the functions that make a single-device step data-parallel.

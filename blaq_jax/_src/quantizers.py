@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +111,7 @@ class QuantSpec:
   per_channel: bool = False
   tol: float = 1e-6
   max_iters: int = 50
-  group_size: Optional[int] = None
+  group_size: int | None = None
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
@@ -464,7 +463,7 @@ def _search(wf, d, spec, alpha0):
   frac = jnp.linspace(-1.0, 1.0, SEARCH_CANDIDATES, dtype=wf.dtype).reshape(
       (-1,) + (1,) * ws.ndim)
   width = float(np.log(SEARCH_SPAN))
-  for level in range(SEARCH_LEVELS):
+  for _ in range(SEARCH_LEVELS):
     cands = centre[None] * jnp.exp(width * frac)
     err = jax.vmap(error)(cands)
     best = jnp.argmin(err, axis=0, keepdims=True)
@@ -555,8 +554,8 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   return search + 3.0 + 1.0 + 3.0
 
 
-def fit_scale(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
-              scale: Optional[jax.Array] = None, *, with_rounds: bool = False):
+def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+              scale: jax.Array | None = None, *, with_rounds: bool = False):
   """The scale ``alpha`` of the projection ``ŵ = alpha · code(w / alpha)``.
 
   Two modes, both minimising ``Σ D (w - alpha code(w/alpha))²``:
@@ -701,8 +700,8 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
   return (expand_scale(alpha, spec, w.shape) * codes(w, spec, alpha)).astype(w.dtype)
 
 
-def solve(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
-          scale: Optional[jax.Array] = None):
+def solve(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+          scale: jax.Array | None = None):
   """Solves the weighted projection; returns ``(alpha, b)``.
 
   ``alpha`` is :func:`fit_scale`'s, ``b`` the code values ``code(w /
@@ -715,7 +714,7 @@ def solve(w: jax.Array, spec: QuantSpec, curvature: Optional[jax.Array] = None,
 
 
 def quantize(w: jax.Array, spec: QuantSpec,
-             curvature: Optional[jax.Array] = None) -> jax.Array:
+             curvature: jax.Array | None = None) -> jax.Array:
   """Returns ``ŵ = alpha · code(w / alpha)``, the loss-aware projection of ``w``.
 
   A cold start run to the alternation's fixed point (see the module

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from blaq_jax._src import adam_core
 from blaq_jax._src import state as state_lib
 from blaq_jax._src.quantizers import QuantSpec, quantize
 
-Override = Union[int, QuantSpec, None]
+Override = int | QuantSpec | None
 
 
 def _default_include(path: str, leaf) -> bool:
@@ -30,9 +31,9 @@ def quant_spec(
     per_channel: bool = False,
     tol: float = 1e-6,
     max_iters: int = 50,
-    group_size: Optional[int] = None,
-    include: Union[None, str, Callable[[str, Any], bool]] = None,
-    overrides: Optional[Mapping[str, Override]] = None,
+    group_size: int | None = None,
+    include: None | str | Callable[[str, Any], bool] = None,
+    overrides: Mapping[str, Override] | None = None,
 ):
   """Returns a pytree like ``params`` with a :class:`QuantSpec` or None per leaf.
 

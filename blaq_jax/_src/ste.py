@@ -31,7 +31,7 @@ References: in the docstring of :func:`ste`.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ def ste(
     optimizer: optax.GradientTransformation,
     spec,
     *,
-    clip: Optional[float] = 1.0,
+    clip: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains latent weights with ``optimizer`` and clips the quantized leaves.
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

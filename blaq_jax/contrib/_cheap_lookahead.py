@@ -45,7 +45,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +101,8 @@ def blaq_reuse(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip: Optional[float] = 1.0,
-    batch_axis_name: Optional[str] = None,
+    clip: float | None = 1.0,
+    batch_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """One gradient per step: the trial gradient is reused as the next ``g_t``.
 
@@ -158,7 +158,7 @@ def blaq_model(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip: Optional[float] = 1.0,
+    clip: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """BLAQ with ``g*`` predicted by the quadratic model: no second gradient.
 

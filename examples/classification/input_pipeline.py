@@ -30,7 +30,7 @@ import tarfile
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -168,7 +168,7 @@ def _fetch(urls: Sequence[str], dest: Path, md5: str) -> None:
 DATA_ROOT_VARIABLE = "BLAQ_DATA_DIR"
 
 
-def data_root() -> Optional[Path]:
+def data_root() -> Path | None:
   """``$BLAQ_DATA_DIR``: a directory of data sets by name, looked in after
   ``--data-dir`` (None when unset)."""
   root = os.environ.get(DATA_ROOT_VARIABLE)
@@ -311,7 +311,7 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  seed: int, epoch: int, augment: Optional[str] = None
+                  seed: int, epoch: int, augment: str | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled full batches of one epoch (the last partial batch is dropped).
 

@@ -29,7 +29,7 @@ Batch norm, two forms (keyword ``bn_eps_on_std``):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ class StdEpsBatchNorm(nnx.Module):
     return (x - mean) / (std + self.epsilon) * self.scale[...] + self.bias[...]
 
 
-def _norm_factory(bn_eps_on_std: bool, bn_eps: Optional[float]):
+def _norm_factory(bn_eps_on_std: bool, bn_eps: float | None):
   if bn_eps_on_std:
     eps = 1e-4 if bn_eps is None else bn_eps
     return lambda n, rngs: StdEpsBatchNorm(n, momentum=0.9, epsilon=eps, rngs=rngs)
@@ -91,7 +91,7 @@ class MLP(nnx.Module):
 
   def __init__(self, in_features: int = 784, hidden: Sequence[int] = (2048, 2048, 2048),
                num_classes: int = 10, *, head_norm: bool = True, bn_eps_on_std: bool = False,
-               bn_eps: Optional[float] = None, rngs: nnx.Rngs):
+               bn_eps: float | None = None, rngs: nnx.Rngs):
     norm = _norm_factory(bn_eps_on_std, bn_eps)
     sizes = [in_features, *hidden]
     self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -119,7 +119,7 @@ class LeNet5(nnx.Module):
 
   def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                *, head_norm: bool = True, bn_eps_on_std: bool = False,
-               bn_eps: Optional[float] = None, rngs: nnx.Rngs):
+               bn_eps: float | None = None, rngs: nnx.Rngs):
     norm = _norm_factory(bn_eps_on_std, bn_eps)
     c1, c2 = self.channels
     k = self.kernel
@@ -158,7 +158,7 @@ class VGGSmall(nnx.Module):
 
   def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                width: float = 1.0, *, head_norm: bool = True, bn_eps_on_std: bool = False,
-               bn_eps: Optional[float] = None, rngs: nnx.Rngs):
+               bn_eps: float | None = None, rngs: nnx.Rngs):
     norm = _norm_factory(bn_eps_on_std, bn_eps)
     chans = [int(c * width) for c in (128, 128, 256, 256, 512, 512)]
     fcs = [int(1024 * width)] * 2

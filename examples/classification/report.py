@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -122,7 +121,7 @@ def paper_table(group: dict) -> str:
 
 PAIRS = (("blaq-m", "laq"), ("blaq-m", "laq-as-blaq-m"), ("blaq", "laq"),
          ("blaq", "laq-as-blaq-m"), ("blaq", "laq-as-blaq"))
-def paired_table(group: dict) -> Optional[str]:
+def paired_table(group: dict) -> str | None:
   """Per-seed paired differences of test accuracy (percentage points) between
   the methods of :data:`PAIRS` present in ``group``, with the 95% t-interval of
   their mean, at the best-validation epoch and at the last; None if no pair."""
@@ -166,7 +165,7 @@ TABLE1_KEYS = (("tw_amp_max", "max latent amplitude", "{:.3f}"),
                ("tw_top_amp", "amplitude of the most-flipping weight", "{:.3f}"))
 
 
-def table1(group: dict) -> Optional[str]:
+def table1(group: dict) -> str | None:
   """Table 1 per sampled weight (last row of each tracked run), or None."""
   names = [n for n in _order(group)
            if all("tw_amp_max" in rows[-1] for rows, _ in group[n].values())]
@@ -190,7 +189,7 @@ def table1(group: dict) -> Optional[str]:
   return "\n".join(lines)
 
 
-def ablation_table(group: dict, base: Optional[dict] = None, base_name: str = "") -> str:
+def ablation_table(group: dict, base: dict | None = None, base_name: str = "") -> str:
   """The ``(m, a)`` grid of a group of ``blaq-m`` runs; from ``base`` (the group the
   ablation varies), its ``blaq`` (``m = 1``), ``blaq-m`` and ``laq`` at the same seeds."""
   seeds = sorted({s for runs in group.values() for s in runs})

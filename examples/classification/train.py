@@ -84,7 +84,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +141,7 @@ class Config:
   per_channel: bool = False
   a: float = 0.6            # BLAQ's mixing weight
   m: int = 5                # blaq-m: the two-stage update in one epoch of every m
-  lookahead_phase: Optional[int] = None   # blaq-m: which epoch of each period (None: m-1)
+  lookahead_phase: int | None = None   # blaq-m: which epoch of each period (None: m-1)
   dampen_weight: float = 1e-2     # ste-dampen: lambda of Nagel et al.'s regulariser
   freeze_threshold: float = 0.02  # ste-freeze: EMA flip frequency above which weights freeze
   blend_end: float = 0.5          # ste-alpha-blend: alpha reaches 1 at this fraction of training
@@ -154,20 +154,20 @@ class Config:
   lr_milestones: tuple = ()
   lr_decay: float = 0.1
   lr_decay_every: int = 5
-  schedule_reading: Optional[str] = None   # paper_* configs: "reference" or "appendix"
+  schedule_reading: str | None = None   # paper_* configs: "reference" or "appendix"
   num_epochs: int = 10
   batch_size: int = 100
   eval_batch_size: int = 1000
   seed: int = 0
-  train_subset: Optional[int] = None   # first n training examples only
-  test_subset: Optional[int] = None
+  train_subset: int | None = None   # first n training examples only
+  test_subset: int | None = None
   val_split: int = 0                   # hold out the last n training examples (validation)
   track_weights: int = 0               # follow this many sampled quantized weights
   track_last_epochs: int = 1           # ... over a window of this many epochs
-  augment: Optional[str] = None        # "crop_flip" for CIFAR
-  data_dir: Optional[str] = None
+  augment: str | None = None        # "crop_flip" for CIFAR
+  data_dir: str | None = None
   download: bool = False
-  stop_after_epoch: Optional[int] = None   # stop early (the schedule still spans num_epochs)
+  stop_after_epoch: int | None = None   # stop early (the schedule still spans num_epochs)
   checkpoint: bool = True
   export: bool = True
   plot: bool = True
@@ -356,7 +356,7 @@ class WeightTracker:
     """``(w [n], codes [n] int32, off_grid [n] bool)`` of the sampled weights."""
     pw, qw = jax.tree.leaves(params), jax.tree.leaves(qparams)
     ws, codes, off = [], [], []
-    for i, _, spec, shape, idx in self.leaves:
+    for i, _, spec, _, idx in self.leaves:
       w, q = pw[i].reshape(-1), qw[i].astype(jnp.float32)
       axes = tuple(range(q.ndim - 1)) if spec.per_channel else tuple(range(q.ndim))
       alpha = jnp.max(jnp.abs(q), axis=axes, keepdims=True)
@@ -541,7 +541,7 @@ def checkpoint_state(state) -> dict:
           "opt_state": inner, "tracker": _TrackerCheckpoint(**fields)}
 
 
-def state_from_checkpoint(saved: dict, trainer: "Trainer") -> dict:
+def state_from_checkpoint(saved: dict, trainer: Trainer) -> dict:
   """The full training state of :func:`checkpoint_state`'s output."""
   params = saved["params"]
   tracker = trainer.tracker_tx.init(params)   # window extremes = params, counters 0

@@ -9,7 +9,8 @@ bits. Convolutions have no bias (a BatchNorm follows each), so ResNet18 at
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ class ResNet(nnx.Module):
 
   def __init__(self, stage_sizes: Sequence[int], num_classes: int, *,
                num_filters: int = 64, dtype: Any = jnp.float32,
-               axis_name: Optional[str] = None, rngs: nnx.Rngs):
+               axis_name: str | None = None, rngs: nnx.Rngs):
     """
     Args:
       stage_sizes: blocks per stage; the filters double from one stage to the next.

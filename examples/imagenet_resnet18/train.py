@@ -36,7 +36,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,7 @@ class Config:
   optimizer: str = "blaq-m"            # "laq", "blaq", "blaq-m" or "adam" (full precision)
   bits: int = 1
   scheme: str = "linear"
-  first_last_bits: Optional[int] = 8   # conv_init and head kernels; None: full precision
+  first_last_bits: int | None = 8   # conv_init and head kernels; None: full precision
   a: float = 0.9
   m: int = 10                          # blaq-m: the two-stage update in one epoch of every m
   init_from: str = ""                  # full-precision params (.npz or orbax step directory)
@@ -153,7 +153,7 @@ def compute_dtype(config: Config):
 
 
 def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: int,
-                     batch_axis_name: Optional[str] = None):
+                     batch_axis_name: str | None = None):
   """Returns ``(spec, tx, schedule)``: the quantization spec, the optimizer and the
   learning rate (``batch_axis_name``: BLAQ's pmap axis)."""
   if config.optimizer not in OPTIMIZERS:
@@ -180,7 +180,7 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
 
 
 def method_options(config: Config, steps_per_epoch: int,
-                   batch_axis_name: Optional[str] = None) -> methods.Options:
+                   batch_axis_name: str | None = None) -> methods.Options:
   return methods.Options(a=config.a, m=config.m, steps_per_epoch=steps_per_epoch,
                          batch_axis_name=batch_axis_name)
 

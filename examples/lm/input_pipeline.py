@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import sysconfig
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def corpus_files(root: Path) -> list[tuple[str, Path]]:
   return sorted(files)
 
 
-def load_corpus(corpus_dir: Optional[str] = None, max_bytes: Optional[int] = None) -> dict:
+def load_corpus(corpus_dir: str | None = None, max_bytes: int | None = None) -> dict:
   """``{"train": uint8 array, "val": uint8 array, "files": {"train": n, "val": n}}``.
 
   ``max_bytes`` keeps the first ``max_bytes`` bytes of each split.

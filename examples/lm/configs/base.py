@@ -7,7 +7,6 @@ import nothing from the training code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from examples import config_cli
 
@@ -26,7 +25,7 @@ class Config:
 
   method: str = "laq"
   bits: int = 2
-  group_size: Optional[int] = 64
+  group_size: int | None = 64
   embed_bits: int = 8
   a: float = 0.6                     # BLAQ's mixing weight
   m: int = 5                         # blaq-m: the lookahead in one "epoch" of every m
@@ -48,14 +47,14 @@ class Config:
   eval_batches: int = 16
   # Data: the *.py files under corpus_dir (None: the running interpreter's
   # standard library); max_corpus_bytes caps each split (tiny configs).
-  corpus_dir: Optional[str] = None
-  max_corpus_bytes: Optional[int] = None
+  corpus_dir: str | None = None
+  max_corpus_bytes: int | None = None
   # Devices on the FSDP mesh axis (0: all): params, optimizer state and the
   # batch are split along it.
   fsdp_devices: int = 0
   checkpoint_every_steps: int = 500
 
-  def validate(self) -> "Config":
+  def validate(self) -> Config:
     """Checks every field (one line naming the field and its flag); returns self."""
     config_cli.check_choice(self, "method", METHODS)
     for name, hi in (("bits", 8), ("embed_bits", 8)):
