@@ -17,6 +17,7 @@ import importlib
 import inspect
 import math
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Union
@@ -35,8 +36,13 @@ def field_types(config) -> dict[str, Any]:
   return {f.name: hints[f.name] for f in dataclasses.fields(config)}
 
 
+def _is_union(tp) -> bool:
+  """``Optional[X]``, ``Union[X, Y]`` or ``X | Y``."""
+  return typing.get_origin(tp) in (Union, types.UnionType)
+
+
 def _type_name(tp) -> str:
-  if typing.get_origin(tp) is Union:
+  if _is_union(tp):
     return " or ".join(_type_name(a) for a in typing.get_args(tp))
   if tp is type(None):
     return "None"
@@ -45,7 +51,7 @@ def _type_name(tp) -> str:
 
 def _parse(tp, text: str):
   origin, args = typing.get_origin(tp), typing.get_args(tp)
-  if origin is Union:
+  if _is_union(tp):
     if type(None) in args and text.strip() in ("None", "none", "null"):
       return None
     for arg in args:
