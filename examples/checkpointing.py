@@ -32,8 +32,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np

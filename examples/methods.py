@@ -21,8 +21,8 @@ Forward maps (``Method.forward``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax

@@ -22,11 +22,6 @@ def some_slow(values, fast):
   return out
 
 
-def assert_trees_equal(a, b):
-  """Same structure and bit-identical leaves (NaN equal to NaN)."""
-  chex.assert_trees_all_equal(a, b)
-
-
 def max_abs_diff(a, b) -> float:
   """The largest ``|a - b|`` over two trees of one structure (checked)."""
   chex.assert_trees_all_equal_structs(a, b)

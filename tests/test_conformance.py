@@ -21,8 +21,8 @@ lookahead needs the whole model); under ``optax.MultiSteps`` BLAQ calls
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax

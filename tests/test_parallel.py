@@ -86,9 +86,6 @@ def _parallel_run(algo, mode, lookahead_axis="same", data=None):
   return dp.unreplicate(params), dp.unreplicate(state), dp.unreplicate(loss)
 
 
-_max_diff = max_abs_diff
-
-
 def test_simulated_devices():
   assert jax.device_count() == N_DEV
 
@@ -101,17 +98,17 @@ def test_parallel_run_matches_single_device(x64, algo, mode):
   assert jax.tree.leaves(params)[0].dtype == jnp.float64
   assert jnp.shape(loss) == ()
   assert int(state.count) == STEPS
-  assert _max_diff(params, ref_params) < 1e-12
-  assert _max_diff(bq.curvature(state), bq.curvature(ref_state)) < 1e-12
+  assert max_abs_diff(params, ref_params) < 1e-12
+  assert max_abs_diff(bq.curvature(state), bq.curvature(ref_state)) < 1e-12
   # The runs moved: the comparison is not between two initial points.
-  assert _max_diff(ref_params, _problem()[0]) > 1e-3
+  assert max_abs_diff(ref_params, _problem()[0]) > 1e-3
 
 
 def test_pmap_without_lookahead_pmean_differs(x64):
   """Leaving out blaq's batch_axis_name leaves g* per-device: results differ."""
   ref_params, _ = _single_device_run("blaq")
   params, _, _ = _parallel_run("blaq", "pmap", lookahead_axis=None)
-  assert _max_diff(params, ref_params) > 1e-6
+  assert max_abs_diff(params, ref_params) > 1e-6
 
 
 def test_replicate_init_state_and_unreplicate_roundtrip():
@@ -130,7 +127,7 @@ def test_replicate_init_state_and_unreplicate_roundtrip():
       assert dp.axis_name is None and dp.mesh.axis_names == ("data",)
     back = dp.unreplicate(placed)
     assert jax.tree.structure(back) == jax.tree.structure((params, state))
-    assert _max_diff(back, (params, state)) == 0.0
+    assert max_abs_diff(back, (params, state)) == 0.0
 
 
 def test_shard_batch_layout():

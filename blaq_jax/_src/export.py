@@ -33,8 +33,8 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

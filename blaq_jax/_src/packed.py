@@ -267,11 +267,12 @@ def dequantize_tree(tree):
 def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params") -> PackedArray:
   """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
   w = jnp.asarray(w)
-  flat_b = codes(w, s, alpha).reshape(-1)
-  idx = code_index(flat_b, s)
-  compute = flat_b.dtype
+  b = codes(w, s, alpha)
+  compute = b.dtype
   book = codebook(s, compute)
   n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
+  flat_b = b.reshape(-1)
+  idx = code_index(flat_b, s)
   if not isinstance(flat_b, jax.core.Tracer):
     if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
       raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "

@@ -31,8 +31,8 @@ process passes its own slice of the global batch to ``shard_batch``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

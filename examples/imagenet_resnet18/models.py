@@ -9,8 +9,8 @@ bits. Convolutions have no bias (a BatchNorm follows each), so ResNet18 at
 from __future__ import annotations
 
 import functools
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
