@@ -30,15 +30,23 @@ def _mesh():
   return jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
 
 
-@pytest.mark.parametrize("make", list(FACTORIES.values()), ids=list(FACTORIES))
-def test_explicit_sharding_is_kept(make, request):
-  laq_like = request.node.callspec.id in ("laq", "blaq")
+# (bits, quant_spec options): the multi-bit fits reshape and sample the
+# weights, which explicit sharding types must allow.
+SCALES = {"1bit": (1, {}), "2bit": (2, {}), "2bit_channel": (2, {"per_channel": True}),
+          "2bit_group": (2, {"group_size": 4})}
+CASES = [(f, s) for f in FACTORIES for s in (SCALES if f in ("laq", "blaq") else ["1bit"])]
+
+
+@pytest.mark.parametrize("name,scales", CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def test_explicit_sharding_is_kept(name, scales):
+  make, laq_like = FACTORIES[name], name in ("laq", "blaq")
+  bits, options = SCALES[scales]
   mesh = _mesh()
   with jax.set_mesh(mesh):
     params = {"w": jax.device_put(0.1 * jnp.arange(32.).reshape(8, 4) - 1.0,
                                   NamedSharding(mesh, P("x"))),
               "b": jax.device_put(jnp.zeros(4), NamedSharding(mesh, P()))}
-    spec = bq.quant_spec(params, bits=1)
+    spec = bq.quant_spec(params, bits=bits, **options)
     tx = make(spec)
     state = tx.init(params)
     target = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}

@@ -31,6 +31,9 @@ def _problem():
 
 
 def _loss(p, x, y):
+  if jax.sharding.get_abstract_mesh().are_all_axes_explicit:
+    # FSDP under explicit axes: the model gathers its (sharded) weights.
+    p = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), p)
   h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
   h = jnp.tanh(h @ p["l2"]["kernel"] + p["l2"]["bias"])
   return jnp.mean((h @ p["l3"]["kernel"] + p["l3"]["bias"] - y) ** 2)
@@ -68,10 +71,10 @@ def _steps(tx, spec):
   return {a: make(a) for a in (False, True)}
 
 
-def _mesh(n):
+def _mesh(n, axis_type=AxisType.Auto):
   if len(jax.devices()) < n:
     pytest.skip(f"needs {n} (simulated) devices")
-  return jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+  return jax.make_mesh((n,), (AXIS,), axis_types=(axis_type,), devices=jax.devices()[:n])
 
 
 def _fsdp_sharding(params, mesh):
@@ -119,6 +122,23 @@ def test_fsdp_equals_single_device_and_keeps_the_sharding(algo, scales, bits, x6
   assert new_state.mu["l1"]["kernel"].sharding.spec == P(AXIS)
   if scales == "group":  # (32 // 4, 64): split too
     assert new_state.scale["l1"]["kernel"].sharding.spec == P(AXIS)
+
+
+@pytest.mark.parametrize("algo,scales,bits", some_slow(
+    [("blaq_m2", "group", 2), ("blaq", "channel", 2), ("laq", "tensor", 2),
+     ("blaq_m2", "group16", 4), ("laq", "tensor", 8)], fast={0, 1}))
+def test_fsdp_under_explicit_axes(algo, scales, bits, x64):
+  """The same recipe on a mesh whose axis is ``AxisType.Explicit``: the
+  arrays' types carry their shardings, and group scales whose group axis
+  the mesh does not divide (group16: 2 groups for 8 devices) are gathered."""
+  params, x, y, spec, tx, active = _setup(algo, scales, bits)
+  ref = _train(params, x, y, tx, spec, active)
+  mesh = _mesh(8, AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    new_params, new_state = _train(params, x, y, tx, spec, active, mesh)
+  chex.assert_trees_all_close((new_params, new_state), ref, atol=1e-12, rtol=0)
+  assert jax.typeof(new_params["l1"]["kernel"]).sharding.spec == P(AXIS, None)
+  assert jax.typeof(new_state.mu["l1"]["kernel"]).sharding.spec == P(AXIS, None)
 
 
 def _bytes_per_device(tree):

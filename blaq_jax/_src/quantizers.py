@@ -67,10 +67,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from blaq_jax._src import checks
 
@@ -261,6 +263,49 @@ def group_view(shape, spec: QuantSpec) -> tuple:
   return shape[:-2] + (shape[-2] // g, g, shape[-1])
 
 
+def _explicit_spec(x) -> tuple | None:
+  """``x``'s partition spec, one entry per axis, when its type carries a
+  sharding (``jax.sharding.AxisType.Explicit``); else None."""
+  try:
+    sharding = jax.typeof(x).sharding
+    spec = tuple(sharding.spec)
+  except AttributeError:
+    return None
+  if not any(axis is not None for axis in spec):
+    return None
+  return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def _mesh_size(x, axes) -> int:
+  """How many devices the mesh axes ``axes`` of ``x``'s sharding span."""
+  shape = jax.typeof(x).sharding.mesh.shape
+  return math.prod(shape[name] for name in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+def to_group_view(x, spec: QuantSpec):
+  """``x`` of shape ``(..., in, out)`` reshaped to :func:`group_view`. Under
+  explicit sharding the groups' axis keeps the input axis's sharding where
+  the mesh divides ``in // g``; otherwise that axis is gathered first."""
+  view = group_view(x.shape, spec)
+  parts = _explicit_spec(x)
+  if parts is None:
+    return x.reshape(view)
+  split = parts[-2]
+  if split is not None and view[-3] % _mesh_size(x, split):
+    split = None
+    x = jax.sharding.reshard(x, P(*parts[:-2], None, parts[-1]))
+  return jnp.reshape(x, view, out_sharding=P(*parts[:-2], split, None, parts[-1]))
+
+
+def from_group_view(x, shape):
+  """A grouped scale ``(..., in // g, 1, out)`` reshaped to ``shape``
+  ``(..., in // g, out)``, keeping its sharding under explicit sharding."""
+  parts = _explicit_spec(x)
+  if parts is None:
+    return x.reshape(shape)
+  return jnp.reshape(x, shape, out_sharding=P(*parts[:-3], parts[-3], parts[-1]))
+
+
 def scale_shape(shape, spec: QuantSpec) -> tuple:
   """The shape of a leaf's scale: ``shape`` with the reduced axes set to 1
   (per tensor, per channel), or with axis -2 divided by ``group_size``."""
@@ -277,7 +322,9 @@ def expand_scale(alpha, spec: QuantSpec, shape):
   they are (their reduced axes already have size 1)."""
   if spec.group_size is None or jnp.ndim(alpha) < 2:
     return alpha
-  return jnp.repeat(alpha, spec.group_size, axis=-2, total_repeat_length=tuple(shape)[-2])
+  parts = _explicit_spec(alpha)
+  return jnp.repeat(alpha, spec.group_size, axis=-2, total_repeat_length=tuple(shape)[-2],
+                    out_sharding=None if parts is None else P(*parts))
 
 
 def _kept_shape(shape, per_channel: bool) -> tuple:
@@ -612,11 +659,14 @@ def _fit_groups(wf, d, spec, scale, with_rounds):
   view = group_view(wf.shape, spec)
   kept = _kept_shape(view, GROUP)
   if scale is not None:
-    scale = jnp.broadcast_to(jnp.asarray(scale), out_shape).reshape(kept)
-  res = _fit(wf.reshape(view), d.reshape(view), spec, scale, with_rounds)
+    scale = jnp.broadcast_to(jnp.asarray(scale), out_shape)
+    parts = _explicit_spec(scale)
+    scale = (scale.reshape(kept) if parts is None else
+             jnp.reshape(scale, kept, out_sharding=P(*parts[:-1], None, parts[-1])))
+  res = _fit(to_group_view(wf, spec), to_group_view(d, spec), spec, scale, with_rounds)
   if with_rounds:
-    return res[0].reshape(out_shape), res[1]
-  return res.reshape(out_shape)
+    return from_group_view(res[0], out_shape), res[1]
+  return from_group_view(res, out_shape)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 4))
