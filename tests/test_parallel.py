@@ -4,7 +4,6 @@ The equivalence tests run in float64: in float32 the sign quantizer turns
 reduction-order rounding into code flips and the runs drift apart.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
-from helpers import max_abs_diff
+from helpers import max_abs_diff, run_two_processes
 
 N_DEV = 8
 STEPS = 4
@@ -165,49 +164,21 @@ def test_pmean_psum_give_global_reductions(mode):
   assert float(total) == x.sum() and float(mean) == x.mean()
 
 
-_TWO_PROCESS_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize("127.0.0.1:" + port, num_processes=2, process_id=pid)
-jax.config.update("jax_enable_x64", True)
+_TWO_PROCESS_BODY = """
 import numpy as np
-sys.path.insert(0, {tests_dir!r})
 import test_parallel as t
 for mode in ("jit", "pmap"):
   params, x, y = t._problem()
   mine = slice(16 * pid, 16 * pid + 16)          # this process's half of the batch
   p, _, _ = t._parallel_run("blaq", mode, data=(params, x[mine], y[mine]))
   flat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(p)])
-  np.save(f"{{out}}/{{mode}}_{{pid}}.npy", flat)
+  np.save(f"{out}/{mode}_{pid}.npy", flat)
 """
 
 
 def test_two_processes_match_single_device(x64, tmp_path):
   """jax.distributed with 2 processes x 4 CPU devices, each feeding its half."""
-  import socket
-  import subprocess
-  import sys
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  script = tmp_path / "worker.py"
-  script.write_text(_TWO_PROCESS_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  try:
-    for proc in procs:
-      out, _ = proc.communicate(timeout=900)
-      assert proc.returncode == 0, out.decode()[-3000:]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+  run_two_processes(_TWO_PROCESS_BODY, tmp_path)
   ref_params, _ = _single_device_run("blaq")
   ref = np.concatenate([np.ravel(v) for v in jax.tree.leaves(ref_params)])
   for mode in ("jit", "pmap"):
