@@ -4,7 +4,6 @@ The equivalence tests run in float64: in float32 the sign quantizer turns
 reduction-order rounding into code flips and the runs drift apart.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
