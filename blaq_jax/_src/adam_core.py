@@ -69,8 +69,8 @@ def initial_scale(w, spec):
 
 
 def next_scales(spec, params, den, scale):
-  """Per quantized leaf, the converged scale of ``Q_den(params)``, warm-started
-  from ``scale`` (the previous step's); None elsewhere."""
+  """Per quantized leaf, the scale of ``Q_den(params)``, warm-started from
+  ``scale`` (the previous step's); None elsewhere."""
   return tree_lib.map_with_spec(
       lambda s, w, d, a: None if s is None else fit_scale(w, s, d, a),
       spec, params, den, scale)
@@ -105,17 +105,23 @@ def denominator(nu, count, b2, eps):
   # b2 as an array of the default float type, as LAQState stores it, so that
   # curvature(state) recomputes the very D the update used.
   bc = 1 - as_float(b2) ** count
-  bc = jnp.where(bc > 0, bc, 1)  # count 0 (a first step skipped): nu = 0, D = eps
-  return tree_lib.map_none(lambda v: jnp.sqrt(v / bc.astype(v.dtype)) + eps, nu)
+  # count 0 (a first step skipped): nu = 0, D = eps. XLA may rewrite a
+  # division by a scalar as a multiplication by its reciprocal in one graph
+  # and not in another; written as the multiplication, with the scalar
+  # behind a barrier, every graph computes the same D.
+  inv = jax.lax.optimization_barrier(1 / jnp.where(bc > 0, bc, 1))
+  return tree_lib.map_none(lambda v: jnp.sqrt(v * inv.astype(v.dtype)) + eps, nu)
 
 
 def step_latent(spec, params, mu, den, count, lr, b1, clip):
   """``w - lr * (mu / (1 - b1^count)) / den``, clipped to ``[-clip, clip]`` for
   quantized leaves; returns the new params."""
-  bc = 1 - b1 ** count
+  # As in denominator: one form in every graph (LAQ and BLAQ with a = 1
+  # must get the same bits).
+  inv = jax.lax.optimization_barrier(1 / (1 - b1 ** count))
 
   def fn(s, w, m, d):
-    new = w - lr * (m / bc.astype(m.dtype)) / d
+    new = w - lr * (m * inv.astype(m.dtype)) / d
     if s is not None and clip is not None:
       new = jnp.clip(new, -clip, clip)
     return new.astype(w.dtype)
@@ -146,6 +152,14 @@ def all_finite(*trees):
 
 def updates_from(new_params, params):
   return jax.tree.map(lambda n, w: n - w, new_params, params)
+
+
+def as_applied(new_params, params):
+  """The params the caller gets: ``optax.apply_updates(params, updates_from(
+  new_params, params))``, which can differ from ``new_params`` by a rounding.
+  The scales are fitted to these, so that ``ŵ`` is the projection of the
+  caller's weights, and XLA computes this expression once for both."""
+  return optax.apply_updates(params, updates_from(new_params, params))
 
 
 def check_not_masked(params, where: str) -> None:

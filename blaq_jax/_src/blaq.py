@@ -303,7 +303,8 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   new_params = core.select(
       ok, core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
   curv = core.select(ok, core.quantized_curvature(spec, den_mix), state.curvature)
-  scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
+  applied = core.as_applied(new_params, params)
+  scale = core.select(ok, core.next_scales(spec, applied, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
   new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,

@@ -54,7 +54,8 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   new_params = core.select(
       ok, core.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
   den = core.quantized_curvature(spec, den)
-  scale = core.select(ok, core.next_scales(spec, new_params, den, state.scale), state.scale)
+  applied = core.as_applied(new_params, params)
+  scale = core.select(ok, core.next_scales(spec, applied, den, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
     new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))

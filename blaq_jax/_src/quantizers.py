@@ -382,18 +382,23 @@ def group_sums(xs, per_channel):
     axis = len(shape) - 2
     parts = jax.lax.reduce(tuple(xs), zeros, add, (axis,))
     return [jnp.expand_dims(p, axis) for p in parts]
-  if per_channel and len(shape) >= 1:
-    c = shape[-1]
-    rows = xs[0].size // max(c, 1)
-    k = _largest_divisor(rows, (16, 8, 4, 2, 1))
-    blocks = (rows // k, k, c)
-    parts = jax.lax.reduce(tuple(x.reshape(blocks) for x in xs), zeros, add, (1,))
-    return [jnp.sum(p, 0).reshape(out) for p in parts]
+  # Blocks (rows // k, k, c) summed over the k rows: the reduction runs along
+  # contiguous rows of c lanes. (XLA:CPU runs a multi-output reduction along
+  # the contiguous axis, or over a long outer axis, several times slower.)
+  per_tensor = not (per_channel and len(shape) >= 1)
   size = xs[0].size
-  k = _largest_divisor(size, (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1))
-  blocks = (size // k, k)
+  c = (_largest_divisor(size, (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)) if per_tensor
+       else shape[-1])
+  rows = size // max(c, 1)
+  k = _largest_divisor(rows, (16, 8, 4, 2, 1))
+  blocks = (rows // k, k, c)
   parts = jax.lax.reduce(tuple(x.reshape(blocks) for x in xs), zeros, add, (1,))
-  return [jnp.sum(p).reshape(out) for p in parts]
+  # The partial sums (1/k of the leaf) as buffers: how XLA sums them then
+  # does not depend on the surrounding graph.
+  parts = jax.lax.optimization_barrier(parts)
+  if per_tensor:
+    return [jnp.sum(p).reshape(out) for p in parts]
+  return [jnp.sum(p, 0).reshape(out) for p in parts]
 
 
 def _strided_sample(wf, d, per_channel, per_group: int):
@@ -500,13 +505,20 @@ def _search(wf, d, spec, alpha0):
   on the last best (the first on ``alpha0``, spanning a factor
   ``SEARCH_SPAN`` either way); each next level
   spans one step of the last. The centre is a candidate at every level, so
-  the sample's error never rises above ``alpha0``'s.
+  the sample's error never rises above ``alpha0``'s. Where ``alpha0`` is
+  unusable (not finite or <= 0: the zeros of an abstract init), the search
+  starts from the sample's weighted mean ``|w|`` instead (no pass over the
+  whole leaf).
   """
   # The barrier materialises the (small, contiguous) sample once, rather than
   # letting every candidate's evaluation gather it from the whole leaf.
   ws, ds = jax.lax.optimization_barrier(_search_sample(wf, d, layout(spec)))
   error = _sample_error(ws, ds, spec)
+  axes = _reduce_axes(ws.ndim, layout(spec))
+  mean_abs = _safe_div(jnp.sum(ds * jnp.abs(ws), axis=axes, keepdims=True),
+                       jnp.sum(ds, axis=axes, keepdims=True))
   centre = _group_row(alpha0, ws.ndim, layout(spec))
+  centre = jnp.where(jnp.isfinite(centre) & (centre > 0), centre, mean_abs)
   frac = jnp.linspace(-1.0, 1.0, SEARCH_CANDIDATES, dtype=wf.dtype).reshape(
       (-1,) + (1,) * ws.ndim)
   width = float(np.log(SEARCH_SPAN))
@@ -680,16 +692,11 @@ def _fit(wf, d, spec, scale, with_rounds):
     return jnp.sum(x, axis=axes, keepdims=True)
 
   if spec.is_binary:
-    alpha = _lsq_scale(wsum(d * jnp.abs(wf)), wsum(d), 0)
+    alpha = _lsq_scale(*group_sums((d * jnp.abs(wf), d), layout(spec)), 0)
     return (alpha, jnp.zeros([], jnp.int32)) if with_rounds else alpha
 
   if scale is not None:
-    warm = jax.lax.stop_gradient(jnp.asarray(scale, wf.dtype))
-    good = jnp.isfinite(warm) & (warm > 0)
-    # Where the warm start is unusable (zeros of an abstract init), start from
-    # the weighted mean |w|; the grid's memory is not paid in every step.
-    alpha0 = jnp.where(good, warm, _safe_div(wsum(d * jnp.abs(wf)), wsum(d)))
-    found = _search(wf, d, spec, alpha0)
+    found = _search(wf, d, spec, jax.lax.stop_gradient(jnp.asarray(scale, wf.dtype)))
     if spec.bits < REFINE_BITS:
       alpha = _round(wf, d, spec, found)
     else:
