@@ -89,7 +89,11 @@ def laq(
       ŵ_{t+1} = α_{t+1} · code(w_{t+1} / α_{t+1})
 
   ``D`` is Adam's denominator, the diagonal curvature estimate of the
-  proximal Newton derivation. The state keeps ``α_{t+1}`` (``state.scale``),
+  proximal Newton derivation. ``w_{t+1}`` in the scale's fit is the
+  caller's ``optax.apply_updates(w_t, updates)`` (which can differ from the
+  clipped step by a rounding), so the scale fits the weights the next
+  forward pass quantizes, and under ``jit`` the fit reads the buffer that
+  ``apply_updates`` writes. The state keeps ``α_{t+1}`` (``state.scale``),
   so the next forward pass gets exactly the ``ŵ_{t+1}`` the update assumed
   with ``quantize_params(params, spec, state=state)``, and the projection is
   warm-started as the paper's Algorithm 2 and the LAQ reference code do, at
