@@ -129,24 +129,34 @@ class Method:
     two-stage update; False for methods without a lookahead."""
     return bool(self.lookahead(o)(step)) if self.lookahead else False
 
+  def _projection(self, params, spec, opt_state) -> tuple[Any, Any]:
+    """``(spec, state)`` of the projection that gives ``ŵ``: no leaf quantized
+    for ``"identity"``, the plain projection for ``"plain"`` and the stored
+    scales of the LAQ/BLAQ state for ``"loss_aware"``."""
+    if self.forward == "identity":
+      return jax.tree.map(lambda _: None, params), None
+    return spec, (opt_state if self.forward == "loss_aware" else None)
+
   def weights(self, params, spec, opt_state):
     """``ŵ``: the weights the forward pass and the evaluation use."""
     if self.forward == "identity":
       return params
-    if self.forward == "plain":
-      return bq.quantize_params(params, spec)
-    return bq.quantize_params(params, spec, state=opt_state)
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.quantize_params(params, spec, state=state)
 
   def pack(self, params, spec, opt_state):
     """The packed model of :meth:`weights` (``bq.pack_params``): its
     ``bq.dequantize_tree`` is ``weights(params, spec, opt_state)`` as computed
     outside ``jit``, bit for bit, and is the same inside ``jit`` (where XLA
     may round ``quantize_params``'s product differently by one ulp)."""
-    if self.forward == "identity":
-      return bq.pack_params(params, jax.tree.map(lambda _: None, params))
-    if self.forward == "plain":
-      return bq.pack_params(params, spec)
-    return bq.pack_params(params, spec, state=opt_state)
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.pack_params(params, spec, state=state)
+
+  def export(self, params, spec, opt_state) -> dict:
+    """:meth:`pack` as the ``.npz`` dict of ``bq.pack``, ready for
+    ``bq.save_packed`` (a caller may add arrays of its own, e.g. a tag)."""
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.pack(params, spec, state=state)
 
   def step(self, tx, spec, params, opt_state, loss_fn, *, count=0, options=Options(),
            reduce=lambda g: g, lookahead: bool = True):

@@ -48,6 +48,26 @@ def test_unknown_method_is_one_line():
   assert methods.get("adam") is methods.get("fp")
 
 
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_export_is_the_packed_weights(name):
+  """Method.export is bq.pack of the weights the method evaluates: unpacked,
+  it gives back weights() bit for bit (every leaf float for fp)."""
+  method = methods.get(name)
+  params, spec, loss = _problem()
+  options = methods.Options(blend_steps=4, lookahead_phase=0)
+  tx = method.optimizer(1e-2, spec, options)
+  state = tx.init(params)
+  updates, state, _, _ = method.step(tx, spec, params, state, loss, options=options)
+  params = optax.apply_updates(params, updates)
+  exported = method.export(params, spec, state)
+  restored = bq.unpack(exported, like=params)
+  want = method.weights(params, spec, state)
+  for key in params:
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(want[key]), name)
+  meta = [e for e in __import__("json").loads(bytes(exported["__meta__"])) if "path" in e]
+  assert any(e["spec"] for e in meta) == method.quantized, name
+
+
 def test_step_time_names_map_to_the_registry():
   params, _, _ = _problem()
   names = ["adam", "bwn_ste_2bit", "laq_3bit", "blaq_1bit", "blaq_every4_1bit",
