@@ -12,6 +12,7 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import methods
+from examples import metrics_io
 from examples import statistics
 from examples.classification import main as main_lib
 from examples.classification import models
@@ -209,7 +210,7 @@ def test_per_weight_tracking(tmp_path, data_dir):
 def test_best_validation():
   rows = [{"epoch": 1, "val_acc": 0.5, "test_acc": 0.4}, {"epoch": 2, "val_acc": 0.7,
           "test_acc": 0.6}, {"epoch": 3, "val_acc": 0.7, "test_acc": 0.9}]
-  s = train.best_validation(rows)
+  s = metrics_io.best_validation(rows)
   assert (s["best_val_epoch"], s["test_acc_at_best_val"], s["test_acc_last"]) == (2, 0.6, 0.9)
 
 

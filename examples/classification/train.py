@@ -81,7 +81,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -96,6 +95,7 @@ import blaq_jax as bq
 from examples import checkpointing
 from examples import config_cli
 from examples import methods
+from examples import metrics_io
 from examples.classification import input_pipeline
 from examples.classification import models
 
@@ -562,24 +562,6 @@ def open_checkpoints(config: Config, workdir: Path, *, fresh: bool = False,
 # ----------------------------------------------------------------------------
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
-  if not path.exists():
-    return []
-  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-  return [r for r in rows if r["epoch"] <= upto_epoch]
-
-
-def best_validation(rows: list[dict]) -> dict:
-  """Test accuracy at the best-validation epoch (the first of ties) and at the last."""
-  out = {"epochs": len(rows), "test_acc_last": rows[-1]["test_acc"] if rows else None}
-  with_val = [r for r in rows if r.get("val_acc") is not None]
-  if with_val:
-    best = max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))
-    out.update(best_val_epoch=best["epoch"], best_val_acc=best["val_acc"],
-               test_acc_at_best_val=best["test_acc"])
-  return out
-
-
 def config_hash(config: Config) -> str:
   """The run's config hash (:func:`checkpointing.config_hash`, free fields left out)."""
   return checkpointing.config_hash(dataclasses.asdict(config), FREE_ON_RESUME)
@@ -642,7 +624,7 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
     checkpointing.truncate_jsonl(path, "epoch", start_epoch)
   checkpointing.write_atomic(workdir / "config.json",
                              json.dumps(dataclasses.asdict(config), indent=1))
-  rows = _read_metrics(metrics_path, start_epoch)
+  rows = [r for r in metrics_io.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
   if saved_rows is not None and rows != saved_rows:
     # The checkpoint holds every row up to its epoch: a damaged or cut log is rebuilt.
     print(f"{metrics_path}: {len(saved_rows) - len(rows)} missing or damaged row(s) "
@@ -736,15 +718,17 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
                                paths=np.asarray(trainer.tracker.paths()),
                                flat_index=trainer.tracker.flat_indices(),
                                last_epoch=row.get("epoch", 0))
-  summary = {**best_validation(_read_metrics(metrics_path, end_epoch)),
-             "config_hash": config_hash(config)}
+  summary = {**metrics_io.best_validation(
+      [r for r in metrics_io.read_jsonl(metrics_path) if r["epoch"] <= end_epoch]),
+      "config_hash": config_hash(config)}
   checkpointing.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
   if end_epoch == total_epochs:
     if config.export:
       export_model(trainer, state, workdir, run_hash)
     if config.plot:
-      plot_metrics(metrics_path, workdir / "accuracy.png", title=f"{config.dataset} "
-                   f"{config.model} {config.method} {config.bits}-bit (config {run_hash})")
+      title = f"{config.dataset} {config.model} {config.method} {config.bits}-bit"
+      metrics_io.plot_accuracy({None: [metrics_io.read_jsonl(metrics_path)]},
+                               workdir / "accuracy.png", title=f"{title} (config {run_hash})")
   return {"state": state, "metrics": row, "trainer": trainer, "summary": summary}
 
 
@@ -763,33 +747,3 @@ def export_model(trainer: Trainer, state, workdir: Path, run_hash: str = "") -> 
   checkpointing.write_atomic(workdir / "size_report.txt",
                              "\n".join(lines + [f"config {run_hash}"]) + "\n")
   print("\n".join(l for l in lines if l.split()[0] in ("total", "on", "file")))
-
-
-def plot_metrics(metrics_paths, out_path, title: str = "", labels=None) -> None:
-  """Test accuracy per epoch, per gradient evaluation and per second."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  if isinstance(metrics_paths, (str, Path)):
-    metrics_paths = [metrics_paths]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  for i, path in enumerate(metrics_paths):
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-    label = labels[i] if labels else None
-    acc = [100 * r["test_acc"] for r in rows]
-    for ax, key in zip(axes, ("epoch", "grad_evals", "train_s")):
-      ax.plot([r[key] for r in rows], acc, marker="o", ms=3, label=label)
-  for ax, xl in zip(axes, ("epoch", "gradient evaluations", "training seconds")):
-    ax.set_xlabel(xl)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-  if labels:
-    axes[0].legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  out_path = Path(out_path)
-  tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
-  fig.savefig(tmp, dpi=100)   # then renamed: a reader never sees half a plot
-  os.replace(tmp, out_path)
-  plt.close(fig)
