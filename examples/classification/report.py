@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.classification.configs import base
 from examples.metrics_io import best_validation
 from examples.metrics_io import plot_accuracy
 from examples.metrics_io import read_jsonl
@@ -42,12 +43,6 @@ from examples.statistics import t_interval
 
 METHOD_ORDER = ("fp", "bwn-ste", "laq", "blaq")
 PAPER_ORDER = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m")
-
-
-def _run_epochs(config: dict) -> int:
-  """Epochs a run trains for (as ``train.run_epochs``, without importing JAX)."""
-  scale = {"laq-as-blaq": 2.0, "laq-as-blaq-m": 1.0 + 1.0 / config.get("m", 5)}
-  return max(1, int(round(config["num_epochs"] * scale.get(config["method"], 1.0))))
 
 
 def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
@@ -59,7 +54,7 @@ def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
     method, _, seed = run.name.rpartition("_s")
     config = json.loads((run / "config.json").read_text())
     rows = read_jsonl(metrics)
-    if not rows or rows[-1]["epoch"] != _run_epochs(config):
+    if not rows or rows[-1]["epoch"] != base.resolve(base.from_dict(config)).epochs:
       continue  # unfinished
     out.setdefault(run.parent.name, {}).setdefault(method, {})[int(seed)] = (
         (rows, config) if with_config else rows)
