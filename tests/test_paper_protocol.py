@@ -197,23 +197,33 @@ def test_per_weight_tracking(tmp_path, data_dir):
   r = rows[1]
   assert r["tw_flips_max"] == flips.max() and np.isclose(r["tw_flips_mean"], flips.mean())
   assert np.isclose(r["tw_amp_max"], amp.max()) and r["tw_grid_mismatch"] == 0
-  # The sampled weights' codes are those of the projection the step used.
+  # The sampled weights' codes are those of the projection the step used:
+  # ŵ = α · codebook[code] exactly, α the leaf's scale in the LAQ state.
   ctx, state = out["context"], out["state"]
   tracker = ctx.tracker
   q = ctx.method.weights(state["params"], ctx.spec, state["opt_state"])
-  w, codes, off = tracker.gather(state["params"], q)
-  leaves = jax.tree.leaves(state["params"])
-  qleaves = jax.tree.leaves(q)
-  start = 0
+  packed = ctx.method.pack(state["params"], ctx.spec, state["opt_state"])
+  w, codes = jax.jit(tracker.gather)(state["params"], packed)
+  leaves, qleaves = jax.tree.leaves(state["params"]), jax.tree.leaves(q)
+  pleaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, bq.PackedArray))
+  start, seen = 0, set()
   for i, _, spec, idx in tracker.leaves:
     np.testing.assert_array_equal(w[start:start + len(idx)], leaves[i].reshape(-1)[idx])
-    ql = np.asarray(qleaves[i]).reshape(-1)
-    book = spec.codebook()
     got = np.asarray(codes[start:start + len(idx)])
-    assert np.all(np.sign(book[got]) == np.sign(ql[idx]))
-    assert np.all(np.diff(got[np.argsort(ql[idx], kind="stable")]) >= 0)
+    alpha = float(np.asarray(pleaves[i].scale).reshape(-1)[0])     # one scale per tensor
+    np.testing.assert_allclose(alpha * spec.codebook()[got],
+                               np.asarray(qleaves[i]).reshape(-1)[idx], rtol=1e-6)
+    seen.update(got.tolist())
     start += len(idx)
-  assert not np.asarray(off).any()
+  assert len(seen) >= 3     # 2 bits: more than the two signs are seen
+  # -0.0 (stored at the packed codebook's spare index) is the code 0.
+  zeros = {"w": jnp.array([[-0.0, 0.0], [1.0, -1.0]])}
+  spec2 = {"w": bq.QuantSpec(2)}
+  zt = weight_tracker.WeightTracker(zeros, spec2, 4, 0)
+  _, zc = zt.gather(zeros, bq.pack_params(zeros, spec2))
+  book = spec2["w"].codebook()
+  np.testing.assert_array_equal(book[np.asarray(zc)],
+                                np.asarray(zeros["w"]).reshape(-1)[zt.flat_indices()])
   # Same seed and model: the same weights are sampled whatever the method.
   other = weight_tracker.WeightTracker(state["params"], ctx.spec, 40, cfg.seed)
   assert other.paths() == tracker.paths()

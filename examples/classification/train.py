@@ -121,7 +121,7 @@ def per_example_loss(name: str, logits, labels):
 
 def train_step(ctx: Context, state: dict, x, y, step, lookahead: bool):
   """One step of the method: ``(state, loss, correct, tracked)``; ``tracked``
-  is :meth:`WeightTracker.gather` of ``w_t`` (None without tracking)."""
+  is ``(w_t, codes of ŵ_t)`` of the sampled weights (None without tracking)."""
   params, batch_stats, opt_state = state["params"], state["batch_stats"], state["opt_state"]
 
   def loss_fn(p):
@@ -135,9 +135,9 @@ def train_step(ctx: Context, state: dict, x, y, step, lookahead: bool):
       lookahead=lookahead)
   tracked = None
   if ctx.tracker.size:   # the codes of ŵ_t (for fp: of the plain projection of w_t)
-    q = (ctx.method.weights(params, ctx.spec, state["opt_state"]) if ctx.method.quantized
-         else bq.quantize_params(params, ctx.spec))
-    tracked = ctx.tracker.gather(params, q)
+    packed = (ctx.method.pack(params, ctx.spec, state["opt_state"]) if ctx.method.quantized
+              else bq.pack_params(params, ctx.spec))
+    tracked = ctx.tracker.gather(params, packed)
   params = optax.apply_updates(params, updates)
   correct = jnp.sum(jnp.argmax(logits, -1) == y)
   return ({"params": params, "batch_stats": new_stats, "opt_state": opt_state}, loss, correct,

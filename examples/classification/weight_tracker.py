@@ -11,10 +11,13 @@ over the sample) and the number of changes of its code (``tw_flips_*``), and
 ``tw_top_flips`` / ``tw_top_amp`` for the sampled weight that flips most. The
 sample is the same for every method at a given seed and model, so LAQ and
 BLAQ rows describe the same weights; the traces are saved in
-``tracked_weights.npz``. The code index is that of ``ŵ/α`` in the code book,
-with ``α`` the largest ``|ŵ|`` of the weight's scale group, exact whenever
-the group uses its top code (always at 1 bit); ``tw_grid_mismatch`` counts
-sampled values off that grid (0 when exact).
+``tracked_weights.npz``.
+
+The code index is the library's: the index in ``spec.codebook()`` that
+``bq.pack_params`` stores for the weight (so ``ŵ = α · codebook[index]``
+exactly), read from the packed codes of the sampled weights (``bits`` bits
+per weight, lowest bit first). ``tw_grid_mismatch`` is kept in the rows for
+their schema; the codes being exact, it is 0.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class WeightTracker:
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_s = jax.tree.leaves(spec, is_leaf=lambda x: x is None or isinstance(x, bq.QuantSpec))
     self.leaves = []          # (leaf index, path, spec, flat indices)
-    self.window = collections.deque(maxlen=window_epochs)   # per epoch: (w, codes, off)
+    self.window = collections.deque(maxlen=window_epochs)   # per epoch: (w, codes)
     cands = [(i, jax.tree_util.keystr(path, simple=True, separator="/"), s, np.size(w))
              for i, ((path, w), s) in enumerate(zip(flat_p, flat_s)) if s is not None]
     sizes = np.array([size for *_, size in cands], dtype=np.int64)
@@ -63,39 +66,46 @@ class WeightTracker:
   def flat_indices(self) -> np.ndarray:
     return np.concatenate([idx for *_, idx in self.leaves])
 
-  def gather(self, params, qparams):
-    """``(w [n], codes [n] int32, off_grid [n] bool)`` of the sampled weights."""
-    pw, qw = jax.tree.leaves(params), jax.tree.leaves(qparams)
-    ws, codes, off = [], [], []
+  def gather(self, params, packed):
+    """``(w [n], codes [n] int32)`` of the sampled weights; ``packed`` is
+    ``bq.pack_params`` of the weights whose codes are followed."""
+    pw = jax.tree.leaves(params)
+    pk = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, bq.PackedArray))
+    ws, codes = [], []
     for i, _, spec, idx in self.leaves:
-      w, q = pw[i].reshape(-1), qw[i].astype(jnp.float32)
-      axes = tuple(range(q.ndim - 1)) if spec.per_channel else tuple(range(q.ndim))
-      alpha = jnp.max(jnp.abs(q), axis=axes, keepdims=True)
-      alpha = jnp.broadcast_to(alpha, q.shape).reshape(-1)[idx]
-      ratio = q.reshape(-1)[idx] / jnp.where(alpha > 0, alpha, 1.0)
-      book = jnp.asarray(spec.codebook(), jnp.float32)
-      dist = jnp.abs(ratio[:, None] - book[None, :])
-      code = jnp.argmin(dist, axis=1).astype(jnp.int32)
-      ws.append(w[idx])
-      codes.append(code)
-      off.append(jnp.min(dist, axis=1) > 1e-3)
-    return jnp.concatenate(ws), jnp.concatenate(codes), jnp.concatenate(off)
+      ws.append(pw[i].reshape(-1)[idx])
+      codes.append(_code_indices(pk[i], spec, idx))
+    return jnp.concatenate(ws), jnp.concatenate(codes)
 
   def add_epoch(self, traces) -> dict:
-    """Appends one epoch's per-step ``(w, codes, off)`` to the window; returns
-    the Table 1 figures over the window."""
-    self.window.append(tuple(np.asarray(jax.device_get(jnp.stack(t))) for t in zip(*traces)))
+    """Appends one epoch's per-step ``(w, codes)`` to the window; returns the
+    Table 1 figures over the window."""
+    w, codes = (np.asarray(jax.device_get(jnp.stack(t))) for t in zip(*traces))
+    self.window.append((w, codes))
     return window_stats(*(np.concatenate(a) for a in zip(*self.window)))
 
   def save(self, path, last_epoch: int) -> None:
     """Writes the window's traces (``w``, ``codes``: ``[steps, n]``) and the
     sampled weights' paths and flat indices, atomically."""
-    w, codes, _ = (np.concatenate(a) for a in zip(*self.window))
+    w, codes = (np.concatenate(a) for a in zip(*self.window))
     checkpointing.savez_atomic(path, w=w, codes=codes, paths=np.asarray(self.paths()),
                                flat_index=self.flat_indices(), last_epoch=last_epoch)
 
 
-def window_stats(w: np.ndarray, codes: np.ndarray, off: np.ndarray) -> dict:
+def _code_indices(packed: bq.PackedArray, spec: bq.QuantSpec, idx: np.ndarray):
+  """The codebook indices of the weights at flat positions ``idx`` of a packed leaf."""
+  bits = spec.bits
+  pos = idx.astype(np.int64)[:, None] * bits + np.arange(bits)   # the weights' bits
+  byte = packed.codes[pos // 8].astype(jnp.int32)
+  code = jnp.sum(((byte >> (pos % 8)) & 1) << np.arange(bits), axis=1)
+  book = spec.codebook()
+  if spec.is_binary:
+    return code
+  # The packed codes store -0.0 at the spare index len(book): it is the code 0.
+  return jnp.where(code == len(book), int(np.searchsorted(book, 0.0)), code)
+
+
+def window_stats(w: np.ndarray, codes: np.ndarray) -> dict:
   """Table 1 figures over a window: ``w``, ``codes`` of shape ``[steps, n]``."""
   amp = w.max(0) - w.min(0)                         # peak-to-peak per weight
   flips = np.count_nonzero(np.diff(codes, axis=0), axis=0)
@@ -108,5 +118,5 @@ def window_stats(w: np.ndarray, codes: np.ndarray, off: np.ndarray) -> dict:
       "tw_flips_median": float(np.median(flips)),
       "tw_flipped_frac": float(np.mean(flips > 0)),
       "tw_top_flips": int(flips[top]), "tw_top_amp": float(amp[top]),
-      "tw_grid_mismatch": int(np.count_nonzero(off)),
+      "tw_grid_mismatch": 0,
   }
