@@ -104,7 +104,7 @@ def part_imagenet(out: Path, dry: bool) -> dict:
   results = {}
   for opt in ("laq", "blaq"):
     config = inet_main.get_config("synthetic")
-    config = dataclasses.replace(config, optimizer=opt, parallel="jit")
+    config = dataclasses.replace(config, method=opt, parallel="jit")
     if dry:
       config = dataclasses.replace(config, model="ResNet1", num_filters=4, image_size=32,
                                    num_classes=10, batch_size=8, num_train_steps=2,
