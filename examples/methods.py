@@ -1,12 +1,12 @@
 """The training methods of the examples and benchmarks, in one registry.
 
 Each :class:`Method` says how to build its optimizer, which weights ``ŵ`` the
-forward pass uses, and how many gradient evaluations its steps spend; every
-example (``classification``, ``imagenet_resnet18``, ``demo``, ``toy_2d``) and
-``benchmarks/step_time.py`` takes its methods from :data:`METHODS`, and
-:func:`Method.step` is the one training step they all run. Adding a method is
-one entry in :data:`METHODS`. Only the public API (``blaq_jax``,
-``blaq_jax.contrib``) is used.
+forward pass uses (and packs and exports), and how many gradient evaluations
+its steps spend; every example (``classification``, ``imagenet_resnet18``,
+``lm``, ``demo``, ``toy_2d``) and the benchmarks take their methods, by these
+names, from :data:`METHODS`, and :func:`Method.step` is the one training step
+they all run. Adding a method is one entry in :data:`METHODS`. Only the public
+API (``blaq_jax``, ``blaq_jax.contrib``) is used.
 
 Forward maps (``Method.forward``):
 
@@ -237,12 +237,11 @@ _ENTRIES = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
-ALIASES = {"adam": "fp"}   # the ImageNet example's and the benchmarks' name for fp
 
 
 def get(name: str) -> Method:
-  """The method called ``name`` (or an alias of it); a one-line error otherwise."""
-  method = METHODS.get(ALIASES.get(name, name))
+  """The method called ``name``; a one-line error otherwise."""
+  method = METHODS.get(name)
   if method is None:
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
   return method
