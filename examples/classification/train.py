@@ -170,7 +170,8 @@ class TrainingStopped(ValueError):
 
 def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
                        force: bool = False) -> dict:
-  """Trains ``config`` writing into ``workdir``; returns the final metrics row.
+  """Trains ``config`` writing into ``workdir``; returns the final ``state``,
+  ``metrics`` row and ``summary``, and the steps' ``context``.
 
   A ``workdir`` holding a checkpoint of the same config resumes from it (bit
   for bit); one of another config is refused with a one-line
