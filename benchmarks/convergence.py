@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_methods() -> tuple[str, ...]:
-  from examples.classification.train import METHODS
+  from examples.methods import METHODS
   return tuple(METHODS)
 
 
@@ -59,7 +59,7 @@ def flip_frequency(row: dict) -> float:
 
 def parse_method(name: str) -> tuple[str, int]:
   """``"laq_2x"`` -> ``("laq", 2)``; ``"blaq"`` -> ``("blaq", 1)``; the base is
-  any method of ``examples.classification.train``."""
+  any method of ``examples/methods.py``."""
   base, mult = name, 1
   if "_" in name and name.rsplit("_", 1)[1].endswith("x"):
     base, tail = name.rsplit("_", 1)
@@ -77,7 +77,7 @@ def make_config(dataset: str, method: str, seed: int, *, epochs: int, bits: int,
                 model: str, hidden: Sequence[int] | None, train_subset: int | None,
                 test_subset: int | None, batch_size: int, learning_rate: float,
                 a: float, data_dir: str | None):
-  from examples.classification.train import Config
+  from examples.classification.configs.base import Config
   base, mult = parse_method(method)
   model_kwargs = {"hidden": tuple(hidden)} if model == "mlp" and hidden else {}
   return Config(dataset=dataset, model=model, model_kwargs=model_kwargs, method=base,
@@ -88,9 +88,8 @@ def make_config(dataset: str, method: str, seed: int, *, epochs: int, bits: int,
 
 
 def read_rows(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  from examples.metrics_io import read_jsonl
+  return read_jsonl(path)
 
 
 def run_one(config, workdir: Path, reuse: bool = True) -> list[dict]:

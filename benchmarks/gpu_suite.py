@@ -10,8 +10,8 @@ Parts, each skipped with a printed reason when what it needs is missing
 
 1. ``step_time`` (``benchmarks/step_time.py``): ResNet18 224² batch 256
    bfloat16, ResNet18 32² batch 256 and the MNIST MLP at batch 100, methods
-   adam, bwn_ste_1bit, laq_1bit, laq_2bit, blaq_1bit, blaq_every10_1bit;
-   means and medians.
+   fp, bwn-ste@1, laq@1, laq@2, blaq@1 and blaq-m@1 (the two-stage update on
+   one step in 10); means and medians.
 2. ``torch_bwn_ste`` (``benchmarks/torch_bwn_ste.py``): PyTorch eager BWN-STE
    ResNet18 at the same batch and size.
 3. ``imagenet_synthetic``: the ResNet18 example, synthetic batches, jit data
@@ -44,7 +44,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-STEP_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "laq_2bit", "blaq_1bit", "blaq_every10_1bit")
+STEP_METHODS = ("fp", "bwn-ste@1", "laq@1", "laq@2", "blaq@1", "blaq-m@1")
+STEP_M = 10   # blaq-m: the two-stage update on one step in STEP_M
 # (model, batch, dtype) on the GPU
 STEP_MODELS = (("resnet18_imagenet", 256, "bfloat16"), ("resnet18_cifar", 256, "float32"),
                ("mlp", 100, "float32"))
@@ -52,11 +53,11 @@ PAPER_CONFIGS = ("paper_mnist_mlp", "paper_fashion_lenet5")
 PAPER_METHODS = ("fp", "bwn-ste", "laq", "blaq", "blaq-m")
 # (name, numerator, denominator, target, statistic): the GPU targets.
 TARGETS = (
-    ("LAQ / Adam", "laq_1bit", "adam", 1.03, "median_ms"),
-    ("2-bit LAQ / Adam", "laq_2bit", "adam", 1.05, "median_ms"),
-    ("BLAQ every step / LAQ", "blaq_1bit", "laq_1bit", 1.90, "median_ms"),
-    ("BLAQ every 10th step / LAQ", "blaq_every10_1bit", "laq_1bit", 1.12, "mean_ms"),
-    ("blaq_jax LAQ / PyTorch eager BWN-STE", "laq_1bit", "torch_bwn_ste", 0.80, "median_ms"),
+    ("LAQ / Adam", "laq@1", "fp", 1.03, "median_ms"),
+    ("2-bit LAQ / Adam", "laq@2", "fp", 1.05, "median_ms"),
+    ("BLAQ every step / LAQ", "blaq@1", "laq@1", 1.90, "median_ms"),
+    ("BLAQ every 10th step / LAQ", "blaq-m@1", "laq@1", 1.12, "mean_ms"),
+    ("blaq_jax LAQ / PyTorch eager BWN-STE", "laq@1", "torch_bwn_ste", 0.80, "median_ms"),
 )
 
 
@@ -66,12 +67,12 @@ def log(msg: str) -> None:
 
 def part_step_time(out: Path, dry: bool) -> dict:
   from benchmarks import step_time
-  methods = STEP_METHODS if not dry else ("adam", "laq_1bit", "blaq_1bit", "blaq_every10_1bit")
+  methods = STEP_METHODS if not dry else ("fp", "laq@1", "blaq@1", "blaq-m@1")
   models = (("mlp_tiny", 16, "float32"),) if dry else STEP_MODELS
   results = {}
   for model, batch, dtype in models:
     argv = ["--model", model, "--batch", str(batch), "--dtype", dtype,
-            "--methods", ",".join(methods), "--out", str(out / "step_time")]
+            "--methods", ",".join(methods), "--m", str(STEP_M), "--out", str(out / "step_time")]
     argv += (["--warmup", "1", "--rounds", "2", "--steps", "2", "--no-components"] if dry
              else ["--rounds", "5", "--steps", "20"])
     report = step_time.main(argv)
@@ -104,7 +105,7 @@ def part_imagenet(out: Path, dry: bool) -> dict:
   results = {}
   for opt in ("laq", "blaq"):
     config = inet_main.get_config("synthetic")
-    config = dataclasses.replace(config, optimizer=opt, parallel="jit")
+    config = dataclasses.replace(config, method=opt, parallel="jit")
     if dry:
       config = dataclasses.replace(config, model="ResNet1", num_filters=4, image_size=32,
                                    num_classes=10, batch_size=8, num_train_steps=2,
@@ -169,6 +170,7 @@ def _paper_jobs(group_dir: Path, configs, methods, seeds, extra) -> list:
 def part_paper(out: Path, dry: bool, data_dir: str | None, seeds, concurrency: int,
                configs=PAPER_CONFIGS, group="paper_runs") -> dict:
   from examples.classification import report
+  from examples.metrics_io import best_validation
   methods = list(PAPER_METHODS)
   if dry:
     data_dir = str(_fake_idx_data(out / "dry_data"))
@@ -192,7 +194,7 @@ def part_paper(out: Path, dry: bool, data_dir: str | None, seeds, concurrency: i
   summary = {}
   for c in configs:
     for name, by_seed in runs.get(c, {}).items():
-      finals = [report._best(rows) for rows, _ in by_seed.values()]
+      finals = [best_validation(rows).get("test_acc_at_best_val") for rows, _ in by_seed.values()]
       lasts = [rows[-1]["test_acc"] for rows, _ in by_seed.values()]
       summary[f"{c}/{name}"] = {"seeds": sorted(by_seed), "test_acc_at_best_val": finals,
                                 "test_acc_last": lasts,

@@ -1,4 +1,4 @@
-"""Jit step time and memory of Adam, BWN-STE, LAQ and BLAQ, side by side.
+"""Jit step time and memory of the methods of ``examples/methods.py``, side by side.
 
 All methods run in one process on the same synthetic batch. Each step is
 jit-compiled (params, batch statistics and optimizer state donated), warmed
@@ -8,22 +8,19 @@ that background load on a shared machine hits every method alike. A method's
 time is summarised by its mean and median over all timed steps; ratios are
 ratios of means, with the ratio of medians beside them.
 
-``blaq_every{m}`` runs the paper's schedule the fast way: two compiled steps,
-the two-stage one on every m-th call and the one-stage one (``grad_fn=None``,
-LAQ's step) on the others, chosen in Python. Its active and inactive steps are
-summarised apart, and its mean is the schedule's, ``(active + (m-1)
-inactive) / m``; each of the three has its ratio to LAQ.
+Methods are the registry's (``--methods``, comma-separated): ``fp`` (Adam on
+full-precision weights, the reference), ``bwn-ste``, ``laq``, ``blaq`` (the
+two-stage update on every step), ``blaq-m``, ``laq-noskip``, ``blaq-noskip``,
+``blaq-reuse``, ``blaq-model``, ... Each quantized method runs at every width
+of ``--bits`` (default 1 and 2), or at the one width a ``@k`` suffix names
+(``laq@4``, k in 1..8); a result is named ``<method>@<bits>`` (``fp`` alone).
 
-Methods, for any width k in 1..8 (projections run to their fixed point)::
-
-  adam               optax.adam on full-precision weights (the reference)
-  bwn_ste_{k}bit     bq.ste(optax.adam): gradient at the plain projection Q(w)
-  laq_{k}bit         bq.laq: gradient at the loss-aware projection Q_D(w)
-  blaq_{k}bit        bq.blaq: the two-stage update (two gradients) on every step
-  blaq_every{m}_{k}bit  bq.blaq with the two-stage update on every m-th step
-                     and grad_fn=None (LAQ's step) on the others
-  laq_noskip_{k}bit, blaq_noskip_{k}bit   without the non-finite-step check
-  blaq_reuse_{k}bit, blaq_model_{k}bit    blaq_jax.contrib's one-gradient forms
+``blaq-m`` runs the paper's schedule the fast way: two compiled steps, the
+two-stage one on the steps where the registry's ``lookahead_at`` says so (one
+in every ``--m``, one "epoch" being one step here) and the one-stage one
+(``grad_fn=None``, LAQ's step) on the others, chosen in Python. Its active and
+inactive steps are summarised apart, and its mean is the schedule's,
+``(active + (m-1) inactive) / m``; each of the three has its ratio to LAQ.
 
 Components (on unless ``--no-components``): ``grad_eval`` is one
 ``value_and_grad`` of the loss at fixed weights; ``<method>:update`` is the
@@ -39,6 +36,7 @@ process-wide running maximum, recorded after each method's warm-up).
 Usage::
 
   python -m benchmarks.step_time --model mlp
+  python -m benchmarks.step_time --model mlp --methods fp,laq@1,laq@4,blaq@1,blaq-m@1 --m 5
   python -m benchmarks.step_time --model resnet18_cifar
   python -m benchmarks.step_time --model resnet18_imagenet --batch 256 --dtype bfloat16  # GPU
   python -m benchmarks.step_time --quick          # seconds on CPU (the test runs it)
@@ -54,7 +52,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -87,44 +84,56 @@ MODELS = {
                      about="MNIST MLP 784-32-10 (--quick)"),
 }
 
-ALL_METHODS = ("adam", "bwn_ste_1bit", "laq_1bit", "blaq_1bit",
-               "bwn_ste_2bit", "laq_2bit", "blaq_2bit")
-# On request: any width (laq_8bit, ...), the scheduled lookahead
-# (blaq_every5_1bit), LAQ/BLAQ without the non-finite skip (laq_noskip_1bit, ...)
-# and blaq_jax.contrib's one-gradient forms (blaq_reuse_1bit, blaq_model_1bit).
-# Each maps to an entry of examples/methods.py (bwn_ste_2bit -> "bwn-ste" at 2 bits).
-METHOD_RE = re.compile(
-    r"^(bwn_ste|laq|laq_noskip|blaq|blaq_noskip|blaq_every(\d+)|blaq_reuse|blaq_model)_([1-8])bit$")
+DEFAULT_METHODS = ("fp", "bwn-ste", "laq", "blaq")
+DEFAULT_BITS = (1, 2)
 
-# (numerator, denominator, target on CPU, target on a GPU); None: no target.
+# (numerator, denominator, target on CPU, target on a GPU, blaq-m's m or None);
+# None: no target. A target with an m holds for runs with that --m only.
 TARGETS = (
-    ("laq_1bit", "adam", 1.15, 1.03),
-    ("laq_2bit", "adam", 1.35, 1.05),
-    ("laq_4bit", "adam", 1.50, None),
-    ("laq_8bit", "adam", 1.60, None),
-    ("bwn_ste_1bit", "adam", 1.10, None),
-    ("blaq_1bit", "laq_1bit", 2.20, 2.00),
-    ("blaq_every5_1bit", "laq_1bit", 1.25, None),
-    ("blaq_every5_1bit:inactive", "laq_1bit", 1.03, None),
-    ("blaq_every5_1bit:active", "laq_1bit", None, None),
-    ("blaq_every10_1bit", "laq_1bit", 1.15, 1.12),
-    ("blaq_every10_1bit:inactive", "laq_1bit", 1.03, None),
-    ("blaq_every10_1bit:active", "laq_1bit", None, None),
-    ("blaq_2bit", "laq_2bit", None, None),
-    ("laq_noskip_1bit", "adam", None, None),
-    ("blaq_reuse_1bit", "laq_1bit", None, None),
-    ("blaq_model_1bit", "laq_1bit", None, None),
+    ("laq@1", "fp", 1.15, 1.03, None),
+    ("laq@2", "fp", 1.35, 1.05, None),
+    ("laq@4", "fp", 1.50, None, None),
+    ("laq@8", "fp", 1.60, None, None),
+    ("bwn-ste@1", "fp", 1.10, None, None),
+    ("blaq@1", "laq@1", 2.20, 2.00, None),
+    ("blaq-m@1", "laq@1", 1.25, None, 5),
+    ("blaq-m@1:inactive", "laq@1", 1.03, None, 5),
+    ("blaq-m@1:active", "laq@1", None, None, 5),
+    ("blaq-m@1", "laq@1", 1.15, 1.12, 10),
+    ("blaq-m@1:inactive", "laq@1", 1.03, None, 10),
+    ("blaq-m@1:active", "laq@1", None, None, 10),
+    ("blaq@2", "laq@2", None, None, None),
+    ("laq-noskip@1", "fp", None, None, None),
+    ("blaq-reuse@1", "laq@1", None, None, None),
+    ("blaq-model@1", "laq@1", None, None, None),
 )
 
 
 @dataclasses.dataclass
-class Method:
-  name: str                # the benchmark's name (adam, laq_1bit, blaq_every5_1bit, ...)
-  method: methods_lib.Method   # its entry in examples/methods.py
-  grad_evals: float        # per step, on average
+class Bench:
+  """One entry of the registry at one width, ready to step."""
+
+  method: methods_lib.Method
+  bits: int | None           # None: full precision (no quantized leaf)
+  options: methods_lib.Options
   tx: optax.GradientTransformation
   spec: Any = None
-  every: int | None = None   # blaq_every{m}: the two-stage step on every m-th call
+
+  @property
+  def name(self) -> str:
+    return self.method.name if self.bits is None else f"{self.method.name}@{self.bits}"
+
+  @property
+  def grad_evals(self) -> float:
+    """Gradient evaluations per step, on average over the lookahead period."""
+    return self.method.grad_evals_per_step(self.options)
+
+  @property
+  def period(self) -> int:
+    """Steps in one period of the lookahead (1: the same step every time)."""
+    o = self.options
+    kinds = {self.method.lookahead_at(o, s) for s in range(o.m * o.steps_per_epoch)}
+    return o.m * o.steps_per_epoch if len(kinds) == 2 else 1
 
 
 # ----------------------------------------------------------------------------
@@ -149,32 +158,52 @@ def build_model(name: str, dtype, seed: int = 0):
   return model, lambda m, x: m(x)
 
 
-def make_methods(names, params, *, lr: float, first_last_bits: int | None,
-                 a: float, is_resnet: bool) -> list[Method]:
+def parse_methods(text: str, bits=DEFAULT_BITS) -> list[tuple[methods_lib.Method, int | None]]:
+  """``--methods``: registry names, each at every width of ``bits`` or at the
+  width of its ``@k`` suffix; ``(entry, bits)`` pairs (bits None for ``fp``)."""
+  out = []
+  for item in (t.strip() for t in text.split(",")):
+    if not item:
+      continue
+    name, at, width = item.partition("@")
+    try:
+      method = methods_lib.get(name)
+    except ValueError as e:
+      raise ValueError(f"--methods: {e}") from None
+    if at and not width.isdigit():
+      raise ValueError(f"--methods: {item!r}: the width after @ must be an int in 1..8")
+    widths = [int(width)] if at else list(bits)
+    if not method.quantized:
+      if at:
+        raise ValueError(f"--methods: {item!r}: {name} has no quantized weights, no width")
+      out.append((method, None))
+      continue
+    for k in widths:
+      if not 1 <= k <= 8:
+        raise ValueError(f"--methods: {item!r}: widths are 1..8, got {k}")
+      out.append((method, k))
+  names = [m.name if k is None else f"{m.name}@{k}" for m, k in out]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f"--methods: {', '.join(twice)} named more than once")
+  return out
+
+
+def make_benches(chosen, params, *, lr: float, first_last_bits: int | None, a: float,
+                 m: int, is_resnet: bool) -> list[Bench]:
+  """A :class:`Bench` per ``(entry, bits)`` of :func:`parse_methods`; blaq-m's
+  "epoch" is one step, so it looks ahead on one step in every ``m``."""
   def spec_for(bits):
     overrides = {}
     if is_resnet and first_last_bits != bits:
       overrides = {r"^conv_init/kernel": first_last_bits, r"^head/kernel": first_last_bits}
     return bq.quant_spec(params, bits=bits, overrides=overrides)
 
+  options = methods_lib.Options(a=a, m=m, steps_per_epoch=1)
   out = []
-  for name in names:
-    if name == "adam":
-      kind, every, bits = "fp", None, None
-    else:
-      match = METHOD_RE.match(name)
-      if match is None:
-        raise ValueError(f"--methods: unknown method {name!r}; expected adam or "
-                         "{bwn_ste,laq,blaq,blaq_every<m>,laq_noskip,blaq_noskip,blaq_reuse,"
-                         "blaq_model}_<k>bit with k in 1..8")
-      kind, every, bits = match.group(1), match.group(2), int(match.group(3))
-    # blaq_every{m}: the two-stage update on every m-th step (blaq-m, one step per "epoch").
-    entry = methods_lib.get("blaq-m" if every else kind.replace("_", "-"))
-    options = methods_lib.Options(a=a, m=int(every) if every else 5, steps_per_epoch=1)
+  for method, bits in chosen:
     spec = None if bits is None else spec_for(bits)
-    out.append(Method(name, entry, entry.grad_evals_per_step(options),
-                      entry.optimizer(lr, spec, options), spec,
-                      int(every) if every else None))
+    out.append(Bench(method, bits, options, method.optimizer(lr, spec, options), spec))
   return out
 
 
@@ -188,22 +217,22 @@ def make_loss(graphdef, apply):
   return loss_fn
 
 
-def make_step(method: Method, loss_fn, lookahead: bool = True):
-  """The training step of ``method``: ``examples/methods.py``'s ``Method.step``
+def make_step(bench: Bench, loss_fn, lookahead: bool = True):
+  """The training step of ``bench``: ``examples/methods.py``'s ``Method.step``
   (``lookahead=False``: BLAQ's one-stage step, ``grad_fn=None``)."""
-  tx, spec = method.tx, method.spec
+  tx, spec = bench.tx, bench.spec
 
   def step(params, stats, opt_state, x, y):
-    updates, opt_state, loss, new_stats = method.method.step(
+    updates, opt_state, loss, new_stats = bench.method.step(
         tx, spec, params, opt_state, lambda p: loss_fn(p, stats, x, y), lookahead=lookahead)
     return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
   return step
 
 
-def make_update_only(method: Method):
+def make_update_only(bench: Bench):
   """The step without its gradient evaluations (given ``g``)."""
-  tx, spec, entry = method.tx, method.spec, method.method
+  tx, spec, entry = bench.tx, bench.spec, bench.method
 
   def update_only(params, opt_state, g):
     q = entry.weights(params, spec, opt_state) if entry.quantized else None
@@ -237,18 +266,18 @@ class Runner:
 
 
 class ScheduledRunner(Runner):
-  """Two compiled steps on one state: ``active`` on the first call of every
-  ``every``, ``inactive`` on the others; each call's seconds are also kept by
-  kind."""
+  """Two compiled steps on one state: ``active`` on the calls where
+  ``lookahead(call)`` holds, ``inactive`` on the others; each call's seconds
+  are also kept by kind."""
 
-  def __init__(self, name, active, inactive, args, carry: int, every: int):
+  def __init__(self, name, active, inactive, args, carry: int, lookahead, period: int):
     super().__init__(name, inactive, args, carry)
     self.steps = {True: active, False: inactive}
-    self.every, self.calls = every, 0
+    self.lookahead, self.period, self.calls = lookahead, period, 0
     self.by_kind = {True: [], False: []}
 
   def __call__(self) -> float:
-    active = self.calls % self.every == 0
+    active = self.lookahead(self.calls)
     self.calls += 1
     self.compiled = self.steps[active]
     dt = super().__call__()
@@ -256,8 +285,10 @@ class ScheduledRunner(Runner):
     return dt
 
   def reset(self):
-    """Forgets the warm-up calls; the next call is the first of a period."""
-    self.calls, self.by_kind = 0, {True: [], False: []}
+    """Forgets the warm-up calls; the next call is the period's first active
+    one, so that a short run times both kinds."""
+    self.calls = next(c for c in range(self.period) if self.lookahead(c))
+    self.by_kind = {True: [], False: []}
 
 
 def compile_fn(fn, args, donate=()):
@@ -358,12 +389,12 @@ def _timing(results: dict, name: str) -> dict | None:
   return t
 
 
-def ratios(results: dict, rounds: int) -> list[dict]:
+def ratios(results: dict) -> list[dict]:
   out = []
   on_cpu = jax.default_backend() == "cpu"
-  for num, den, target_cpu, target_gpu in TARGETS:
+  for num, den, target_cpu, target_gpu, m in TARGETS:
     a, b = _timing(results, num), _timing(results, den)
-    if a is None or b is None:
+    if a is None or b is None or (m is not None and m != results[num.partition(":")[0]]["m"]):
       continue
     per_round = [x / y for x, y in zip(a["round_medians_ms"], b["round_medians_ms"])]
     value = a["mean_ms"] / b["mean_ms"]
@@ -387,16 +418,16 @@ def markdown(report: dict) -> str:
       f"warm-up steps; 1-min load average {load(env.get('load_avg_1min'))} at start, "
       f"{load(env.get('load_avg_1min_end'))} at end.",
       "",
-      "| method | grad evals | median ms | p10–p90 ms | × adam | opt state MB "
+      "| method | grad evals | median ms | p10–p90 ms | × fp | opt state MB "
       "| XLA peak MB | device peak MB | compile s |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
-  adam = report["results"].get("adam")
+  fp = report["results"].get("fp")
   for name, r in report["results"].items():
     rows = [(name, r["time"])] + [(f"{name}:{kind}", t)
                                   for kind, t in r["time"].get("by_kind", {}).items()]
     for label, t in rows:
-      rel = f"{t['median_ms'] / adam['time']['median_ms']:.3f}" if adam else "–"
+      rel = f"{t['median_ms'] / fp['time']['median_ms']:.3f}" if fp else "–"
       lines.append(
           f"| {label} | {r['grad_evals']} | {t['median_ms']:.2f} | {t['p10_ms']:.2f}–"
           f"{t['p90_ms']:.2f} | {rel} | {mb(r['opt_state_bytes'])} | "
@@ -432,13 +463,17 @@ def markdown(report: dict) -> str:
 
 
 def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
-        methods=ALL_METHODS, warmup: int = 3, rounds: int = 5, steps: int | None = None,
-        components: bool = True, first_last_bits: int | None = 8, a: float = 0.6,
-        lr: float = 1e-3, dump_hlo: str | None = None, profile_dir: str | None = None,
-        seed: int = 0) -> dict:
-  """Builds, compiles, warms up and times every method; returns the report dict."""
+        methods: str = ",".join(DEFAULT_METHODS), bits=DEFAULT_BITS, m: int = 5,
+        warmup: int = 3, rounds: int = 5, steps: int | None = None, components: bool = True,
+        first_last_bits: int | None = 8, a: float = 0.6, lr: float = 1e-3,
+        dump_hlo: str | None = None, profile_dir: str | None = None, seed: int = 0) -> dict:
+  """Builds, compiles, warms up and times every method of ``methods`` (the
+  ``--methods`` text, :func:`parse_methods`); returns the report dict."""
   if model_name not in MODELS:
     raise ValueError(f"--model must be one of {sorted(MODELS)}, got {model_name!r}")
+  if m < 1:
+    raise ValueError(f"--m must be >= 1, got {m}")
+  chosen = parse_methods(methods, bits)
   info = MODELS[model_name]
   on_cpu = jax.default_backend() == "cpu"
   if batch is None:
@@ -455,40 +490,43 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
   key_x, key_y = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(key_x, (batch, *info["shape"]), jnp.float32)
   y = jax.random.randint(key_y, (batch,), 0, info["classes"])
-  all_methods = make_methods(methods, params, lr=lr, first_last_bits=first_last_bits, a=a,
-                             is_resnet=is_resnet)
+  benches = make_benches(chosen, params, lr=lr, first_last_bits=first_last_bits, a=a, m=m,
+                         is_resnet=is_resnet)
 
   results, runners, hlo = {}, [], {}
   copy = lambda t: jax.tree.map(jnp.copy, t)
-  for m in all_methods:
+  for b in benches:
     p, s = copy(params), copy(stats)
     # Fresh buffers: a state whose leaves share one array (laq/blaq's init did,
     # for `count` and `skipped`) cannot be donated.
-    opt_state = copy(m.tx.init(p))
+    opt_state = copy(b.tx.init(p))
     opt_bytes = tree_bytes(opt_state)
     args = (p, s, opt_state, x, y)
-    compiled, compile_s, mem = compile_fn(make_step(m, loss_fn), args, donate=(0, 1, 2))
+    compiled, compile_s, mem = compile_fn(make_step(b, loss_fn), args, donate=(0, 1, 2))
     if dump_hlo:
-      hlo[m.name] = compiled.as_text()
-    if m.every:
-      inactive, off_s, _ = compile_fn(make_step(m, loss_fn, lookahead=False), args,
+      hlo[b.name] = compiled.as_text()
+    if b.period > 1:
+      inactive, off_s, _ = compile_fn(make_step(b, loss_fn, lookahead=False), args,
                                       donate=(0, 1, 2))
       compile_s += off_s
       if dump_hlo:
-        hlo[f"{m.name}:inactive"] = inactive.as_text()
-      runner = ScheduledRunner(m.name, compiled, inactive, args, carry=3, every=m.every)
-      for _ in range(max(warmup, 2) * m.every):  # both steps warm
+        hlo[f"{b.name}:inactive"] = inactive.as_text()
+      lookahead = lambda call, b=b: b.method.lookahead_at(b.options, call)
+      runner = ScheduledRunner(b.name, compiled, inactive, args, carry=3, lookahead=lookahead,
+                               period=b.period)
+      for _ in range(max(warmup, 2) * b.period):  # both steps warm
         runner()
       runner.reset()
     else:
-      runner = Runner(m.name, compiled, args, carry=3)
+      runner = Runner(b.name, compiled, args, carry=3)
       for _ in range(warmup):
         runner()
     runners.append(runner)
-    results[m.name] = {"grad_evals": m.grad_evals, "opt_state_bytes": opt_bytes,
+    results[b.name] = {"method": b.method.name, "bits": b.bits, "m": m,
+                       "grad_evals": b.grad_evals, "opt_state_bytes": opt_bytes,
                        "memory": mem, "compile_s": compile_s,
                        "device_peak_bytes": device_peak_bytes()}
-    print(f"compiled {m.name} in {compile_s:.1f}s", flush=True)
+    print(f"compiled {b.name} in {compile_s:.1f}s", flush=True)
 
   comp_runners = []
   if components:
@@ -496,12 +534,12 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
     compiled, _, _ = compile_fn(value_and_grad, (params, stats, x, y))
     comp_runners.append(Runner("grad_eval", compiled, (params, stats, x, y)))
     g = jax.tree.map(lambda w: 1e-3 * jnp.ones_like(w), params)
-    for m in all_methods:
-      opt_state = m.tx.init(params)
-      compiled, _, _ = compile_fn(make_update_only(m), (params, opt_state, g))
+    for b in benches:
+      opt_state = b.tx.init(params)
+      compiled, _, _ = compile_fn(make_update_only(b), (params, opt_state, g))
       if dump_hlo:
-        hlo[f"{m.name}:update"] = compiled.as_text()
-      comp_runners.append(Runner(f"{m.name}:update", compiled, (params, opt_state, g)))
+        hlo[f"{b.name}:update"] = compiled.as_text()
+      comp_runners.append(Runner(f"{b.name}:update", compiled, (params, opt_state, g)))
     for r in comp_runners:
       for _ in range(warmup):
         r()
@@ -526,13 +564,14 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
       kinds = {kind: summarize([r.by_kind[on]])
                for kind, on in (("active", True), ("inactive", False)) if r.by_kind[on]}
       results[r.name]["time"]["by_kind"] = kinds
-      if len(kinds) == 2:  # the schedule's mean: one active step in every `every`
+      if len(kinds) == 2:  # the schedule's mean: its active steps' share of a period
+        share = sum(map(r.lookahead, range(r.period))) / r.period
         results[r.name]["time"]["schedule_mean_ms"] = (
-            kinds["active"]["mean_ms"] + (r.every - 1) * kinds["inactive"]["mean_ms"]) / r.every
+            share * kinds["active"]["mean_ms"] + (1 - share) * kinds["inactive"]["mean_ms"])
   report = {
       "env": env,
       "config": {"model": model_name, "batch": batch, "dtype": jnp.dtype(jdtype).name,
-                 "methods": list(methods), "warmup": warmup, "rounds": rounds,
+                 "methods": [b.name for b in benches], "m": m, "warmup": warmup, "rounds": rounds,
                  "steps": steps, "first_last_bits": first_last_bits if is_resnet else None,
                  "a": a, "lr": lr, "param_bytes": tree_bytes(params),
                  "num_params": int(sum(p.size for p in jax.tree.leaves(params)))},
@@ -541,7 +580,7 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
       "device_peak_bytes_final": device_peak_bytes(),
   }
   report["env"]["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-  report["ratios"] = ratios(results, rounds)
+  report["ratios"] = ratios(results)
   return report
 
 
@@ -563,8 +602,13 @@ def parse_args(argv=None):
                  help="default: the model's batch (smaller on CPU)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype of ResNet18 (params stay float32)")
-  p.add_argument("--methods", default=",".join(ALL_METHODS),
-                 help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+  p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                 help="comma-separated names of examples/methods.py, each optionally at one "
+                      "width: 'fp,laq,blaq' or 'fp,laq@1,laq@4,blaq-m@1'")
+  p.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)),
+                 help="the widths of the methods named without @k (comma-separated, 1..8)")
+  p.add_argument("--m", type=int, default=5,
+                 help="blaq-m: the two-stage update on one step in every m")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
@@ -583,9 +627,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  methods = tuple(m for m in args.methods.split(",") if m)
+  try:
+    bits = tuple(int(k) for k in args.bits.split(",") if k.strip())
+  except ValueError:
+    raise ValueError(f"--bits: comma-separated ints in 1..8, got {args.bits!r}") from None
   flb = None if args.first_last_bits.lower() == "none" else int(args.first_last_bits)
-  kwargs = dict(batch=args.batch, dtype=args.dtype, methods=methods, warmup=args.warmup,
+  kwargs = dict(batch=args.batch, dtype=args.dtype, methods=args.methods, bits=bits, m=args.m,
+                warmup=args.warmup,
                 rounds=args.rounds, steps=args.steps, components=not args.no_components,
                 first_last_bits=flb, a=args.a, dump_hlo=args.dump_hlo,
                 profile_dir=args.profile)

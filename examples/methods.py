@@ -1,12 +1,12 @@
 """The training methods of the examples and benchmarks, in one registry.
 
 Each :class:`Method` says how to build its optimizer, which weights ``ŵ`` the
-forward pass uses, and how many gradient evaluations its steps spend; every
-example (``classification``, ``imagenet_resnet18``, ``demo``, ``toy_2d``) and
-``benchmarks/step_time.py`` takes its methods from :data:`METHODS`, and
-:func:`Method.step` is the one training step they all run. Adding a method is
-one entry in :data:`METHODS`. Only the public API (``blaq_jax``,
-``blaq_jax.contrib``) is used.
+forward pass uses (and packs and exports), and how many gradient evaluations
+its steps spend; every example (``classification``, ``imagenet_resnet18``,
+``lm``, ``demo``, ``toy_2d``) and the benchmarks take their methods, by these
+names, from :data:`METHODS`, and :func:`Method.step` is the one training step
+they all run. Adding a method is one entry in :data:`METHODS`. Only the public
+API (``blaq_jax``, ``blaq_jax.contrib``) is used.
 
 Forward maps (``Method.forward``):
 
@@ -129,24 +129,34 @@ class Method:
     two-stage update; False for methods without a lookahead."""
     return bool(self.lookahead(o)(step)) if self.lookahead else False
 
+  def _projection(self, params, spec, opt_state) -> tuple[Any, Any]:
+    """``(spec, state)`` of the projection that gives ``ŵ``: no leaf quantized
+    for ``"identity"``, the plain projection for ``"plain"`` and the stored
+    scales of the LAQ/BLAQ state for ``"loss_aware"``."""
+    if self.forward == "identity":
+      return jax.tree.map(lambda _: None, params), None
+    return spec, (opt_state if self.forward == "loss_aware" else None)
+
   def weights(self, params, spec, opt_state):
     """``ŵ``: the weights the forward pass and the evaluation use."""
     if self.forward == "identity":
       return params
-    if self.forward == "plain":
-      return bq.quantize_params(params, spec)
-    return bq.quantize_params(params, spec, state=opt_state)
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.quantize_params(params, spec, state=state)
 
   def pack(self, params, spec, opt_state):
     """The packed model of :meth:`weights` (``bq.pack_params``): its
     ``bq.dequantize_tree`` is ``weights(params, spec, opt_state)`` as computed
     outside ``jit``, bit for bit, and is the same inside ``jit`` (where XLA
     may round ``quantize_params``'s product differently by one ulp)."""
-    if self.forward == "identity":
-      return bq.pack_params(params, jax.tree.map(lambda _: None, params))
-    if self.forward == "plain":
-      return bq.pack_params(params, spec)
-    return bq.pack_params(params, spec, state=opt_state)
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.pack_params(params, spec, state=state)
+
+  def export(self, params, spec, opt_state) -> dict:
+    """:meth:`pack` as the ``.npz`` dict of ``bq.pack``, ready for
+    ``bq.save_packed`` (a caller may add arrays of its own, e.g. a tag)."""
+    spec, state = self._projection(params, spec, opt_state)
+    return bq.pack(params, spec, state=state)
 
   def step(self, tx, spec, params, opt_state, loss_fn, *, count=0, options=Options(),
            reduce=lambda g: g, lookahead: bool = True):
@@ -227,12 +237,11 @@ _ENTRIES = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
-ALIASES = {"adam": "fp"}   # the ImageNet example's and the benchmarks' name for fp
 
 
 def get(name: str) -> Method:
-  """The method called ``name`` (or an alias of it); a one-line error otherwise."""
-  method = METHODS.get(ALIASES.get(name, name))
+  """The method called ``name``; a one-line error otherwise."""
+  method = METHODS.get(name)
   if method is None:
     raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
   return method

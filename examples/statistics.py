@@ -1,4 +1,5 @@
-"""Confidence intervals for the examples' tables (numpy; scipy past 11 samples)."""
+"""Means, spreads and confidence intervals for the examples' tables (numpy; scipy
+past 11 samples)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def t_interval(diffs) -> tuple[float, float, float]:
     t = float(stats.t.ppf(0.975, len(d) - 1))
   half = t * float(d.std(ddof=1)) / np.sqrt(len(d))
   return mean, mean - half, mean + half
+
+
+def mean_std(xs, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+  """``"mean ± std"`` of ``xs`` times ``scale`` (the sample std, ``ddof=1``);
+  one value alone is printed as it is."""
+  xs = np.asarray(xs, float) * scale
+  if len(xs) == 1:
+    return fmt.format(xs[0])
+  return f"{fmt.format(xs.mean())} ± {fmt.format(xs.std(ddof=1))}"

@@ -11,25 +11,33 @@ from benchmarks import step_time
 
 
 def test_step_time_quick(tmp_path):
-  methods = "adam,laq_2bit,blaq_1bit"
-  report = step_time.main(["--quick", "--methods", methods, "--out", str(tmp_path)])
+  methods = "fp,laq@2,blaq@1,blaq-m@1"
+  report = step_time.main(["--quick", "--methods", methods, "--m", "3", "--out",
+                           str(tmp_path)])
   saved = json.loads((tmp_path / "mlp_tiny_float32_b16.json").read_text())
   table = (tmp_path / "mlp_tiny_float32_b16.md").read_text()
   assert list(saved["results"]) == methods.split(",")
   for name, r in saved["results"].items():
     assert r["time"]["median_ms"] > 0 and r["time"]["n"] == 4, name
     assert f"| {name} |" in table
-  assert saved["results"]["blaq_1bit"]["grad_evals"] == 2
-  assert saved["results"]["laq_2bit"]["grad_evals"] == 1
+  assert saved["results"]["blaq@1"]["grad_evals"] == 2
+  assert saved["results"]["laq@2"]["grad_evals"] == 1
+  assert (saved["results"]["laq@2"]["method"], saved["results"]["laq@2"]["bits"]) == ("laq", 2)
+  # blaq-m: the two-stage step on one call in 3, both kinds timed from the first.
+  scheduled = saved["results"]["blaq-m@1"]
+  assert np.isclose(scheduled["grad_evals"], 1 + 1 / 3)
+  assert {k: t["n"] for k, t in scheduled["time"]["by_kind"].items()} == {"active": 2,
+                                                                          "inactive": 2}
+  assert "| blaq-m@1:active |" in table
   # LAQ = Adam + one float32 scale per quantized kernel + the skipped counter
   # and b2, eps (it computes D from v); BLAQ also stores D_mix for the kernels.
   kernels = [w for w in jax.tree.leaves(_tiny_params()) if w.ndim >= 2]
   res = saved["results"]
   laq_extra = 4 * len(kernels) + 4 + 2 * 4
-  assert res["laq_2bit"]["opt_state_bytes"] == res["adam"]["opt_state_bytes"] + laq_extra
-  assert res["blaq_1bit"]["opt_state_bytes"] == (res["laq_2bit"]["opt_state_bytes"] - 8
-                                                 + sum(w.nbytes for w in kernels))
-  assert {r["ratio"] for r in saved["ratios"]} == {"laq_2bit/adam"}
+  assert res["laq@2"]["opt_state_bytes"] == res["fp"]["opt_state_bytes"] + laq_extra
+  assert res["blaq@1"]["opt_state_bytes"] == (res["laq@2"]["opt_state_bytes"] - 8
+                                              + sum(w.nbytes for w in kernels))
+  assert {r["ratio"] for r in saved["ratios"]} == {"laq@2/fp"}
   assert set(saved["components"]) == {"grad_eval", *(f"{m}:update" for m in res)}
   assert report["config"]["model"] == "mlp_tiny"
   assert saved["env"]["jax"] == jax.__version__ and saved["env"]["commit"]
@@ -45,8 +53,8 @@ def _tiny_params():
 def test_step_time_rejects_bad_input():
   with pytest.raises(ValueError, match="--model"):
     step_time.run("resnet50")
-  with pytest.raises(ValueError, match="--methods"):
-    step_time.run("mlp_tiny", methods=("adam", "sgd_1bit"))
+  with pytest.raises(ValueError, match="--methods: unknown method 'adam'"):
+    step_time.run("mlp_tiny", methods="adam,laq@1")
 
 
 def tiny_mnist(root):

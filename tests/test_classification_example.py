@@ -1,6 +1,11 @@
 """The classification example: one short epoch per model, resume, CLI, export."""
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -15,6 +20,7 @@ from examples import checkpointing
 from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import train
+from examples.classification.configs import base
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +30,11 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, **kw):
-  base = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": (16, 16)}, method="blaq",
-              num_epochs=2, batch_size=16, eval_batch_size=8, learning_rate=1e-2,
-              data_dir=str(data_dir), progress=False, plot=False)
-  base.update(kw)
-  return train.Config(**base)
+  kw_all = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": (16, 16)}, method="blaq",
+                num_epochs=2, batch_size=16, eval_batch_size=8, learning_rate=1e-2,
+                data_dir=str(data_dir), progress=False, plot=False)
+  kw_all.update(kw)
+  return base.Config(**kw_all)
 
 
 def _rows(workdir):
@@ -47,8 +53,8 @@ def test_mlp_one_epoch_each_method(tmp_path, data_dir, method):
     assert key in row
   assert 0 <= row["osc_flip_frequency"] <= 1
   # Evaluation uses the weights of the method (ŵ for the quantized ones).
-  trainer, state = out["trainer"], out["state"]
-  q = trainer.quantized(state["params"], state["opt_state"])
+  ctx, state = out["context"], out["state"]
+  q = ctx.method.weights(state["params"], ctx.spec, state["opt_state"])
   kernel = np.asarray(q["dense"][0]["kernel"][...])
   distinct = len(np.unique(kernel))
   assert (distinct == 2) if method != "fp" else (distinct > 100)
@@ -67,7 +73,8 @@ def test_ste_variants_run(tmp_path, data_dir, method):
   out = train.train_and_evaluate(config, tmp_path)
   (row,) = _rows(tmp_path)
   assert row["grad_evals"] == 4 and np.isfinite(row["train_loss"])
-  q = out["trainer"].quantized(out["state"]["params"], out["state"]["opt_state"])
+  ctx, state = out["context"], out["state"]
+  q = ctx.method.weights(state["params"], ctx.spec, state["opt_state"])
   assert len(np.unique(np.asarray(q["dense"][0]["kernel"][...]))) == 2
 
 
@@ -152,14 +159,34 @@ def test_main_cli(tmp_path, data_dir, capsys):
 
 
 def test_config_validation():
-  with pytest.raises(ValueError, match="config.method"):
-    train.Config(method="sgd").validate()
+  with pytest.raises(ValueError, match="config.method must be one of .*'fp', 'bwn-ste'"):
+    base.Config(method="sgd").validate()
   with pytest.raises(ValueError, match="config.a"):
-    train.Config(a=1.5).validate()
+    base.Config(a=1.5).validate()
   with pytest.raises(ValueError, match="config.dataset"):
-    train.Config(dataset="svhn").validate()
+    base.Config(dataset="svhn").validate()
+  with pytest.raises(ValueError, match=r"config.lookahead_phase must be an int >= 0 and <= 4"):
+    base.Config(lookahead_phase=5).validate()
   for name in main_lib.CONFIGS:
     main_lib.get_config(name).validate()
+
+
+def test_configs_import_no_training_code():
+  """As in Flax's examples, configs/*.py import the config's module, not the
+  training code: loading and validating every config leaves train.py and the
+  modules only it uses unimported."""
+  root = Path(__file__).resolve().parents[1]
+  code = ("import importlib, sys\n"
+          f"for name in {main_lib.CONFIGS!r}:\n"
+          "  importlib.import_module('examples.classification.configs.' + name)"
+          ".get_config().validate()\n"
+          "print(sorted(m for m in sys.modules if m.startswith('examples')))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=root, env={**os.environ, "PYTHONPATH": str(root)}).stdout
+  loaded = set(ast.literal_eval(out.strip().splitlines()[-1]))
+  assert "examples.classification.configs.paper_mnist_lenet5" in loaded
+  training = {f"examples.classification.{m}" for m in ("train", "resume", "weight_tracker")}
+  assert not loaded & (training | {"examples.checkpointing", "examples.metrics_io"}), loaded
 
 
 def test_paper_architectures():

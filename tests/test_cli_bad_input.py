@@ -16,6 +16,7 @@ from examples import config_cli
 from examples.classification import input_pipeline as ip
 from examples.classification import main as cls_main
 from examples.classification import train as cls_train
+from examples.classification.configs import base as cls_base
 from examples.imagenet_resnet18 import main as inet_main
 
 
@@ -57,7 +58,8 @@ CLS_CASES = [
     (["--test-subset", "0"], r"config.test_subset must be an int >= 1 or None, got 0"),
     (["--seed", "-1"], r"config.seed must be an int >= 0, got -1; set it with --seed"),
     (["--bits", "9"], r"config.bits must be an int >= 1 and <= 8, got 9"),
-    (["--a", "1.5"], r"config.a must be in \[0, 1\], got 1.5"),
+    (["--a", "1.5"], r"config.a must be a number >= 0 and <= 1, got 1.5; set it with --a"),
+    (["--set", "lookahead_phase=5"], r"config.lookahead_phase must be an int >= 0 and <= 4"),
     (["--stop-after-epoch", "0"], r"config.stop_after_epoch must be an int >= 1 or None"),
     (["--set", "max_consecutive_skips=0"], r"config.max_consecutive_skips must be an int >= 1"),
     (["--set", "model_kwargs={'hiden': (8,)}"],
@@ -160,7 +162,7 @@ def test_consecutive_skips_stop_the_run(tmp_path, capsys, monkeypatch):
   write_fake_datasets(d, sizes=(32, 8))
   nan_loss = lambda name, logits, labels: logits[:, 0] * np.nan
   monkeypatch.setattr(cls_train, "per_example_loss", nan_loss)
-  config = cls_train.Config(method="laq", model_kwargs={"hidden": (8,)}, num_epochs=2,
+  config = cls_base.Config(method="laq", model_kwargs={"hidden": (8,)}, num_epochs=2,
                             batch_size=8, eval_batch_size=8, data_dir=str(d), progress=False,
                             plot=False, export=False, max_consecutive_skips=3)
   with pytest.raises(cls_train.TrainingStopped) as info:

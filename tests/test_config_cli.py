@@ -13,7 +13,7 @@ import pytest
 
 from examples import config_cli
 from examples.classification import input_pipeline as cls_input
-from examples.classification import train as cls_train
+from examples.classification.configs import base as cls_base
 from examples.imagenet_resnet18 import input_pipeline as inet_input
 from examples.imagenet_resnet18 import train as inet_train
 
@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_set_is_typed_by_the_dataclass():
-  c = cls_train.Config()
+  c = cls_base.Config()
   for item, field, value in (("batch_size=32", "batch_size", 32),
                              ("learning_rate=1e-3", "learning_rate", 1e-3),
                              ("per_channel=true", "per_channel", True),
@@ -92,7 +92,7 @@ def _config_calls(path):
           pass
 
 
-@pytest.mark.parametrize("example,config_cls", [("classification", cls_train.Config),
+@pytest.mark.parametrize("example,config_cls", [("classification", cls_base.Config),
                                                 ("imagenet_resnet18", inet_train.Config)])
 def test_configs_do_not_repeat_the_defaults(example, config_cls):
   defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}

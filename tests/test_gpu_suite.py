@@ -19,17 +19,17 @@ def test_gpu_suite_dry_run(tmp_path):
     if part["status"] == "skipped":
       assert part["reason"] and part["reason"] in md
   st = parts["step_time"]["results"]["mlp_tiny_b16_float32"]
-  assert {"adam", "laq_1bit", "blaq_1bit"} <= set(st)
+  assert {"fp", "laq@1", "blaq@1"} <= set(st)
   assert all(r["median_ms"] > 0 and r["mean_ms"] > 0 for r in st.values())
-  assert "blaq_every10_1bit" in st
+  assert "blaq-m@1" in st
   ratios = {r["of"]: r for r in saved["ratios"]}
-  assert len(ratios) == 5 and ratios["laq_1bit/adam"]["value"] > 0
-  assert ratios["blaq_1bit/laq_1bit"]["value"] > 0
+  assert len(ratios) == 5 and ratios["laq@1/fp"]["value"] > 0
+  assert ratios["blaq@1/laq@1"]["value"] > 0
   try:
     import torch  # noqa: F401
   except ImportError:
     assert parts["torch_bwn_ste"]["status"] == "skipped"
-    assert ratios["laq_1bit/torch_bwn_ste"]["value"] is None
+    assert ratios["laq@1/torch_bwn_ste"]["value"] is None
   paper = parts["paper_runs"]
   assert set(paper["results"]) >= {"paper_mnist_mlp/fp", "paper_mnist_mlp/laq"}
   assert "| laq | 1 |" in md and "## Ratios against the targets" in md

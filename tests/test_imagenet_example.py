@@ -197,7 +197,7 @@ def test_pmap_and_jit_take_the_same_steps(first_runs):
 def test_synthetic_mode_and_cli(tmp_path, capsys):
   summary = main.main([
       "--config", "synthetic", "--workdir", str(tmp_path), "--parallel", "jit",
-      "--optimizer", "laq", "--batch-size", "8", "--num-train-steps", "2",
+      "--method", "laq", "--batch-size", "8", "--num-train-steps", "2",
       "--set", "model='ResNet1'", "--set", "num_filters=4", "--set", "image_size=32",
       "--set", "num_classes=10", "--set", "log_every_steps=1"])
   out = capsys.readouterr().out

@@ -58,7 +58,7 @@ def _tiny(config, **kw):
 
 def test_cifar_imagefolder_config_trains_through_grain(cifar_folder, tmp_path):
   _, out, _ = cifar_folder
-  config = _tiny(main.get_config("cifar_imagefolder"), data_dir=out, optimizer="blaq",
+  config = _tiny(main.get_config("cifar_imagefolder"), data_dir=out, method="blaq",
                  eval_every_steps=2)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
@@ -68,20 +68,20 @@ def test_cifar_imagefolder_config_trains_through_grain(cifar_folder, tmp_path):
 def test_paper_resnet18_config():
   c = main.get_config("paper_resnet18")
   assert (c.batch_size, c.num_epochs, c.learning_rate, c.lr_decay) == (256, 175.0, 2e-4, 0.95)
-  assert (c.optimizer, c.m, c.a, c.bits, c.first_last_bits) == ("blaq-m", 10, 0.9, 1, 8)
+  assert (c.method, c.m, c.a, c.bits, c.first_last_bits) == ("blaq-m", 10, 0.9, 1, 8)
   params = nnx.state(nnx.eval_shape(lambda: models.ResNet18(num_classes=10,
                                                             rngs=nnx.Rngs(0))), nnx.Param)
-  c.optimizer = "laq"
+  c.method = "laq"
   _, _, schedule = train.create_optimizer(c, params, 1000, 100)
   assert np.isclose(schedule(99), 2e-4) and np.isclose(schedule(250), 2e-4 * 0.95 ** 2)
 
 
-@pytest.mark.parametrize("optimizer", ["blaq", "blaq-m"])
-def test_paper_resnet18_tiny_from_a_full_precision_checkpoint(tmp_path, optimizer):
-  """A full-precision (adam) run's checkpoint starts the paper's quantized run."""
+@pytest.mark.parametrize("method", ["blaq", "blaq-m"])
+def test_paper_resnet18_tiny_from_a_full_precision_checkpoint(tmp_path, method):
+  """A full-precision (fp) run's checkpoint starts the paper's quantized run."""
   fp_dir = tmp_path / "fp"
   base = _tiny(main.get_config("paper_resnet18"), synthetic=True, num_classes=10)
-  fp = train.train_and_evaluate(dataclasses.replace(base, optimizer="adam"), str(fp_dir))
+  fp = train.train_and_evaluate(dataclasses.replace(base, method="fp"), str(fp_dir))
   npz = str(tmp_path / "fp.npz")
   train.save_params_npz(npz, fp["state"]["params"], fp["state"]["batch_stats"])
   model = models.create_model("ResNet1", num_classes=10, num_filters=4,
@@ -91,7 +91,7 @@ def test_paper_resnet18_tiny_from_a_full_precision_checkpoint(tmp_path, optimize
     p, s = train.load_init(source, params, stats)
     chex.assert_trees_all_equal(p, fp["state"]["params"])
   summary = train.train_and_evaluate(
-      dataclasses.replace(base, optimizer=optimizer, init_from=npz), str(tmp_path / "q"))
+      dataclasses.replace(base, method=method, init_from=npz), str(tmp_path / "q"))
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   with pytest.raises(ValueError, match="shape"):
     wide = models.create_model("ResNet1", num_classes=10, num_filters=8, rngs=nnx.Rngs(1))

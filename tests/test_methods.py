@@ -45,20 +45,49 @@ def test_every_method_takes_a_step(name):
 def test_unknown_method_is_one_line():
   with pytest.raises(ValueError, match="unknown method 'lqa'; expected one of fp, "):
     methods.get("lqa")
-  assert methods.get("adam") is methods.get("fp")
+  with pytest.raises(ValueError, match="unknown method 'adam'"):   # one name per method
+    methods.get("adam")
 
 
-def test_step_time_names_map_to_the_registry():
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_export_is_the_packed_weights(name):
+  """Method.export is bq.pack of the weights the method evaluates: unpacked,
+  it gives back weights() bit for bit (every leaf float for fp)."""
+  method = methods.get(name)
+  params, spec, loss = _problem()
+  options = methods.Options(blend_steps=4, lookahead_phase=0)
+  tx = method.optimizer(1e-2, spec, options)
+  state = tx.init(params)
+  updates, state, _, _ = method.step(tx, spec, params, state, loss, options=options)
+  params = optax.apply_updates(params, updates)
+  exported = method.export(params, spec, state)
+  restored = bq.unpack(exported, like=params)
+  want = method.weights(params, spec, state)
+  for key in params:
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(want[key]), name)
+  meta = [e for e in __import__("json").loads(bytes(exported["__meta__"])) if "path" in e]
+  assert any(e["spec"] for e in meta) == method.quantized, name
+
+
+def test_step_time_methods_are_registry_entries_at_a_width():
   params, _, _ = _problem()
-  names = ["adam", "bwn_ste_2bit", "laq_3bit", "blaq_1bit", "blaq_every4_1bit",
-           "laq_noskip_1bit", "blaq_noskip_1bit", "blaq_reuse_1bit", "blaq_model_1bit"]
-  got = step_time.make_methods(names, params, lr=1e-3, first_last_bits=None, a=0.6,
+  chosen = step_time.parse_methods("fp,bwn-ste@2,laq@3,blaq,blaq-m,laq-noskip@1,"
+                                   "blaq-noskip@1,blaq-reuse@1,blaq-model@1", bits=(1,))
+  got = step_time.make_benches(chosen, params, lr=1e-3, first_last_bits=None, a=0.6, m=4,
                                is_resnet=False)
-  assert [m.method.name for m in got] == [
-      "fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-noskip", "blaq-noskip", "blaq-reuse",
-      "blaq-model"]
-  assert [m.grad_evals for m in got] == [1, 1, 1, 2, 1.25, 1, 2, 1, 1]
-  assert got[2].spec["w"].bits == 3
-  with pytest.raises(ValueError, match="unknown method 'laq_9bit'"):
-    step_time.make_methods(["laq_9bit"], params, lr=1e-3, first_last_bits=None, a=0.6,
-                           is_resnet=False)
+  assert [b.name for b in got] == [
+      "fp", "bwn-ste@2", "laq@3", "blaq@1", "blaq-m@1", "laq-noskip@1", "blaq-noskip@1",
+      "blaq-reuse@1", "blaq-model@1"]
+  assert all(b.method is methods.get(b.name.partition("@")[0]) for b in got)
+  assert [b.grad_evals for b in got] == [1, 1, 1, 2, 1.25, 1, 2, 1, 1]
+  assert [b.period for b in got] == [1, 1, 1, 1, 4, 1, 1, 1, 1]   # blaq-m: 2 compiled steps
+  assert got[2].spec["w"].bits == 3 and got[0].spec is None
+  assert [b.name for b in step_time.make_benches(
+      step_time.parse_methods("fp,laq", bits=(1, 2)), params, lr=1e-3,
+      first_last_bits=None, a=0.6, m=5, is_resnet=False)] == ["fp", "laq@1", "laq@2"]
+  for text, message in (("laq@9", "widths are 1..8"), ("lqa", "unknown method 'lqa'"),
+                        ("laq@x", "the width after @ must be an int"),
+                        ("fp@1", "fp has no quantized weights"),
+                        ("laq,laq@1", "laq@1 named more than once")):
+    with pytest.raises(ValueError, match=f"--methods: .*{message}"):
+      step_time.parse_methods(text, bits=(1,))

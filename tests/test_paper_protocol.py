@@ -1,6 +1,7 @@
 """The paper's protocol in examples/classification: configs, loss, BN, schedules,
 validation split, BLAQ every m epochs, LAQ at BLAQ's budget, per-weight tracking."""
 
+import dataclasses
 import json
 
 import jax
@@ -12,11 +13,14 @@ from flax import nnx
 
 import blaq_jax as bq
 from examples import methods
+from examples import metrics_io
 from examples import statistics
 from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import report
 from examples.classification import train
+from examples.classification import weight_tracker
+from examples.classification.configs import base
 from examples.classification.configs import paper
 from helpers import some_slow
 
@@ -109,36 +113,45 @@ def test_std_eps_batch_norm():
 
 
 def test_step_schedules_and_budget_scaling():
+  schedule = lambda cfg: train.make_schedule(cfg, base.resolve(cfg, 10))   # 10 steps an epoch
   cfg = main_lib.get_config("paper_mnist_mlp")
-  lr = train.make_schedule(cfg, 10)
+  lr = schedule(cfg)
   assert np.isclose(lr(149), 0.01) and np.isclose(lr(150), 1e-3) and np.isclose(lr(250), 1e-4)
   app = paper.apply_reading(main_lib.get_config("paper_mnist_mlp"), "appendix")
-  lr = train.make_schedule(app, 10)
+  lr = schedule(app)
   assert np.isclose(lr(49), 0.005) and np.isclose(lr(50), 5e-4) and np.isclose(lr(100), 5e-5)
-  cifar = train.make_schedule(main_lib.get_config("paper_cifar10_vgg"), 10)
+  cifar = schedule(main_lib.get_config("paper_cifar10_vgg"))
   assert np.isclose(cifar(149), 0.02) and np.isclose(cifar(150), 0.01)
   # LAQ at BLAQ's gradient budget: 2x (every step) or (1 + 1/m)x the epochs, and
   # the schedule stretched with them.
   cfg.method = "laq-as-blaq"
-  assert train.run_epochs(cfg) == 100
-  lr = train.make_schedule(cfg, 10)
+  assert base.resolve(cfg).epochs == 100
+  lr = schedule(cfg)
   assert np.isclose(lr(299), 0.01) and np.isclose(lr(300), 1e-3)
   cfg.method = "laq-as-blaq-m"
-  assert train.run_epochs(cfg) == 60 and train.run_epochs(dict(vars(cfg), m=10)) == 55
-  exp = train.Config(lr_schedule="exponential", lr_decay=0.95, learning_rate=2e-4)
-  lr = train.make_schedule(exp, 10)
+  assert base.resolve(cfg).epochs == 60
+  assert base.resolve(dataclasses.replace(cfg, m=10)).epochs == 55
+  exp = base.Config(lr_schedule="exponential", lr_decay=0.95, learning_rate=2e-4)
+  lr = schedule(exp)
   assert np.isclose(lr(9), 2e-4) and np.isclose(lr(25), 2e-4 * 0.95 ** 2)
+  cosine = schedule(base.Config(num_epochs=3, method="laq-as-blaq"))
+  assert cosine(59) > 0 and np.isclose(cosine(60), 0)       # over the 6 epochs run
+
+
+def _grad_evals(config, steps, steps_per_epoch=1):
+  run = base.resolve(config, steps_per_epoch)
+  return run.method.grad_evals(run.options, steps)
 
 
 def test_lookahead_accounting():
   o = methods.Options(m=5, steps_per_epoch=10)
   assert methods.lookahead_steps(o, 50) == 10              # epoch 5 of 5 (index 4)
   assert methods.lookahead_steps(o, 45) == 5
-  assert train.grad_evals(train.Config(method="blaq-m", m=5), 100, 10) == 120
+  assert _grad_evals(base.Config(method="blaq-m", m=5), 100, 10) == 120
   assert methods.lookahead_steps(methods.Options(m=5, steps_per_epoch=10,
                                                  lookahead_phase=0), 11) == 10
-  assert train.grad_evals(train.Config(method="blaq"), 7) == 14
-  assert train.grad_evals(train.Config(method="laq-as-blaq"), 7) == 7
+  assert _grad_evals(base.Config(method="blaq"), 7) == 14
+  assert _grad_evals(base.Config(method="laq-as-blaq"), 7) == 7
   assert methods.get("blaq-m").grad_evals_per_step(o) == 1.2
 
 
@@ -152,12 +165,12 @@ def test_lookahead_accounting_matches_the_schedule():
 
 
 def _tiny(data_dir, **kw):
-  base = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": (16,)}, method="laq",
-              num_epochs=1, batch_size=16, eval_batch_size=16, learning_rate=1e-2,
-              data_dir=str(data_dir), progress=False, plot=False, export=False,
-              checkpoint=False)
-  base.update(kw)
-  return train.Config(**base)
+  kw_all = dict(dataset="mnist", model="mlp", model_kwargs={"hidden": (16,)}, method="laq",
+                num_epochs=1, batch_size=16, eval_batch_size=16, learning_rate=1e-2,
+                data_dir=str(data_dir), progress=False, plot=False, export=False,
+                checkpoint=False)
+  kw_all.update(kw)
+  return base.Config(**kw_all)
 
 
 def test_blaq_m_spends_one_epoch_in_m(tmp_path, data_dir):
@@ -184,32 +197,43 @@ def test_per_weight_tracking(tmp_path, data_dir):
   r = rows[1]
   assert r["tw_flips_max"] == flips.max() and np.isclose(r["tw_flips_mean"], flips.mean())
   assert np.isclose(r["tw_amp_max"], amp.max()) and r["tw_grid_mismatch"] == 0
-  # The sampled weights' codes are those of the projection the step used.
-  trainer, state = out["trainer"], out["state"]
-  q = trainer.quantized(state["params"], state["opt_state"])
-  w, codes, off = trainer.tracker.gather(state["params"], q)
-  leaves = jax.tree.leaves(state["params"])
-  qleaves = jax.tree.leaves(q)
-  start = 0
-  for i, _, spec, _, idx in trainer.tracker.leaves:
+  # The sampled weights' codes are those of the projection the step used:
+  # ŵ = α · codebook[code] exactly, α the leaf's scale in the LAQ state.
+  ctx, state = out["context"], out["state"]
+  tracker = ctx.tracker
+  q = ctx.method.weights(state["params"], ctx.spec, state["opt_state"])
+  packed = ctx.method.pack(state["params"], ctx.spec, state["opt_state"])
+  w, codes = jax.jit(tracker.gather)(state["params"], packed)
+  leaves, qleaves = jax.tree.leaves(state["params"]), jax.tree.leaves(q)
+  pleaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, bq.PackedArray))
+  start, seen = 0, set()
+  for i, _, spec, idx in tracker.leaves:
     np.testing.assert_array_equal(w[start:start + len(idx)], leaves[i].reshape(-1)[idx])
-    ql = np.asarray(qleaves[i]).reshape(-1)
-    book = spec.codebook()
     got = np.asarray(codes[start:start + len(idx)])
-    assert np.all(np.sign(book[got]) == np.sign(ql[idx]))
-    assert np.all(np.diff(got[np.argsort(ql[idx], kind="stable")]) >= 0)
+    alpha = float(np.asarray(pleaves[i].scale).reshape(-1)[0])     # one scale per tensor
+    np.testing.assert_allclose(alpha * spec.codebook()[got],
+                               np.asarray(qleaves[i]).reshape(-1)[idx], rtol=1e-6)
+    seen.update(got.tolist())
     start += len(idx)
-  assert not np.asarray(off).any()
+  assert len(seen) >= 3     # 2 bits: more than the two signs are seen
+  # -0.0 (stored at the packed codebook's spare index) is the code 0.
+  zeros = {"w": jnp.array([[-0.0, 0.0], [1.0, -1.0]])}
+  spec2 = {"w": bq.QuantSpec(2)}
+  zt = weight_tracker.WeightTracker(zeros, spec2, 4, 0)
+  _, zc = zt.gather(zeros, bq.pack_params(zeros, spec2))
+  book = spec2["w"].codebook()
+  np.testing.assert_array_equal(book[np.asarray(zc)],
+                                np.asarray(zeros["w"]).reshape(-1)[zt.flat_indices()])
   # Same seed and model: the same weights are sampled whatever the method.
-  other = train.WeightTracker(state["params"], trainer.spec, 40, cfg.seed)
-  assert other.paths() == trainer.tracker.paths()
-  np.testing.assert_array_equal(other.flat_indices(), trainer.tracker.flat_indices())
+  other = weight_tracker.WeightTracker(state["params"], ctx.spec, 40, cfg.seed)
+  assert other.paths() == tracker.paths()
+  np.testing.assert_array_equal(other.flat_indices(), tracker.flat_indices())
 
 
 def test_best_validation():
   rows = [{"epoch": 1, "val_acc": 0.5, "test_acc": 0.4}, {"epoch": 2, "val_acc": 0.7,
           "test_acc": 0.6}, {"epoch": 3, "val_acc": 0.7, "test_acc": 0.9}]
-  s = train.best_validation(rows)
+  s = metrics_io.best_validation(rows)
   assert (s["best_val_epoch"], s["test_acc_at_best_val"], s["test_acc_last"]) == (2, 0.6, 0.9)
 
 

@@ -14,6 +14,7 @@ Where the files are looked for, in order:
 4. with ``download=True``, the canonical files are fetched into ``data_dir``
    (md5-checked).
 
+:func:`load_splits` applies a config's subsets and validation split.
 Batches come from :func:`train_batches`, whose order depends only on
 ``(seed, epoch)`` so that a resumed run sees the same data as an uninterrupted
 one.
@@ -303,6 +304,43 @@ def normalize(name: str, images: np.ndarray) -> np.ndarray:
   mean, std = NORMALIZATION[name]
   x = images.astype(np.float32) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def load_splits(config) -> dict:
+  """Normalised float32 ``"train"`` / ``"test"`` (and ``"val"``) arrays of
+  ``config.dataset``, its subsets applied.
+
+  ``config.val_split = n`` holds out the last ``n`` training examples (after
+  ``train_subset``) as the validation set, as the reference code does (MNIST:
+  50k / 10k, CIFAR-10: 45k / 5k).
+  """
+  data = load(config.dataset, config.data_dir, config.download)
+  out = {}
+  for split, subset in (("train", config.train_subset), ("test", config.test_subset)):
+    x, y = data[split]
+    if subset is not None:
+      x, y = x[:subset], y[:subset]
+    check_labels(y, config.model_kwargs.get("num_classes", 10), f"{config.dataset} {split}")
+    out[split] = (normalize(config.dataset, x), y)
+  if config.val_split:
+    x, y = out["train"]
+    if config.val_split >= len(x):
+      raise ValueError(f"config.val_split {config.val_split} leaves no training examples "
+                       f"of {len(x)}")
+    cut = len(x) - config.val_split
+    out["train"], out["val"] = (x[:cut], y[:cut]), (x[cut:], y[cut:])
+  return out
+
+
+def check_labels(labels, num_classes: int, what: str) -> None:
+  """Labels must be integers in ``[0, num_classes)`` (an out-of-range label
+  gives a NaN loss, not an error, inside the jitted step)."""
+  labels = np.asarray(labels)
+  if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+                      or labels.max() >= num_classes):
+    raise ValueError(f"{what}: labels must be integers in [0, {num_classes}), found "
+                     f"{labels.min()}..{labels.max()} ({labels.dtype}); fix the data or set "
+                     "model_kwargs num_classes")
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:

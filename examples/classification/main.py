@@ -16,7 +16,7 @@ the run's final one exactly.
 ``paper_cifar10_vgg``, whose learning-rate schedule ``--schedule-reading
 reference|appendix`` picks); every flag overrides that config, and
 ``--set field=value`` (repeatable) overrides any other field of
-:class:`examples.classification.train.Config`; flags and ``--set`` are parsed
+:class:`examples.classification.configs.base.Config`; flags and ``--set`` are parsed
 by the type of the field (``--set batch_size=abc`` is a one-line error naming
 ``batch_size``; dicts and tuples as Python literals, e.g. ``--set
 'model_kwargs={"hidden": (512, 512, 512)}'``).
@@ -35,18 +35,20 @@ from __future__ import annotations
 import argparse
 
 from examples import config_cli
+from examples import methods
 from examples.classification import train
+from examples.classification.configs import base
 
 CONFIGS = ("mnist_mlp", "mnist_lenet5", "fashion_lenet5", "cifar10_vgg",
            "paper_mnist_mlp", "paper_mnist_lenet5", "paper_fashion_lenet5", "paper_cifar10_vgg")
 
-# Config fields with a flag of their own (typed by train.Config, as --set is).
+# Config fields with a flag of their own (typed by base.Config, as --set is).
 FLAGS = ("method", "bits", "scheme", "a", "m", "seed", "num_epochs", "learning_rate",
          "batch_size", "train_subset", "test_subset", "val_split", "loss", "track_weights",
          "track_last_epochs", "data_dir", "stop_after_epoch")
 
 
-def get_config(name: str) -> train.Config:
+def get_config(name: str) -> base.Config:
   return config_cli.load_config("examples.classification", name, CONFIGS)
 
 
@@ -55,8 +57,8 @@ def parse_args(argv=None):
   parser.add_argument("--config", required=True, choices=CONFIGS)
   parser.add_argument("--workdir", help="metrics, checkpoints, packed model (required unless "
                       "--eval-packed)")
-  config_cli.add_field_flags(parser, train.Config(), FLAGS,
-                             choices={"method": train.METHODS, "loss": train.LOSSES})
+  config_cli.add_field_flags(parser, base.Config(), FLAGS,
+                             choices={"method": tuple(methods.METHODS), "loss": base.LOSSES})
   parser.add_argument("--schedule-reading", choices=("reference", "appendix"), default=None,
                       help="the paper's learning-rate schedule, read as its reference code "
                            "or its appendix does (configs/paper.py); flags still override")

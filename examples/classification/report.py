@@ -34,16 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.classification.configs import base
+from examples.metrics_io import best_validation
+from examples.metrics_io import plot_accuracy
+from examples.metrics_io import read_jsonl
+from examples.statistics import mean_std as _mean_std
 from examples.statistics import t_interval
 
 METHOD_ORDER = ("fp", "bwn-ste", "laq", "blaq")
 PAPER_ORDER = ("fp", "bwn-ste", "laq", "blaq", "blaq-m", "laq-as-blaq", "laq-as-blaq-m")
-
-
-def _run_epochs(config: dict) -> int:
-  """Epochs a run trains for (as ``train.run_epochs``, without importing JAX)."""
-  scale = {"laq-as-blaq": 2.0, "laq-as-blaq-m": 1.0 + 1.0 / config.get("m", 5)}
-  return max(1, int(round(config["num_epochs"] * scale.get(config["method"], 1.0))))
 
 
 def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
@@ -54,8 +53,8 @@ def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
     run = metrics.parent
     method, _, seed = run.name.rpartition("_s")
     config = json.loads((run / "config.json").read_text())
-    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-    if not rows or rows[-1]["epoch"] != _run_epochs(config):
+    rows = read_jsonl(metrics)
+    if not rows or rows[-1]["epoch"] != base.resolve(base.from_dict(config)).epochs:
       continue  # unfinished
     out.setdefault(run.parent.name, {}).setdefault(method, {})[int(seed)] = (
         (rows, config) if with_config else rows)
@@ -151,10 +150,8 @@ def paired_table(group: dict) -> str | None:
 
 
 def _best(rows):
-  with_val = [r for r in rows if r.get("val_acc") is not None]
-  if not with_val:
-    return None
-  return max(with_val, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
+  """Test accuracy at the best-validation epoch (None without validation)."""
+  return best_validation(rows).get("test_acc_at_best_val")
 
 
 TABLE1_KEYS = (("tw_amp_max", "max latent amplitude", "{:.3f}"),
@@ -216,13 +213,6 @@ def ablation_table(group: dict, base: dict | None = None, base_name: str = "") -
   return "\n".join(lines)
 
 
-def _mean_std(xs, scale=1.0, fmt="{:.2f}"):
-  xs = np.asarray(xs, float) * scale
-  if len(xs) == 1:
-    return fmt.format(xs[0])
-  return f"{fmt.format(xs.mean())} ± {fmt.format(xs.std(ddof=1))}"
-
-
 def table(config_runs: dict) -> str:
   laq = config_runs.get("laq", {})
   target = np.mean([rows[-1]["test_acc"] for rows in laq.values()]) if laq else None
@@ -266,37 +256,9 @@ def plot(config: str, config_runs: dict, out_dir: Path, names=None, loss: bool =
   """Test accuracy (mean over seeds) per epoch, gradient evaluation and second to
   ``out_dir/<config>.png``; with ``loss``, first the training loss per epoch
   (mean, shaded between the seeds' lowest and highest: the paper's Fig. 5)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = names or [m for m in METHOD_ORDER if m in config_runs]
-  fig, axes = plt.subplots(1, 3 + loss, figsize=(4.3 * (3 + loss), 3.6))
-  for method in names:
-    runs = list(config_runs[method].values())
-    n = min(len(r) for r in runs)
-    acc = np.mean([[100 * r["test_acc"] for r in rows[:n]] for rows in runs], 0)
-    epochs = [r["epoch"] for r in runs[0][:n]]
-    if loss:
-      train = np.asarray([[r["train_loss"] for r in rows[:n]] for rows in runs])
-      line, = axes[0].plot(epochs, train.mean(0), label=method)
-      axes[0].fill_between(epochs, train.min(0), train.max(0), color=line.get_color(), alpha=0.2)
-    for ax, key in zip(axes[loss:], ("epoch", "grad_evals", "train_s")):
-      x = np.mean([[r[key] for r in rows[:n]] for rows in runs], 0)
-      ax.plot(x, acc, marker="o", ms=3, label=method)
-  if loss:
-    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
-    axes[0].grid(alpha=0.3)
-  for ax, xl in zip(axes[loss:], ("epoch", "gradient evaluations", "training seconds")):
-    ax.set_xlabel(xl)
-    ax.set_ylabel("test accuracy (%), mean over seeds")
-    ax.grid(alpha=0.3)
-  axes[-1].legend(fontsize=7)
-  fig.suptitle(config)
-  fig.tight_layout()
-  out_dir.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_dir / f"{config}.png", dpi=100)
-  plt.close(fig)
+  plot_accuracy({name: list(config_runs[name].values()) for name in names},
+                out_dir / f"{config}.png", title=config, loss=loss)
 
 
 def main(argv=None):

@@ -109,7 +109,7 @@ case $what in
     $PY -m examples.cifar10_to_imagefolder --data-dir data/cifar10 --out data/cifar10_imagefolder
     for opt in laq blaq; do
       $PY -m examples.imagenet_resnet18.main --config cifar_imagefolder \
-        --data-dir data/cifar10_imagefolder --optimizer "$opt" \
+        --data-dir data/cifar10_imagefolder --method "$opt" \
         --workdir runs/cifar10_imagefolder/$opt > runs/cifar10_imagefolder_$opt.log 2>&1 \
         || echo "FAILED: cifar10_imagefolder $opt"
     done ;;

@@ -2,7 +2,7 @@
 
     python -m examples.imagenet_resnet18.main --workdir runs/r18_blaq_1bit \\
         --config default --data-dir /data/imagenet [--parallel jit] \\
-        [--optimizer laq] [--bits 2] [--set batch_size=512 ...] [--multihost]
+        [--method laq] [--bits 2] [--set batch_size=512 ...] [--multihost]
 
 ``--config`` names a module in ``configs/`` (``default``, ``resnet18_2bit``,
 ``synthetic``, ``paper_resnet18`` — the paper's protocol, BLAQ every 10 epochs
@@ -33,7 +33,7 @@ from examples.imagenet_resnet18 import train
 CONFIGS = ("default", "resnet18_2bit", "synthetic", "paper_resnet18", "cifar_imagefolder")
 
 # Config fields with a flag of their own (typed by train.Config, as --set is).
-FLAGS = ("data_dir", "parallel", "optimizer", "bits", "a", "batch_size", "num_train_steps",
+FLAGS = ("data_dir", "parallel", "method", "bits", "a", "batch_size", "num_train_steps",
          "learning_rate", "seed", "m", "init_from")
 
 
@@ -48,7 +48,7 @@ def parse_args(argv=None):
                       "(required unless --eval-packed)")
   config_cli.add_field_flags(parser, train.Config(), FLAGS,
                              choices={"parallel": ("jit", "pmap"),
-                                      "optimizer": train.OPTIMIZERS})
+                                      "method": train.METHODS})
   parser.add_argument("--synthetic", action="store_true", help="random batches, no data")
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (one process per host)")
@@ -81,13 +81,13 @@ def main(argv=None):
   if args.eval_packed:
     result = train.evaluate_packed(config, args.eval_packed)
     print(config_cli.format_summary(
-        f"{config.model} {config.optimizer} {config.bits}-bit, packed model "
+        f"{config.model} {config.method} {config.bits}-bit, packed model "
         f"{args.eval_packed}", result))
     return result
   summary = train.train_and_evaluate(config, args.workdir, fresh=args.fresh, force=args.force)
   summary.pop("state")
   print(config_cli.format_summary(
-      f"{config.model} {config.optimizer} {config.bits}-bit -> {args.workdir}", summary))
+      f"{config.model} {config.method} {config.bits}-bit -> {args.workdir}", summary))
   return summary
 
 

@@ -7,18 +7,19 @@ into a ``pmap`` step (gradients and BatchNorm statistics averaged over the
 replicated). Checkpoints (orbax) hold one unreplicated copy of the state, so a
 run can resume in either mode.
 
-Optimizers (``config.optimizer``): ``laq``; ``blaq`` (the two-stage update on
-every step); ``blaq-m``, BLAQ as the paper runs it on ImageNet: the two-stage
-update during one epoch in every ``config.m`` (10) epochs, LAQ in the others
-(``bq.periodic_lookahead``); ``adam``, full precision (to train the starting
-point of the ALQ protocol, which the paper follows: quantized training starts
-from a pretrained full-precision ResNet18).
+Methods (``config.method``, names of ``examples/methods.py``): ``laq``;
+``blaq`` (the two-stage update on every step); ``blaq-m``, BLAQ as the paper
+runs it on ImageNet: the two-stage update during one epoch in every
+``config.m`` (10) epochs, LAQ in the others (``bq.periodic_lookahead``);
+``fp``, Adam in full precision (to train the starting point of the ALQ
+protocol, which the paper follows: quantized training starts from a
+pretrained full-precision ResNet18).
 
 ``config.init_from`` loads such a full-precision starting point: the ``params``
 and ``batch_stats`` of an ``.npz`` file keyed by parameter path
 (``conv_init/kernel``, ``blocks/0/bn1/scale``, ...; :func:`save_params_npz`
 writes one) or of an orbax checkpoint of this example (a step directory of
-``<workdir>/checkpoints``, e.g. of an ``adam`` run). The optimizer state starts
+``<workdir>/checkpoints``, e.g. of an ``fp`` run). The optimizer state starts
 fresh. Ignored when the run resumes from its own checkpoint.
 
 At the end, ``<workdir>/model_packed.npz`` holds the bit-packed ``ŵ`` and the
@@ -53,7 +54,7 @@ from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import models
 
 NUM_IMAGENET_TRAIN_IMAGES = 1_281_167
-OPTIMIZERS = ("laq", "blaq", "blaq-m", "adam")   # names of examples/methods.py
+METHODS = ("fp", "laq", "blaq", "blaq-m")   # the names of examples/methods.py it runs
 
 # Config fields that may change when a run resumes (where the data is, how it is
 # read and logged, the parallel mode, how far to run); any other change refuses.
@@ -78,8 +79,8 @@ class Config:
   model: str = "ResNet18"
   num_filters: int = 64
   half_precision: bool = True          # bfloat16 compute on GPU/TPU (float32 on CPU)
-  # Quantization and optimizer.
-  optimizer: str = "blaq-m"            # "laq", "blaq", "blaq-m" or "adam" (full precision)
+  # Quantization and method.
+  method: str = "blaq-m"               # "laq", "blaq", "blaq-m" or "fp" (full precision)
   bits: int = 1
   scheme: str = "linear"
   first_last_bits: int | None = 8   # conv_init and head kernels; None: full precision
@@ -106,7 +107,7 @@ class Config:
 
   def validate(self):
     """Raises a one-line ``ValueError`` naming the first bad field."""
-    for name, options in (("optimizer", OPTIMIZERS), ("parallel", ("jit", "pmap")),
+    for name, options in (("method", METHODS), ("parallel", ("jit", "pmap")),
                           ("lr_schedule", ("warmup_cosine", "exponential"))):
       if getattr(self, name) not in options:
         raise ValueError(f"config.{name} must be one of {options}, got {getattr(self, name)!r}")
@@ -156,8 +157,6 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
                      batch_axis_name: str | None = None):
   """Returns ``(spec, tx, schedule)``: the quantization spec, the optimizer and the
   learning rate (``batch_axis_name``: BLAQ's pmap axis)."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
   overrides = {}
   if config.first_last_bits != config.bits:
     overrides = {r"^conv_init/kernel": config.first_last_bits,
@@ -175,7 +174,7 @@ def create_optimizer(config: Config, params, num_steps: int, steps_per_epoch: in
     raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'exponential', "
                      f"got {config.lr_schedule!r}")
   options = method_options(config, steps_per_epoch, batch_axis_name)
-  tx = methods.get(config.optimizer).optimizer(schedule, spec, options)
+  tx = methods.get(config.method).optimizer(schedule, spec, options)
   return spec, tx, schedule
 
 
@@ -332,8 +331,8 @@ def evaluate_packed(config: Config, path: str) -> dict:
 
 def export_model(method, spec, state, path: str) -> None:
   """Writes the packed model (``ŵ`` bit-packed, with the batch-norm statistics)."""
-  packed = method.pack(state["params"], spec, state["opt_state"])
-  bq.save_packed(path, packed, extra=state["batch_stats"])
+  bq.save_packed(path, method.export(state["params"], spec, state["opt_state"]),
+                 extra=state["batch_stats"])
   lines = []
   bq.size_report(path, print_fn=lines.append)
   logging.info("packed model %s:\n%s", path, "\n".join(lines))
@@ -411,14 +410,14 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False,
   params, batch_stats, opt_state = dp.replicate(
       (state["params"], state["batch_stats"], state["opt_state"]))
 
-  train_step, eval_step = make_steps(graphdef, spec, tx, dp, dtype, config.optimizer)
+  train_step, eval_step = make_steps(graphdef, spec, tx, dp, dtype, config.method)
   donate = (0, 1, 2) if jax.default_backend() != "cpu" else ()
   # One compiled step with BLAQ's lookahead and one without (blaq-m's off
   # steps, LAQ's cost); the host picks per step.
   p_train_steps = {on: dp.parallelize(functools.partial(train_step, lookahead=on),
                                       batch_argnums=(3, 4), donate_argnums=donate)
                    for on in (True, False)}
-  method = methods.get(config.optimizer)
+  method = methods.get(config.method)
   options = method_options(config, steps_per_epoch)
   p_eval_step = dp.parallelize(eval_step, batch_argnums=(3, 4))
 

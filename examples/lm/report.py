@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
+from examples.statistics import mean_std
 
 ORDER = ("fp", "bwn-ste", "laq", "blaq-m", "blaq")
 
@@ -24,12 +24,6 @@ def load(runs: Path) -> dict:
   return out
 
 
-def _mean_std(xs, fmt="{:.3f}") -> str:
-  xs = np.asarray(xs, float)
-  return fmt.format(xs[0]) if len(xs) == 1 else (
-      f"{fmt.format(xs.mean())} ± {fmt.format(xs.std(ddof=1))}")
-
-
 def table(groups: dict) -> str:
   key = lambda k: (k[1] if k[1] != 32 else 0, ORDER.index(k[0]) if k[0] in ORDER else 99)
   lines = ["| method | bits | seeds | validation bits per byte | packed KB | of float32 "
@@ -39,10 +33,10 @@ def table(groups: dict) -> str:
     packed = runs[0]["packed_bytes"] / 1024
     lines.append(
         f"| {method} | {'float' if bits == 32 else bits} | {len(runs)} "
-        f"| {_mean_std([r['val_bpb'] for r in runs])} | {packed:.1f} "
+        f"| {mean_std([r['val_bpb'] for r in runs], fmt='{:.3f}')} | {packed:.1f} "
         f"| {runs[0]['packed_bytes'] / runs[0]['fp32_bytes']:.3f} "
-        f"| {_mean_std([r['step_ms_median'] for r in runs], '{:.0f}')} "
-        f"| {_mean_std([r['train_s'] for r in runs], '{:.0f}')} |")
+        f"| {mean_std([r['step_ms_median'] for r in runs], fmt='{:.0f}')} "
+        f"| {mean_std([r['train_s'] for r in runs], fmt='{:.0f}')} |")
   return "\n".join(lines)
 
 

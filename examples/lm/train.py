@@ -216,9 +216,8 @@ def train_and_evaluate(config: Config, workdir, *, fresh: bool = False,
       ckpts.save(done, state, {"train_s": train_s})
   ckpts.close()
 
-  packed = (bq.pack(state["params"], spec, state=state["opt_state"]) if method.quantized
-            else bq.pack(state["params"], jax.tree.map(lambda _: None, state["params"])))
-  sizes = bq.size_report(packed, print_fn=None)
+  sizes = bq.size_report(method.export(state["params"], spec, state["opt_state"]),
+                         print_fn=None)
   per_device = bytes_per_device(state)
   summary = {
       "method": config.method, "bits": config.bits, "group_size": config.group_size,

@@ -3,7 +3,7 @@
 2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-2x1024FC-10, random crop + flip.
 """
 
-from examples.classification.train import Config
+from examples.classification.configs.base import Config
 
 
 def get_config() -> Config:

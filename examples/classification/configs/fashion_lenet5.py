@@ -1,6 +1,6 @@
 """Fashion-MNIST, the LeNet5 of ``mnist_lenet5``."""
 
-from examples.classification.train import Config
+from examples.classification.configs.base import Config
 
 
 def get_config() -> Config:

@@ -1,6 +1,6 @@
 """MNIST, the 4-layer MLP 784-2048-2048-2048-10 of Hou et al. (BLAQ Table 3)."""
 
-from examples.classification.train import Config
+from examples.classification.configs.base import Config
 
 
 def get_config() -> Config:

@@ -26,7 +26,7 @@ instead of global contrast normalisation + ZCA whitening.
 
 from __future__ import annotations
 
-from examples.classification.train import Config
+from examples.classification.configs.base import Config
 
 READINGS = ("reference", "appendix")
 

@@ -11,6 +11,6 @@ from examples.imagenet_resnet18.train import Config
 
 
 def get_config() -> Config:
-  return Config(optimizer="laq", image_size=32, resize_size=32, warmup_epochs=0.1,
+  return Config(method="laq", image_size=32, resize_size=32, warmup_epochs=0.1,
                 num_epochs=1.0, num_train_steps=300, batch_size=128, log_every_steps=50,
                 eval_every_steps=300, checkpoint_every_steps=300, num_data_threads=4)

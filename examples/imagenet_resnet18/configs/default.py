@@ -1,7 +1,7 @@
 """The paper's ImageNet setting: ResNet18, 1-bit weights, BLAQ a=0.9, m=10.
 
 BLAQ runs the two-stage update in one epoch of every m=10 and LAQ in the
-others (optimizer ``blaq-m``), as the paper does; ``--optimizer blaq`` runs it
+others (method ``blaq-m``), as the paper does; ``--method blaq`` runs it
 on every step. ``paper_resnet18`` adds the paper's schedule and epochs.
 
 The first convolution and the classifier are 8-bit, as the paper does for

@@ -1,4 +1,4 @@
-"""Throughput benchmark: the default model and optimizer on random batches of
+"""Throughput benchmark: the default model and method on random batches of
 the real shape (224 px), no data on disk, no evaluation, a short run."""
 
 from examples.imagenet_resnet18.configs import default
