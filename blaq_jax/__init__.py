@@ -40,7 +40,7 @@ from blaq_jax._src.qwix_export import to_qwix
 from blaq_jax._src.sharding import shard_like
 from blaq_jax._src.spec import quant_spec
 from blaq_jax._src.spec import quantize_params
-from blaq_jax._src.state import curvature
+from blaq_jax._src.state_lookup import curvature
 from blaq_jax._src.ste import STEState
 from blaq_jax._src.ste import ste
 from blaq_jax._src.ste import ste_quantize

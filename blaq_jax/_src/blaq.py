@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax._src import adam_core as core
+from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from blaq_jax._src import adam_core as core
+from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 

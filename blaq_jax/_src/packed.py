@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blaq_jax._src import state as state_lib
+from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, expand_scale,
                                       fit_scale, nearest_code, quantize_with_scale,

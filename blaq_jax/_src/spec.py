@@ -11,8 +11,8 @@ import jax.numpy as jnp
 
 from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src import adam_core
-from blaq_jax._src import state as state_lib
+from blaq_jax._src import loss_aware
+from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src.quantizers import QuantSpec, quantize
 
 Override = int | QuantSpec | None
@@ -228,7 +228,7 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   if state is not None:
     scale = state_lib.find_field(state, "scale", "quantize_params")
     tree_lib.check_state_scales(spec, params, scale, "quantize_params")
-    out = adam_core.project(spec, params, scale)
+    out = loss_aware.project(spec, params, scale)
   else:
     if curvature is not None:
       _check_curvature(spec, params, curvature)
@@ -274,7 +274,7 @@ def _check_finite(spec, params) -> None:
                if s is not None and w is not None and not tree_lib.is_masked(w)]
   if any(isinstance(w, jax.core.Tracer) or tree_lib.is_abstract(w) for _, w in quantized):
     return
-  if not quantized or bool(adam_core.all_finite([w for _, w in quantized])):
+  if not quantized or bool(loss_aware.all_finite([w for _, w in quantized])):
     return
   for path, w in quantized:
     if not bool(jnp.all(jnp.isfinite(w))):

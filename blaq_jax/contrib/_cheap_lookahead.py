@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blaq_jax._src import adam_core as core
+from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step

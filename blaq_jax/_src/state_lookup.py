@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from blaq_jax._src import adam_core as core
+from blaq_jax._src import loss_aware as core
 from blaq_jax._src import tree as tree_lib
 
 def _is_quant_state(x) -> bool:
