@@ -32,7 +32,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from blaq_jax._src import tree as tree_lib
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
 
 
@@ -60,7 +60,7 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
   check_scale(scale, "alpha_blend_params")
   if isinstance(alpha, numbers.Real) and not 0 <= alpha <= 1:
     raise ValueError(f"alpha_blend_params: alpha must be in [0, 1], got {alpha}")
-  tree_lib.check_spec_matches(spec, params, "alpha_blend_params")
+  spec_lib.check_spec_matches(spec, params, "alpha_blend_params")
 
   def blend(s, w):
     if s is None:
@@ -69,7 +69,7 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
     a = jnp.asarray(alpha, w.dtype)
     return (1 - a) * w + a * q
 
-  return tree_lib.map_with_spec(blend, spec, params)
+  return spec_lib.map_with_spec(blend, spec, params)
 
 
 def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.0):

@@ -12,6 +12,7 @@ import optax
 
 from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
 from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
@@ -276,7 +277,7 @@ def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> Forwar
   nu1 = core.second_moment(state.nu, g, hyper.b2)
   den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
   w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
-  trial = tree_lib.map_with_spec(
+  trial = spec_lib.map_with_spec(
       lambda s, w, d, a0: w if s is None else quantize_with_scale(w, s, fit_scale(w, s, d, a0)),
       spec, w_trial, den1, state.scale)
   return ForwardStep(mu1, nu1, den1, trial)

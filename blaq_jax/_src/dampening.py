@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
 
@@ -69,10 +70,10 @@ def add_oscillation_dampening(
   """
   check_scale(scale, "add_oscillation_dampening")
   checks.scalar_or_schedule("add_oscillation_dampening", "weight", weight, lo=0.0)
-  tree_lib.check_spec_arg(spec, "add_oscillation_dampening")
+  spec_lib.check_spec_arg(spec, "add_oscillation_dampening")
 
   def init_fn(params):
-    tree_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
+    spec_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
     return DampeningState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -88,7 +89,7 @@ def add_oscillation_dampening(
       q = jax.lax.stop_gradient(plain_quantize(w, s, scale))
       return (g + 2 * lam * (w - q)).astype(g.dtype)
 
-    updates = tree_lib.map_with_spec(add, spec, updates, params)
+    updates = spec_lib.map_with_spec(add, spec, updates, params)
     return updates, DampeningState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes
 
@@ -148,20 +149,20 @@ def track_oscillations(spec, *, window: int = 100,
   check_scale(scale, "track_oscillations")
   if not _is_window(window):
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
-  tree_lib.check_spec_arg(spec, "track_oscillations")
+  spec_lib.check_spec_arg(spec, "track_oscillations")
 
   def per_leaf(fn, *trees):
-    return tree_lib.map_quantized(fn, spec, *trees)
+    return spec_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "track_oscillations.init")
-    tree_lib.check_spec_matches(spec, params, "track_oscillations.init")
+    spec_lib.check_spec_matches(spec, params, "track_oscillations.init")
     zeros_i = lambda s, w: jnp.zeros_like(w, jnp.int32)
     scalar = lambda s, w: jnp.zeros([], jnp.float32)
     if tree_lib.is_params_placeholder(params):
       # optax.tree.map_params: per-leaf scalars are not "like params".
       scalars = jax.tree.map(lambda s: None if s is None else jnp.zeros([], jnp.float32),
-                             tree_lib.unwrap(spec), is_leaf=tree_lib.is_spec_leaf)
+                             tree_lib.unwrap(spec), is_leaf=spec_lib.is_spec_leaf)
       per_scalar = lambda: scalars
     else:
       per_scalar = lambda: per_leaf(scalar, params)

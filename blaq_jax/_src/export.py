@@ -43,7 +43,8 @@ import numpy as np
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.packed import (PackedArray, code_bytes, codebook, dequantize, is_packed,
                                   pack_tree, spec_dict)
-from blaq_jax._src.quantizers import QuantSpec, compute_dtype, scale_shape
+from blaq_jax._src.quantizers import compute_dtype, scale_shape
+from blaq_jax._src.spec import QuantSpec
 
 _META = "__meta__"
 _EXTRA = "extra:"

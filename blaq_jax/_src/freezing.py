@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes, plain_quantize
 
@@ -119,14 +120,14 @@ def freeze_oscillations(
       tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
   checks.scalar_or_schedule("freeze_oscillations", "threshold", threshold, lo=0.0)
-  tree_lib.check_spec_arg(spec, "freeze_oscillations")
+  spec_lib.check_spec_arg(spec, "freeze_oscillations")
 
   def per_leaf(fn, *trees):
-    return tree_lib.map_quantized(fn, spec, *trees)
+    return spec_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "freeze_oscillations.init")
-    tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
+    spec_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
     return FreezingState(
         count=jnp.zeros([], jnp.int32),
         codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
@@ -154,7 +155,7 @@ def freeze_oscillations(
       new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
       return _LeafStep((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly)
 
-    out = tree_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
+    out = spec_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
                                  tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
     step = tree_lib.unzip(out, _LeafStep)

@@ -14,6 +14,7 @@ import optax
 from optax import tree_utils as otu
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import compute_dtype, fit_scale, quantize_with_scale, scale_shape
 
@@ -48,11 +49,11 @@ def init_state(state_cls, params, spec, where: str, **extra):
   state can be donated.
   """
   tree_lib.check_float_params(params, where)
-  tree_lib.check_spec_matches(spec, params, where)
-  scale = tree_lib.map_with_spec(
+  spec_lib.check_spec_matches(spec, params, where)
+  scale = spec_lib.map_with_spec(
       lambda s, w: None if s is None else initial_scale(w, s), spec, params)
   if "curvature" in state_cls._fields:
-    extra["curvature"] = tree_lib.map_with_spec(
+    extra["curvature"] = spec_lib.map_with_spec(
         lambda s, w: None if s is None else jnp.ones_like(w), spec, params)
   return state_cls(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
                    nu=otu.tree_zeros_like(params), scale=scale,
@@ -71,14 +72,14 @@ def initial_scale(w, spec):
 def next_scales(spec, params, den, scale):
   """Per quantized leaf, the converged scale of ``Q_den(params)``, warm-started
   from ``scale`` (the previous step's); None elsewhere."""
-  return tree_lib.map_with_spec(
+  return spec_lib.map_with_spec(
       lambda s, w, d, a: None if s is None else fit_scale(w, s, d, a),
       spec, params, den, scale)
 
 
 def project(spec, params, scale):
   """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
-  return tree_lib.map_with_spec(
+  return spec_lib.map_with_spec(
       lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
 
@@ -120,12 +121,12 @@ def step_latent(spec, params, mu, den, count, lr, b1, clip):
       new = jnp.clip(new, -clip, clip)
     return new.astype(w.dtype)
 
-  return tree_lib.map_with_spec(fn, spec, params, mu, den)
+  return spec_lib.map_with_spec(fn, spec, params, mu, den)
 
 
 def quantized_curvature(spec, den):
   """Keeps ``den`` for quantized leaves, None elsewhere."""
-  return tree_lib.map_with_spec(lambda s, d: None if s is None else d, spec, den)
+  return spec_lib.map_with_spec(lambda s, d: None if s is None else d, spec, den)
 
 
 def mix(a, x, y):
@@ -213,7 +214,7 @@ def skip_if_nonfinite(ok, new_params, params, new_state, state, spec, needed=Tru
   """
   if ok is None or not needed:
     return new_params, new_state
-  witnesses = tree_lib.map_with_spec(lambda s, w, a: w if s is None else a,
+  witnesses = spec_lib.map_with_spec(lambda s, w, a: w if s is None else a,
                                      spec, new_params, new_state.scale)
   fine = all_finite(witnesses)
   kept = state._replace(skipped=state.skipped + 1)  # one skip, whatever ok was

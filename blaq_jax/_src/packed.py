@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, expand_scale,
+from blaq_jax._src.quantizers import (code_index, codes, compute_dtype, expand_scale,
                                       fit_scale, nearest_code, quantize_with_scale,
                                       scale_shape)
+from blaq_jax._src.spec import QuantSpec
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -332,7 +334,7 @@ def _pairs(params, spec, curvature, scale, where):
   """``(path, spec_leaf, param, curvature_leaf, scale_leaf)`` per param leaf,
   paired by path (None where no curvature or scale tree is given)."""
   spec, params = tree_lib.unwrap(spec), tree_lib.unwrap(params)
-  none = jax.tree.map(lambda s: None, spec, is_leaf=tree_lib.is_spec_leaf)
+  none = jax.tree.map(lambda s: None, spec, is_leaf=spec_lib.is_spec_leaf)
   trees = (params, none if curvature is None else tree_lib.unwrap(curvature),
            none if scale is None else tree_lib.unwrap(scale))
   out = []
@@ -342,7 +344,7 @@ def _pairs(params, spec, curvature, scale, where):
       out.append((path, s, w, d, a))
 
   try:
-    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=tree_lib.is_spec_leaf)
+    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=spec_lib.is_spec_leaf)
   except (ValueError, TypeError):
     raise ValueError(
         f"{where}: the curvature tree does not match params; pass "
@@ -394,11 +396,11 @@ def pack_params(params, spec, curvature=None, *, state=None):
 
 def pack_tree(params, spec, curvature, state, where: str):
   """:func:`pack_params`, with ``where`` naming the caller in error messages."""
-  tree_lib.check_spec_matches(spec, params, where)
+  spec_lib.check_spec_matches(spec, params, where)
   scale = state_curv = None
   if state is not None:
     curvature, scale = None, state_lib.find_field(state, "scale", where)
-    tree_lib.check_state_scales(spec, params, scale, where)
+    state_lib.check_state_scales(spec, params, scale, where)
     state_curv = state_lib.find_field(state, "curvature", where)
   curv_by_path = (None if state_curv is None else
                   {tree_lib.path_str(p): d for p, _, _, d, _ in

@@ -65,7 +65,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -75,97 +74,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from blaq_jax._src import checks
-
-SCHEMES = ("linear", "log", "ternary")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-  """How one array is quantized.
-
-  Attributes:
-    bits: 1 to 8. ``bits=1`` is binary (scheme ``"linear"``).
-    scheme: ``"linear"`` (uniform codes), ``"log"`` (powers of two, ``bits >=
-      2``) or ``"ternary"`` (``{-1, 0, 1}``, requires ``bits=2``).
-    per_channel: one scale per output channel (last axis) instead of one per
-      tensor.
-    tol: the cold start's alternations stop when ``|Δalpha| <= tol · alpha``
-      for every scale (relative; the paper's Algorithm 2 uses ``1e-6``). A
-      training step's warm start does a fixed amount of work instead.
-    max_iters: the most rounds of each cold-start alternation (a safety cap).
-    group_size: ``g`` for group-wise scales, or None. One scale per group of
-      ``g`` consecutive weights along the input axis (axis -2: ``in`` of a
-      dense kernel ``(in, out)``, ``c_in`` of a conv kernel ``(h, w, c_in,
-      c_out)``), per output channel (and per spatial position): the scale
-      has the leaf's shape with axis -2 divided by ``g``. ``g`` must divide
-      that axis, and the leaf needs at least 2 axes. It implies scales per
-      output channel, whatever ``per_channel`` says.
-
-  Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m``.
-
-  Example::
-
-    spec = QuantSpec(4, group_size=64)     # a (512, 256) kernel: scales (8, 256)
-  """
-
-  bits: int
-  scheme: str = "linear"
-  per_channel: bool = False
-  tol: float = 1e-6
-  max_iters: int = 50
-  group_size: int | None = None
-
-  def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-      raise TypeError(f"QuantSpec: bits must be an int in 1..8, got {self.bits!r}")
-    if not 1 <= int(self.bits) <= 8:
-      raise ValueError(f"QuantSpec: bits must be in 1..8, got {self.bits}")
-    if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
-      raise ValueError(
-          f"QuantSpec: unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
-    if self.scheme == "ternary" and self.bits != 2:
-      raise ValueError(f"QuantSpec: scheme 'ternary' needs bits=2, got {self.bits}")
-    if self.scheme == "log" and self.bits < 2:
-      raise ValueError("QuantSpec: scheme 'log' needs bits >= 2 (1 bit is binary)")
-    checks.boolean("QuantSpec", "per_channel", self.per_channel)
-    if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, (int, np.integer)):
-      raise TypeError(f"QuantSpec: max_iters must be an int >= 1, got {self.max_iters!r}")
-    if self.max_iters < 1:
-      raise ValueError(f"QuantSpec: max_iters must be >= 1, got {self.max_iters}")
-    if (isinstance(self.tol, (bool, np.bool_))
-        or not isinstance(self.tol, (int, float, np.integer, np.floating))):
-      raise TypeError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
-    if not 0 <= self.tol < 1:
-      raise ValueError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
-    g = self.group_size
-    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, np.integer))):
-      raise TypeError(f"QuantSpec: group_size must be None or an int >= 1, got {g!r}")
-    if g is not None and g < 1:
-      raise ValueError(f"QuantSpec: group_size must be None or an int >= 1, got {g}")
-
-  @property
-  def is_binary(self) -> bool:
-    return self.bits == 1
-
-  @property
-  def levels(self) -> int:
-    """``n`` of the linear code set (codes are multiples of ``1/n``)."""
-    return 2 ** (self.bits - 1) - 1
-
-  @property
-  def log_depth(self) -> int:
-    """``J`` of the log code set (smallest non-zero magnitude ``2^-J``)."""
-    return 2 ** (self.bits - 1) - 2
-
-  def codebook(self) -> np.ndarray:
-    """All code values, sorted ascending (float64)."""
-    if self.is_binary:
-      return np.array([-1.0, 1.0])
-    if self.scheme == "log":
-      mags = 2.0 ** -np.arange(self.log_depth + 1, dtype=np.float64)
-      return np.concatenate([-mags, [0.0], mags[::-1]])
-    n = self.levels
-    return np.arange(-n, n + 1, dtype=np.float64) / n
+from blaq_jax._src.spec import QuantSpec, check_group_shape
 
 
 # The layout of a spec's scale groups, as the projection's helpers take it:
@@ -237,23 +146,6 @@ SEARCH_MIN_ROWS = 256   # ... and per output channel (per-channel scales)
 def compute_dtype(dtype):
   """The dtype the projection computes in: float32 for half precision."""
   return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
-
-
-def check_group_shape(shape, spec: QuantSpec, name: str = "the leaf") -> None:
-  """A one-line ValueError unless ``spec.group_size`` divides axis -2 of ``shape``."""
-  g = spec.group_size
-  if g is None:
-    return
-  shape = tuple(shape)
-  if len(shape) < 2:
-    raise ValueError(
-        f"group_size={g} needs a kernel with an input axis (axis -2), but {name} has shape "
-        f"{shape}; quantize it per tensor (group_size=None) or leave it in full precision")
-  if shape[-2] % g:
-    raise ValueError(
-        f"group_size={g} does not divide the input axis (axis -2, size {shape[-2]}) of "
-        f"{name} of shape {shape}; use a group size that divides {shape[-2]}, or override "
-        "this leaf in quant_spec (another QuantSpec, or None)")
 
 
 def group_view(shape, spec: QuantSpec) -> tuple:

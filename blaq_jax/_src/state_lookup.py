@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from blaq_jax._src import loss_aware as core
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import scale_shape
 
 def _is_quant_state(x) -> bool:
   """A LAQ/BLAQ-shaped state: a NamedTuple with ``scale`` and either a stored
@@ -72,3 +75,36 @@ def curvature(opt_state):
     ValueError: if ``opt_state`` holds no LAQ/BLAQ state.
   """
   return find_field(opt_state, "curvature", "curvature")
+
+
+def check_state_scales(spec, params, scale, where: str) -> None:
+  """Raises a one-line ValueError naming ``where`` and the path unless the
+  state's ``scale`` tree belongs to ``spec`` and ``params``: an array of the
+  leaf's scale shape (one per tensor, or per channel) at every quantized leaf.
+
+  A state of another model, or of a spec with another ``per_channel``, fails
+  here; one of another bit width has scales of the same shape (see
+  :func:`blaq_jax.pack`, which also checks the values).
+  """
+  if tree_lib.is_params_placeholder(params):
+    return
+  spec, params, scale = tree_lib.unwrap(spec), tree_lib.unwrap(params), tree_lib.unwrap(scale)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=spec_lib.is_spec_leaf)
+  hint = ("pass the state of the optimizer built with this spec for these params "
+          "(a checkpoint of another run or model does not fit)")
+  try:
+    ws = treedef.flatten_up_to(params)
+    scales = treedef.flatten_up_to(scale)
+  except (ValueError, TypeError):
+    raise ValueError(f"{where}: the optimizer state's scales do not have the tree "
+                     f"structure of the spec and params; {hint}") from None
+  for (path, s), w, a in zip(flat, ws, scales):
+    if (not isinstance(s, spec_lib.QuantSpec) or w is None or tree_lib.is_masked(w)
+        or tree_lib.is_masked(a)):
+      continue
+    want = scale_shape(jnp.shape(w), s)
+    if a is None or jnp.shape(a) != want:
+      got = "no scale" if a is None else f"a scale of shape {jnp.shape(a)}"
+      raise ValueError(f"{where}: the optimizer state has {got} for "
+                       f"{tree_lib.path_str(path)!r}, "
+                       f"its spec needs shape {want}; {hint}")

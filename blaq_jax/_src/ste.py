@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.spec import QuantSpec
 
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.
@@ -99,8 +101,8 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
     scale: ``"fit"`` (BWN for 1 bit) or ``"none"`` (BinaryConnect for 1 bit).
   """
   check_scale(scale, "ste_quantize_params")
-  tree_lib.check_spec_matches(spec, params, "ste_quantize_params")
-  return tree_lib.map_with_spec(
+  spec_lib.check_spec_matches(spec, params, "ste_quantize_params")
+  return spec_lib.map_with_spec(
       lambda s, w: w if s is None else ste_quantize(w, s, scale=scale), spec, params)
 
 
@@ -164,11 +166,11 @@ def ste(
     raise TypeError(
         f"ste: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
   checks.number("ste", "clip", clip, lo=0, lo_open=True, none_ok=True)
-  tree_lib.check_spec_arg(spec, "ste")
+  spec_lib.check_spec_arg(spec, "ste")
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
-    tree_lib.check_spec_matches(spec, params, "ste.init")
+    spec_lib.check_spec_matches(spec, params, "ste.init")
     return STEState(inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -183,7 +185,7 @@ def ste(
           return u
         return (jnp.clip(w + u, -clip, clip) - w).astype(u.dtype)
 
-      updates = tree_lib.map_with_spec(clip_leaf, spec, updates, params)
+      updates = spec_lib.map_with_spec(clip_leaf, spec, updates, params)
     return updates, STEState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

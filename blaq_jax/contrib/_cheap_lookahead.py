@@ -53,6 +53,7 @@ import optax
 
 from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
 from blaq_jax._src.quantizers import quantize_with_scale
@@ -194,7 +195,7 @@ def blaq_model(
       current = quantize_with_scale(w, s, alpha)
       return g + (d1 * inv_lr).astype(g.dtype) * (trial - current)
 
-    g_trial = tree_lib.map_with_spec(predict, spec, updates, params, state.scale,
+    g_trial = spec_lib.map_with_spec(predict, spec, updates, params, state.scale,
                                      stage1.den, stage1.trial)
     return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
                      core.all_finite(updates))
