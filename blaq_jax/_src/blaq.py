@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
+from blaq_jax._src import loss_aware
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
-from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
+from blaq_jax._src.quantizers import fit_scale, next_scales, quantize_with_scale
+from blaq_jax._src.skipping import (all_finite, counted, latent_check_needed, select,
+                                    skip_if_nonfinite, step_ok)
 
 
 class BLAQState(NamedTuple):
@@ -216,12 +218,12 @@ def blaq(
           or isinstance(lookahead_schedule, (bool, np.bool_, jax.Array))):
     raise TypeError("blaq: lookahead_schedule must be None, a function of the step "
                     f"count returning a bool, or a bool, got {lookahead_schedule!r}")
-  core.check_hyperparams("blaq", b1, b2, eps, clip)
+  loss_aware.check_hyperparams("blaq", b1, b2, eps, clip)
   checks.boolean("blaq", "skip_nonfinite", skip_nonfinite)
-  hyper = core.Hyper(b1, b2, eps, clip)
+  hyper = loss_aware.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
-    return core.init_state(BLAQState, params, spec, "blaq.init")
+    return loss_aware.init_state(BLAQState, params, spec, "blaq.init")
 
   def update_fn(updates, state, params=None, *, grad_fn: Callable | None = None,
                 **extra_args):
@@ -233,10 +235,10 @@ def blaq(
           "blaq.update: grad_fn must be a function params -> gradient of the loss on "
           "the current batch, e.g. grad_fn=lambda p: jax.grad(loss)(p, batch), or None "
           f"for a step without the lookahead; got {type(grad_fn).__name__}")
-    core.check_not_masked(params, "blaq.update")
+    loss_aware.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
-    lr = core.learning_rate_at(learning_rate, state.count)
-    ok_t = core.step_ok(updates, lr, skip_nonfinite)
+    lr = loss_aware.learning_rate_at(learning_rate, state.count)
+    ok_t = step_ok(updates, lr, skip_nonfinite)
 
     def two_stage():
       count = optax.safe_increment(state.count)
@@ -244,7 +246,7 @@ def blaq(
       g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq.update")
       if batch_axis_name is not None:
         g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-      ok = None if ok_t is None else ok_t & core.all_finite(g_trial)
+      ok = None if ok_t is None else ok_t & all_finite(g_trial)
       return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
 
     def one_stage():
@@ -271,19 +273,19 @@ class ForwardStep(NamedTuple):
   trial: Any
 
 
-def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> ForwardStep:
+def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> ForwardStep:
   """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
-  mu1 = core.moment(state.mu, g, hyper.b1)
-  nu1 = core.second_moment(state.nu, g, hyper.b2)
-  den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
-  w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
+  mu1 = loss_aware.moment(state.mu, g, hyper.b1)
+  nu1 = loss_aware.second_moment(state.nu, g, hyper.b2)
+  den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
+  w_trial = loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
   trial = spec_lib.map_with_spec(
       lambda s, w, d, a0: w if s is None else quantize_with_scale(w, s, fit_scale(w, s, d, a0)),
       spec, w_trial, den1, state.scale)
   return ForwardStep(mu1, nu1, den1, trial)
 
 
-def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
+def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
               ok=None):
   """Eq. 7-10: the step from ``w_t`` with the mixed gradient and curvature.
 
@@ -293,20 +295,20 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   ``state``'s type and replaces ``count, mu, nu, curvature, scale, skipped``.
   """
   b1, b2 = hyper.b1, hyper.b2
-  count, skipped = core.counted(ok, state.count, state.skipped)
+  count, skipped = counted(ok, state.count, state.skipped)
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
   # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
-  mu = core.select(ok, core.mix(a, stage1.mu, core.moment(state.mu, g_trial, b1)), state.mu)
-  nu_trial = core.second_moment(state.nu, g_trial, b2)
-  nu = core.select(ok, core.mix(a, stage1.nu, nu_trial), state.nu)
-  den_trial = core.denominator(nu_trial, count, b2, hyper.eps)
-  den_mix = core.mix(a, stage1.den, den_trial)
-  new_params = core.select(
-      ok, core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
-  curv = core.select(ok, core.quantized_curvature(spec, den_mix), state.curvature)
-  scale = core.select(ok, core.next_scales(spec, new_params, curv, state.scale), state.scale)
+  mu = select(ok, loss_aware.mix(a, stage1.mu, loss_aware.moment(state.mu, g_trial, b1)), state.mu)
+  nu_trial = loss_aware.second_moment(state.nu, g_trial, b2)
+  nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
+  den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
+  den_mix = loss_aware.mix(a, stage1.den, den_trial)
+  new_params = select(
+      ok, loss_aware.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
+  curv = select(ok, loss_aware.quantized_curvature(spec, den_mix), state.curvature)
+  scale = select(ok, next_scales(spec, new_params, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
-                                                 core.latent_check_needed(hyper))
-  return core.updates_from(new_params, params), new_state
+  new_params, new_state = skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
+                                            latent_check_needed(hyper.eps))
+  return loss_aware.updates_from(new_params, params), new_state

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from blaq_jax._src import checks
-from blaq_jax._src import loss_aware
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import quantize
+from blaq_jax._src.quantizers import project, quantize
+from blaq_jax._src.skipping import all_finite
 
 
 def quantize_params(params, spec, curvature=None, *, state=None):
@@ -56,7 +56,7 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   if state is not None:
     scale = state_lib.find_field(state, "scale", "quantize_params")
     state_lib.check_state_scales(spec, params, scale, "quantize_params")
-    out = loss_aware.project(spec, params, scale)
+    out = project(spec, params, scale)
   else:
     if curvature is not None:
       _check_curvature(spec, params, curvature)
@@ -96,13 +96,13 @@ def _check_finite(spec, params) -> None:
   if tree_lib.is_params_placeholder(params):
     return
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree_lib.unwrap(spec),
-                                                      is_leaf=spec_lib.is_spec_leaf)
+                                                       is_leaf=spec_lib.is_spec_leaf)
   ws = treedef.flatten_up_to(tree_lib.unwrap(params))
   quantized = [(p, w) for (p, s), w in zip(flat, ws)
                if s is not None and w is not None and not tree_lib.is_masked(w)]
   if any(isinstance(w, jax.core.Tracer) or tree_lib.is_abstract(w) for _, w in quantized):
     return
-  if not quantized or bool(loss_aware.all_finite([w for _, w in quantized])):
+  if not quantized or bool(all_finite([w for _, w in quantized])):
     return
   for path, w in quantized:
     if not bool(jnp.all(jnp.isfinite(w))):

@@ -74,6 +74,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
+from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.spec import QuantSpec, check_group_shape
 
 
@@ -674,6 +676,33 @@ def quantize(w: jax.Array, spec: QuantSpec,
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   checks.positive_finite("quantize", "curvature", curvature)
   return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+
+
+# The projection of a LAQ/BLAQ state: one scale per quantized leaf, fitted
+# cold at init and warm at each step, and the quantized weights at those scales.
+
+
+def initial_scale(w, spec):
+  """The cold-started plain scale; zeros of its shape for abstract params
+  (``jax.ShapeDtypeStruct`` leaves, e.g. a restore target): a scale <= 0 is
+  replaced by a cold start at the next update."""
+  if tree_lib.is_abstract(w):
+    return jnp.zeros(scale_shape(w.shape, spec), compute_dtype(w.dtype))
+  return fit_scale(w, spec)
+
+
+def next_scales(spec, params, den, scale):
+  """Per quantized leaf, the scale of ``Q_den(params)``: :func:`fit_scale`
+  warm-started from ``scale`` (the previous step's); None elsewhere."""
+  return spec_lib.map_with_spec(
+      lambda s, w, d, a: None if s is None else fit_scale(w, s, d, a),
+      spec, params, den, scale)
+
+
+def project(spec, params, scale):
+  """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
+  return spec_lib.map_with_spec(
+      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
 
 # The plain (``D = 1``) projection of the STE family, dampening, freezing,

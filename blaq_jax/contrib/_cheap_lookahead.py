@@ -51,12 +51,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blaq_jax._src import loss_aware as core
 from blaq_jax._src import checks
+from blaq_jax._src import loss_aware
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
 from blaq_jax._src.quantizers import quantize_with_scale
+from blaq_jax._src.skipping import all_finite, select
 
 
 def _check(where, learning_rate, a):
@@ -71,14 +72,14 @@ def _require_grad_fn(where, grad_fn):
 
 
 def _blaq_init(spec, where):
-  return lambda params: core.init_state(BLAQState, params, spec, where)
+  return lambda params: loss_aware.init_state(BLAQState, params, spec, where)
 
 
 def _check_update(where, updates, params):
   """The core transforms' checks on ``update``'s arguments."""
   if params is None:
     raise ValueError(f"{where}: params are required (pass params=...)")
-  core.check_not_masked(params, where)
+  loss_aware.check_not_masked(params, where)
   tree_lib.check_like_params(updates, params, "updates", where)
 
 
@@ -124,8 +125,8 @@ def blaq_reuse(
     points", Mathematical Notes 1980 (past extragradient).
   """
   _check("blaq_reuse", learning_rate, a)
-  core.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
-  hyper = core.Hyper(b1, b2, eps, clip)
+  loss_aware.check_hyperparams("blaq_reuse", b1, b2, eps, clip)
+  hyper = loss_aware.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
     state = _blaq_init(spec, "blaq_reuse.init")(params)
@@ -136,7 +137,7 @@ def blaq_reuse(
     _require_grad_fn("blaq_reuse.update", grad_fn)
     _check_update("blaq_reuse.update", updates, params)
     count = optax.safe_increment(state.count)
-    lr = core.learning_rate_at(learning_rate, state.count)
+    lr = loss_aware.learning_rate_at(learning_rate, state.count)
     g_prev = state.trial_grad
     stage1 = forward_step(spec, hyper, state, g_prev, params, lr, count)
     g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq_reuse.update")
@@ -144,9 +145,9 @@ def blaq_reuse(
       g_trial = jax.lax.pmean(g_trial, batch_axis_name)
     a_t = jnp.where(state.count == 0, 0.0, a)
 
-    ok = core.all_finite(g_trial)
+    ok = all_finite(g_trial)
     updates, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t, lr, ok)
-    return updates, new_state._replace(trial_grad=core.select(ok, g_trial, state.trial_grad))
+    return updates, new_state._replace(trial_grad=select(ok, g_trial, state.trial_grad))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -178,14 +179,14 @@ def blaq_model(
     (the quadratic model).
   """
   _check("blaq_model", learning_rate, a)
-  core.check_hyperparams("blaq_model", b1, b2, eps, clip)
-  hyper = core.Hyper(b1, b2, eps, clip)
+  loss_aware.check_hyperparams("blaq_model", b1, b2, eps, clip)
+  hyper = loss_aware.Hyper(b1, b2, eps, clip)
 
   def update_fn(updates, state, params=None, **extra):
     del extra
     _check_update("blaq_model.update", updates, params)
     count = optax.safe_increment(state.count)
-    lr = core.learning_rate_at(learning_rate, state.count)
+    lr = loss_aware.learning_rate_at(learning_rate, state.count)
     stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
     inv_lr = jnp.where(lr > 0, 1.0 / jnp.where(lr > 0, lr, 1.0), 0.0)
 
@@ -198,7 +199,7 @@ def blaq_model(
     g_trial = spec_lib.map_with_spec(predict, spec, updates, params, state.scale,
                                      stage1.den, stage1.trial)
     return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
-                     core.all_finite(updates))
+                     all_finite(updates))
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
                                                update_fn)
