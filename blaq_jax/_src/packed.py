@@ -399,8 +399,7 @@ def pack_tree(params, spec, curvature, state, where: str):
   spec_lib.check_spec_matches(spec, params, where)
   scale = state_curv = None
   if state is not None:
-    curvature, scale = None, state_lib.find_field(state, "scale", where)
-    state_lib.check_state_scales(spec, params, scale, where)
+    curvature, scale = None, state_lib.find_scales(state, spec, params, where)
     state_curv = state_lib.find_field(state, "curvature", where)
   curv_by_path = (None if state_curv is None else
                   {tree_lib.path_str(p): d for p, _, _, d, _ in

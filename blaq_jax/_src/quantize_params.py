@@ -54,8 +54,7 @@ def quantize_params(params, spec, curvature=None, *, state=None):
   """
   spec_lib.check_spec_matches(spec, params, "quantize_params")
   if state is not None:
-    scale = state_lib.find_field(state, "scale", "quantize_params")
-    state_lib.check_state_scales(spec, params, scale, "quantize_params")
+    scale = state_lib.find_scales(state, spec, params, "quantize_params")
     out = project(spec, params, scale)
   else:
     if curvature is not None:

@@ -1,28 +1,35 @@
-"""Finding the curvature ``D`` and the scales inside any optax state."""
+"""Looking up the scales and the curvature ``D`` of the LAQ/BLAQ states in any optax state.
+
+The LAQ/BLAQ states may sit alone or anywhere inside ``optax.chain``,
+``optax.inject_hyperparams``, ``optax.masked``, ``optax.multi_transform`` or
+an ``nnx.Optimizer``'s ``opt_state``; their fields are found by name with
+:func:`optax.tree_utils.tree_get_all_with_path` and merged leafwise.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as otu
 
-from blaq_jax._src import loss_aware as core
+from blaq_jax._src import loss_aware
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.laq import LAQState
 from blaq_jax._src.quantizers import scale_shape
 
-def _is_quant_state(x) -> bool:
-  """A LAQ/BLAQ-shaped state: a NamedTuple with ``scale`` and either a stored
-  ``curvature`` (BLAQ) or what it is computed from (LAQ: ``nu``, ``b2``, ``eps``)."""
-  fields = getattr(type(x), "_fields", None)
-  if not isinstance(x, tuple) or fields is None or "scale" not in fields:
-    return False
-  return "curvature" in fields or all(f in fields for f in ("nu", "count", "b2", "eps"))
+
+def _is_state_field(path, value) -> bool:
+  """A field of a state NamedTuple, not a dict entry of the same name inside a
+  tree like params (a LayerNorm's ``scale`` in Adam's moments)."""
+  del value
+  return bool(path) and isinstance(path[-1], otu.NamedTupleKey)
 
 
-def _curvature_of(s):
-  if "curvature" in s._fields:
-    return s.curvature
-  den = core.denominator(s.nu, s.count, s.b2, s.eps)
+def _laq_curvature(s: LAQState):
+  """LAQ's ``D``, computed from its second moment (LAQ does not store it), at
+  the leaves that have a scale (None elsewhere)."""
+  den = loss_aware.denominator(s.nu, s.count, s.b2, s.eps)
   return jax.tree.map(lambda a, d: None if a is None else d, s.scale, den,
                       is_leaf=lambda x: x is None or tree_lib.is_masked(x))
 
@@ -44,17 +51,28 @@ def _merge(trees):
 
 
 def find_field(opt_state, field: str, where: str):
-  """``field`` of the LAQ/BLAQ states inside ``opt_state``, merged leafwise."""
+  """``field`` (``"scale"`` or ``"curvature"``) of the LAQ/BLAQ states inside
+  ``opt_state``, merged leafwise; a one-line ValueError naming ``where`` if
+  there is none."""
   opt_state = tree_lib.unwrap(opt_state)  # an nnx.Optimizer's opt_state holds Variables
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_quant_state)
-           if _is_quant_state(s)]
+  found = [v for _, v in otu.tree_get_all_with_path(opt_state, field, _is_state_field)]
+  if field == "curvature":
+    found += [_laq_curvature(s)
+              for _, s in otu.tree_get_all_with_path(opt_state, LAQState.__name__)]
   if not found:
     raise ValueError(
         f"{where}: the optimizer state holds no LAQ/BLAQ state (a state with a "
         "'scale' field); build the optimizer with blaq_jax.laq or "
         "blaq_jax.blaq")
-  get = _curvature_of if field == "curvature" else (lambda s: getattr(s, field))
-  return _merge([get(s) for s in found])
+  return _merge(found)
+
+
+def find_scales(opt_state, spec, params, where: str):
+  """The scales of the LAQ/BLAQ states inside ``opt_state``, checked against
+  ``spec`` and ``params`` (:func:`check_state_scales`)."""
+  scale = find_field(opt_state, "scale", where)
+  check_state_scales(spec, params, scale, where)
+  return scale
 
 
 def curvature(opt_state):
