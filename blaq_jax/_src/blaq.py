@@ -21,7 +21,12 @@ from blaq_jax._src.skipping import (all_finite, counted, latent_check_needed, se
 
 
 class BLAQState(NamedTuple):
-  """State of :func:`blaq` (same fields as :class:`blaq_jax.LAQState`).
+  """State of :func:`blaq`.
+
+  :class:`blaq_jax.LAQState`'s ``count``, ``mu``, ``nu``, ``scale`` and
+  ``skipped``, plus ``curvature``: BLAQ stores ``D_mix``, which its second
+  moment does not determine, and so keeps no ``b2`` and ``eps`` to recompute
+  ``D`` from (LAQ's extra fields).
 
   Attributes:
     count: number of applied (finite) steps.
