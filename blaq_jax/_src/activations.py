@@ -31,10 +31,11 @@ References:
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
+
+from blaq_jax._src import checks
 
 ACTIVATION_PROXIES = ("identity", "clipped_relu", "relu")
 SIGN_PROXIES = ("identity", "htanh")
@@ -76,12 +77,12 @@ def quantize_activation(x: jax.Array, bits: int, *, proxy: str = "clipped_relu",
       (``1`` on ``0 < x < max_value``) or ``"relu"`` (``1`` on ``x > 0``).
     max_value: the clipping level ``c > 0``.
   """
-  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
+  if not checks.is_concrete_number(bits, integer=True) or not 1 <= bits <= 8:
     raise ValueError(f"quantize_activation: bits must be an int in 1..8, got {bits!r}")
   if proxy not in ACTIVATION_PROXIES:
     raise ValueError(
         f"quantize_activation: proxy must be one of {ACTIVATION_PROXIES}, got {proxy!r}")
-  if not isinstance(max_value, numbers.Real) or not max_value > 0:
+  if not checks.is_concrete_number(max_value) or not max_value > 0:
     raise ValueError(f"quantize_activation: max_value must be a number > 0, got {max_value!r}")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -27,11 +27,10 @@ References:
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 
+from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
 
@@ -58,7 +57,7 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
     scale: the STE quantizer's scale, ``"fit"`` or ``"none"``.
   """
   check_scale(scale, "alpha_blend_params")
-  if isinstance(alpha, numbers.Real) and not 0 <= alpha <= 1:
+  if checks.is_concrete_number(alpha) and not 0 <= alpha <= 1:
     raise ValueError(f"alpha_blend_params: alpha must be in [0, 1], got {alpha}")
   spec_lib.check_spec_matches(spec, params, "alpha_blend_params")
 
@@ -87,12 +86,12 @@ def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.
     Straight-Through Estimator (STE)", IJCAI 2019.
   """
   for name, v in (("start_step", start_step), ("end_step", end_step)):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+    if not checks.is_concrete_number(v, integer=True) or v < 0:
       raise ValueError(f"alpha_blending_schedule: {name} must be an int >= 0, got {v!r}")
   if end_step <= start_step:
     raise ValueError(
         f"alpha_blending_schedule: end_step ({end_step}) must be > start_step ({start_step})")
-  if not isinstance(power, numbers.Real) or not power > 0:
+  if not checks.is_concrete_number(power) or not power > 0:
     raise ValueError(f"alpha_blending_schedule: power must be > 0, got {power!r}")
 
   def schedule(count):

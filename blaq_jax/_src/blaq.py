@@ -69,11 +69,11 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
     ``count`` is the number of applied steps before this one.
   """
   for name, val in (("m", m), ("steps_per_epoch", steps_per_epoch)):
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+    if not checks.is_concrete_number(val, integer=True) or val < 1:
       raise ValueError(f"periodic_lookahead: {name} must be an int >= 1, got {val!r}")
   if phase is None:
     phase = m - 1
-  if isinstance(phase, bool) or not isinstance(phase, (int, np.integer)) or not 0 <= phase < m:
+  if not checks.is_concrete_number(phase, integer=True) or not 0 <= phase < m:
     raise ValueError(f"periodic_lookahead: phase must be an int in [0, {m}), got {phase!r}")
 
   def schedule(count):
@@ -233,8 +233,7 @@ def blaq(
   def update_fn(updates, state, params=None, *, grad_fn: Callable | None = None,
                 **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("blaq.update: params are required (pass params=...)")
+    checks.require_params("blaq.update", params)
     if grad_fn is not None and not callable(grad_fn):
       raise TypeError(
           "blaq.update: grad_fn must be a function params -> gradient of the loss on "

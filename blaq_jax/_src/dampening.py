@@ -78,8 +78,7 @@ def add_oscillation_dampening(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("add_oscillation_dampening.update: params are required")
+    checks.require_params("add_oscillation_dampening.update", params)
     tree_lib.check_like_params(updates, params, "updates", "add_oscillation_dampening.update")
     lam = weight(state.count) if callable(weight) else weight
 

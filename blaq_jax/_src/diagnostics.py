@@ -37,14 +37,13 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes
@@ -97,10 +96,10 @@ def _cosine(dot, n1, n2):
 
 
 def _is_window(window) -> bool:
-  if tree_lib.is_concrete_number(window):
-    return isinstance(window, (numbers.Integral, np.integer)) and window >= 1
+  if checks.is_concrete_number(window):
+    return checks.is_concrete_number(window, integer=True) and window >= 1
   # A hyperparameter of optax.inject_hyperparams: an integer scalar array.
-  return tree_lib.is_number(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
+  return checks.is_array_scalar(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
 
 
 def _copy(w):
@@ -186,8 +185,7 @@ def track_oscillations(spec, *, window: int = 100,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("track_oscillations.update: params are required")
+    checks.require_params("track_oscillations.update", params)
     tree_lib.check_like_params(updates, params, "updates", "track_oscillations.update")
     count = optax.safe_increment(state.count)
     roll = count % window == 0

@@ -116,8 +116,8 @@ def freeze_oscillations(
     params (or restore a checkpoint) to train.
   """
   check_scale(scale, "freeze_oscillations")
-  if not tree_lib.is_number(momentum) or (
-      tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
+  if not checks.is_number(momentum) or (
+      checks.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
   checks.scalar_or_schedule("freeze_oscillations", "threshold", threshold, lo=0.0)
   spec_lib.check_spec_arg(spec, "freeze_oscillations")
@@ -137,8 +137,7 @@ def freeze_oscillations(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("freeze_oscillations.update: params are required")
+    checks.require_params("freeze_oscillations.update", params)
     tree_lib.check_like_params(updates, params, "updates", "freeze_oscillations.update")
     thr = threshold(state.count) if callable(threshold) else threshold
 

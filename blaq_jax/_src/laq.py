@@ -142,8 +142,7 @@ def laq(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("laq.update: params are required (pass params=...)")
+    checks.require_params("laq.update", params)
     tree_lib.check_like_params(updates, params, "updates", "laq.update")
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     ok = step_ok(updates, lr, skip_nonfinite)

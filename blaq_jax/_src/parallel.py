@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 
 _MODES = ("pmap", "jit")
@@ -78,10 +79,10 @@ class DataParallel(NamedTuple):
 
 
 def _argnums(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
-  nums = (value,) if isinstance(value, int) else tuple(value)
-  if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums):
+  nums = (value,) if checks.is_concrete_number(value, integer=True) else tuple(value)
+  if not all(checks.is_concrete_number(i, integer=True) and i >= 0 for i in nums):
     raise TypeError(f"data_parallel: {name} must be non-negative ints, got {value!r}")
-  return nums
+  return tuple(int(i) for i in nums)
 
 
 def _check_divisible(tree, n: int, what: str) -> None:

@@ -60,7 +60,7 @@ class QuantSpec:
   group_size: int | None = None
 
   def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+    if not checks.is_concrete_number(self.bits, integer=True):
       raise TypeError(f"QuantSpec: bits must be an int in 1..8, got {self.bits!r}")
     if not 1 <= int(self.bits) <= 8:
       raise ValueError(f"QuantSpec: bits must be in 1..8, got {self.bits}")
@@ -72,17 +72,16 @@ class QuantSpec:
     if self.scheme == "log" and self.bits < 2:
       raise ValueError("QuantSpec: scheme 'log' needs bits >= 2 (1 bit is binary)")
     checks.boolean("QuantSpec", "per_channel", self.per_channel)
-    if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, (int, np.integer)):
+    if not checks.is_concrete_number(self.max_iters, integer=True):
       raise TypeError(f"QuantSpec: max_iters must be an int >= 1, got {self.max_iters!r}")
     if self.max_iters < 1:
       raise ValueError(f"QuantSpec: max_iters must be >= 1, got {self.max_iters}")
-    if (isinstance(self.tol, (bool, np.bool_))
-        or not isinstance(self.tol, (int, float, np.integer, np.floating))):
+    if not checks.is_concrete_number(self.tol):
       raise TypeError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
     if not 0 <= self.tol < 1:
       raise ValueError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
     g = self.group_size
-    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, np.integer))):
+    if g is not None and not checks.is_concrete_number(g, integer=True):
       raise TypeError(f"QuantSpec: group_size must be None or an int >= 1, got {g!r}")
     if g is not None and g < 1:
       raise ValueError(f"QuantSpec: group_size must be None or an int >= 1, got {g}")
@@ -337,11 +336,12 @@ def quant_spec(
   for pat, value in (overrides or {}).items():
     if not isinstance(pat, str):
       raise TypeError(f"quant_spec: override keys must be regex strings, got {pat!r}")
-    if isinstance(value, bool) or not (value is None or isinstance(value, (int, QuantSpec))):
+    if not (value is None or isinstance(value, QuantSpec)
+            or checks.is_concrete_number(value, integer=True)):
       raise TypeError(
           f"quant_spec: override {pat!r} must be bits (int), a QuantSpec or None, "
           f"got {value!r}")
-    if isinstance(value, int):
+    if not (value is None or isinstance(value, QuantSpec)):  # bits
       scheme_k = default.scheme
       if scheme_k == "ternary" and value != 2:
         scheme_k = "linear"

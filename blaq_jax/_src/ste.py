@@ -174,8 +174,7 @@ def ste(
     return STEState(inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("ste.update: params are required (pass params=...)")
+    checks.require_params("ste.update", params)
     tree_lib.check_like_params(updates, params, "updates", "ste.update")
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if clip is not None:

@@ -8,14 +8,12 @@ and optax's placeholder of :func:`optax.tree.map_params`.
 
 from __future__ import annotations
 
-import numbers
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 
@@ -89,23 +87,6 @@ def unwrap(tree):
 
 
 # --- validation ---------------------------------------------------------------
-
-
-def is_concrete_number(x) -> bool:
-  """A Python/numpy real number (not a bool, not a traced or jax array).
-
-  Range checks of hyperparameters run on these only, so that
-  ``optax.inject_hyperparams`` (which passes jax arrays, traced under
-  ``jit``) works with every numeric argument.
-  """
-  return isinstance(x, (numbers.Real, np.number)) and not isinstance(x, (bool, np.bool_))
-
-
-def is_number(x) -> bool:
-  """A concrete number or a scalar array (a hyperparameter of ``inject_hyperparams``)."""
-  if is_concrete_number(x):
-    return True
-  return isinstance(x, (jax.Array, np.ndarray)) and jnp.ndim(x) == 0
 
 
 def is_abstract(x) -> bool:

@@ -77,8 +77,7 @@ def _blaq_init(spec, where):
 
 def _check_update(where, updates, params):
   """The core transforms' checks on ``update``'s arguments."""
-  if params is None:
-    raise ValueError(f"{where}: params are required (pass params=...)")
+  checks.require_params(where, params)
   loss_aware.check_not_masked(params, where)
   tree_lib.check_like_params(updates, params, "updates", where)
 
