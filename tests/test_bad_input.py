@@ -264,6 +264,8 @@ CASES = [
      TypeError, r"QuantSpec: tol must be a float"),
     ("quantspec_scheme_not_str", lambda: bq.QuantSpec(2, scheme=2),
      ValueError, r"QuantSpec: unknown scheme 2"),
+    ("quantspec_scheme_positional", lambda: bq.QuantSpec(2, "log"),
+     TypeError, r"takes 2 positional arguments but 3 were given"),
     ("quant_spec_per_channel_string",
      lambda: bq.quant_spec(params(), bits=2, per_channel="yes"),
      TypeError, r"QuantSpec: per_channel must be True or False"),

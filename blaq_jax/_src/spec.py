@@ -53,6 +53,7 @@ class QuantSpec:
   """
 
   bits: int
+  _: dataclasses.KW_ONLY
   scheme: str = "linear"
   per_channel: bool = False
   tol: float = 1e-6
@@ -318,7 +319,8 @@ def quant_spec(
                       overrides={"head": QuantSpec(8, per_channel=True)})
   """
   params = tree_lib.unwrap(params)
-  default = QuantSpec(bits, scheme, per_channel, tol, max_iters, group_size)
+  default = QuantSpec(bits, scheme=scheme, per_channel=per_channel, tol=tol,
+                      max_iters=max_iters, group_size=group_size)
   if include is None:
     include_fn = _default_include
   elif isinstance(include, str):
@@ -347,8 +349,7 @@ def quant_spec(
         scheme_k = "linear"
       if scheme_k == "log" and value < 2:
         scheme_k = "linear"
-      value = QuantSpec(value, scheme_k, default.per_channel, default.tol, default.max_iters,
-                        default.group_size)
+      value = dataclasses.replace(default, bits=value, scheme=scheme_k)
     compiled.append((pat, _compile(pat, "overrides key"), value))
   used, matched, included_paths = set(), {}, []
 
