@@ -234,11 +234,7 @@ def blaq(
                 **extra_args):
     del extra_args
     checks.require_params("blaq.update", params)
-    if grad_fn is not None and not callable(grad_fn):
-      raise TypeError(
-          "blaq.update: grad_fn must be a function params -> gradient of the loss on "
-          "the current batch, e.g. grad_fn=lambda p: jax.grad(loss)(p, batch), or None "
-          f"for a step without the lookahead; got {type(grad_fn).__name__}")
+    checks.grad_fn("blaq.update", grad_fn, required=False)
     loss_aware.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
     lr = loss_aware.learning_rate_at(learning_rate, state.count)

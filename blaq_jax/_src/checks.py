@@ -39,6 +39,18 @@ def is_number(x) -> bool:
   return is_concrete_number(x) or is_array_scalar(x)
 
 
+def grad_fn(where: str, value, *, required: bool) -> None:
+  """``grad_fn``: a function params -> gradient; None passes unless ``required``."""
+  example = "e.g. grad_fn=lambda p: jax.grad(loss)(p, batch)"
+  if value is None and required:
+    raise ValueError(f"{where}: the keyword argument grad_fn is required: a function params "
+                     f"-> gradient of the loss on the current batch, {example}")
+  if value is not None and not callable(value):
+    optional = "" if required else ", or None for a step without the lookahead"
+    raise TypeError(f"{where}: grad_fn must be a function params -> gradient of the loss on "
+                    f"the current batch, {example}{optional}; got {type(value).__name__}")
+
+
 def require_params(where: str, params) -> None:
   """The one error of an ``update`` that needs ``params`` and got None."""
   if params is None:

@@ -57,7 +57,7 @@ from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
 from blaq_jax._src.quantizers import quantize_with_scale
-from blaq_jax._src.skipping import all_finite, select
+from blaq_jax._src.skipping import select, step_ok
 
 
 def _check(where, learning_rate, a):
@@ -65,20 +65,18 @@ def _check(where, learning_rate, a):
   checks.number(where, "a", a, lo=0, hi=1)
 
 
-def _require_grad_fn(where, grad_fn):
-  if grad_fn is None or not callable(grad_fn):
-    raise ValueError(f"{where}: the keyword argument grad_fn is required "
-                     "(params -> gradient of the loss on the current batch)")
-
-
 def _blaq_init(spec, where):
   return lambda params: loss_aware.init_state(BLAQState, params, spec, where)
 
 
-def _check_update(where, updates, params):
-  """The core transforms' checks on ``update``'s arguments."""
+def _check_update(where, updates, params, grad_fn=None, *, lookahead: bool):
+  """The checks :func:`blaq_jax.blaq` makes on ``update``'s arguments; with
+  ``lookahead`` (a ``grad_fn`` is called, on the whole model) ``grad_fn`` is
+  required and ``optax.masked`` refused."""
   checks.require_params(where, params)
-  loss_aware.check_not_masked(params, where)
+  if lookahead:
+    checks.grad_fn(where, grad_fn, required=True)
+    loss_aware.check_not_masked(params, where)
   tree_lib.check_like_params(updates, params, "updates", where)
 
 
@@ -117,6 +115,22 @@ def blaq_reuse(
       g*_t = grad_fn(ŵ*)                                (the one gradient)
       stage 2:  w_{t+1} = clip(w_t - lr m̂(a g_t + (1-a) g*_t) / (a D1 + (1-a) D*))
 
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count, as
+      for :func:`blaq_jax.blaq`.
+    spec: the tree from :func:`blaq_jax.quant_spec` (QuantSpec or None per leaf).
+    a: weight of ``g_t`` in the mixed gradient and curvature, in [0, 1].
+    b1, b2, eps: Adam's decay rates and epsilon.
+    clip: latent weights of quantized leaves are clipped to ``[-clip, clip]``.
+    batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
+      trial gradient is ``pmean``-ed.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(updates,
+    state, params, *, grad_fn)`` requires ``params`` and ``grad_fn`` and
+    makes :func:`blaq_jax.blaq`'s checks on them. A step whose trial gradient
+    or learning rate is not finite is skipped and counted in ``skipped``.
+
   References:
     Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
     Loss-Aware Quantization Training", AAAI 2024.
@@ -133,18 +147,16 @@ def blaq_reuse(
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
     del extra
-    _require_grad_fn("blaq_reuse.update", grad_fn)
-    _check_update("blaq_reuse.update", updates, params)
+    _check_update("blaq_reuse.update", updates, params, grad_fn, lookahead=True)
     count = optax.safe_increment(state.count)
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     g_prev = state.trial_grad
     stage1 = forward_step(spec, hyper, state, g_prev, params, lr, count)
     g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq_reuse.update")
-    if batch_axis_name:
-      g_trial = jax.lax.pmean(g_trial, batch_axis_name)
+    if batch_axis_name is not None:
+      g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
     a_t = jnp.where(state.count == 0, 0.0, a)
-
-    ok = all_finite(g_trial)
+    ok = step_ok(g_trial, lr, True)
     updates, new_state = backtrack(spec, hyper, state, params, stage1, g_trial, a_t, lr, ok)
     return updates, new_state._replace(trial_grad=select(ok, g_trial, state.trial_grad))
 
@@ -171,6 +183,22 @@ def blaq_model(
       g*  ≈ g_t + (D1 / lr) ⊙ (ŵ* - ŵ_t)                (no gradient evaluation)
       stage 2:  w_{t+1} = clip(w_t - lr m̂(a g_t + (1-a) g*) / (a D1 + (1-a) D*))
 
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count, as
+      for :func:`blaq_jax.laq`.
+    spec: the tree from :func:`blaq_jax.quant_spec` (QuantSpec or None per leaf).
+    a: weight of ``g_t`` in the mixed gradient and curvature, in [0, 1];
+      ``a = 1`` is LAQ.
+    b1, b2, eps: Adam's decay rates and epsilon.
+    clip: latent weights of quantized leaves are clipped to ``[-clip, clip]``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and makes :func:`blaq_jax.laq`'s checks on its arguments. It calls no
+    ``grad_fn``, so, unlike :func:`blaq_jax.blaq`, it runs under
+    ``optax.masked`` and ``multi_transform``. A step whose gradient or
+    learning rate is not finite is skipped and counted in ``skipped``.
+
   References:
     Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
     Loss-Aware Quantization Training", AAAI 2024.
@@ -183,7 +211,7 @@ def blaq_model(
 
   def update_fn(updates, state, params=None, **extra):
     del extra
-    _check_update("blaq_model.update", updates, params)
+    _check_update("blaq_model.update", updates, params, lookahead=False)
     count = optax.safe_increment(state.count)
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
@@ -198,7 +226,7 @@ def blaq_model(
     g_trial = spec_lib.map_with_spec(predict, spec, updates, params, state.scale,
                                      stage1.den, stage1.trial)
     return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr,
-                     all_finite(updates))
+                     step_ok(updates, lr, True))
 
   return optax.GradientTransformationExtraArgs(_blaq_init(spec, "blaq_model.init"),
                                                update_fn)
