@@ -26,8 +26,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
+# ruff, then pyrefly's type check of blaq_jax/ (configured in pyproject.toml),
+# resolving imports in this virtualenv.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m pyrefly check --python-interpreter-path $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.spec import QuantSpecTree
 
 
-def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
+def alpha_blend_params(params, spec: QuantSpecTree, alpha, *, scale: str = "fit"):
   """Returns ``(1 - α) w + α sg(Q(w))`` for quantized leaves, ``w`` elsewhere.
 
   Per quantized leaf, with ``Q`` the plain projection and ``sg`` a

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,14 @@ from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
 from blaq_jax._src.quantizers import fit_scale, next_scales, quantize_with_scale
-from blaq_jax._src.skipping import (all_finite, counted, latent_check_needed, select,
+from blaq_jax._src.skipping import (all_finite, counted, increment, latent_check_needed, select,
                                     skip_if_nonfinite, step_ok)
+from blaq_jax._src.spec import QuantSpecTree
+
+
+# ``grad_fn(params) -> grads``: the gradient of the loss on the current batch
+# at ``params``, a tree like params (e.g. ``lambda p: jax.grad(loss)(p, batch)``).
+GradFn: TypeAlias = Callable[[optax.Params], optax.Updates]
 
 
 class BLAQState(NamedTuple):
@@ -84,7 +90,7 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
 
 def blaq(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     a: float = 0.6,
     lookahead_schedule: Callable[[jax.Array], Any] | None = None,
@@ -230,7 +236,7 @@ def blaq(
   def init_fn(params):
     return loss_aware.init_state(BLAQState, params, spec, "blaq.init")
 
-  def update_fn(updates, state, params=None, *, grad_fn: Callable | None = None,
+  def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None,
                 **extra_args):
     del extra_args
     checks.require_params("blaq.update", params)
@@ -240,20 +246,23 @@ def blaq(
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     ok_t = step_ok(updates, lr, skip_nonfinite)
 
-    def two_stage():
-      count = optax.safe_increment(state.count)
-      stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
-      g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq.update")
-      if batch_axis_name is not None:
-        g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-      ok = None if ok_t is None else ok_t & all_finite(g_trial)
-      return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
-
     def one_stage():
       return laq_step(spec, hyper, state, updates, params, lr, ok_t)
 
     if grad_fn is None:
       return one_stage()
+    lookahead_grad: GradFn = grad_fn
+
+    def two_stage():
+      count = increment(state.count)
+      stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+      g_trial = tree_lib.check_grad_fn_result(lookahead_grad(stage1.trial), params,
+                                              "blaq.update")
+      if batch_axis_name is not None:
+        g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
+      ok = None if ok_t is None else ok_t & all_finite(g_trial)
+      return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
+
     if lookahead_schedule is None:
       return two_stage()
     active = (lookahead_schedule(state.count) if callable(lookahead_schedule)

@@ -31,6 +31,8 @@ from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class DampeningState(NamedTuple):
@@ -41,7 +43,7 @@ class DampeningState(NamedTuple):
 
 def add_oscillation_dampening(
     weight: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     scale: str = "fit",
 ) -> optax.GradientTransformationExtraArgs:
@@ -89,6 +91,6 @@ def add_oscillation_dampening(
       return (g + 2 * lam * (w - q)).astype(g.dtype)
 
     updates = spec_lib.map_with_spec(add, spec, updates, params)
-    return updates, DampeningState(count=optax.safe_increment(state.count))
+    return updates, DampeningState(count=increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -47,6 +47,8 @@ from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class OscillationState(NamedTuple):
@@ -82,12 +84,29 @@ class OscillationState(NamedTuple):
   cosine_all: jax.Array
 
 
+class _LeafStep(NamedTuple):
+  """One leaf's results of a step: its entries of the new state (the fields
+  of OscillationState that hold one entry per leaf), and the sums the cosine
+  over all leaves needs (``dot``, ``norm_u``, ``norm_prev``)."""
+  codes: Any
+  flips: Any
+  window_flips: Any
+  window_min: Any
+  window_max: Any
+  window_cosine: Any
+  last_flips: Any
+  last_amplitude: Any
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  dot: Any
+  norm_u: Any
+  norm_prev: Any
+
+
 # The fields of OscillationState that hold one entry per leaf.
 _PER_LEAF = tuple(f for f in OscillationState._fields if f not in ("count", "window", "cosine_all"))
-# One leaf's results of a step: its entries of the new state, and the sums the
-# cosine over all leaves needs.
-_LeafStep = NamedTuple(  # pyrefly: ignore[bad-class-definition]  (fields from a tuple)
-    "_LeafStep", [(f, Any) for f in _PER_LEAF + ("dot", "norm_u", "norm_prev")])
+assert _LeafStep._fields == _PER_LEAF + ("dot", "norm_u", "norm_prev")
 
 
 def _cosine(dot, n1, n2):
@@ -108,7 +127,7 @@ def _copy(w):
   return jnp.array(w, copy=True)
 
 
-def track_oscillations(spec, *, window: int = 100,
+def track_oscillations(spec: QuantSpecTree, *, window: int = 100,
                        scale: str = "fit") -> optax.GradientTransformationExtraArgs:
   """Identity on updates; its state records code flips, amplitudes and cosines.
 
@@ -187,7 +206,7 @@ def track_oscillations(spec, *, window: int = 100,
     del extra_args
     checks.require_params("track_oscillations.update", params)
     tree_lib.check_like_params(updates, params, "updates", "track_oscillations.update")
-    count = optax.safe_increment(state.count)
+    count = increment(state.count)
     roll = count % window == 0
 
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
@@ -279,6 +298,7 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   cmean = [jnp.where(complete, l, c / steps_f) for l, c in
            zip(get(st.last_cosine), get(st.window_cosine))]
 
+  zero = jnp.zeros([], jnp.float32)
   stats = {"window_steps": steps}
   for path, flips, f, a, cos, cm in zip(paths, get(st.flips), wf, amp, get(st.cosine), cmean):
     n = max(f.size, 1)
@@ -286,12 +306,11 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
     stats[f"{path}/window_flips"] = jnp.sum(f).astype(jnp.float32)
     stats[f"{path}/flip_frequency"] = jnp.sum(f) / (n * steps_f)
     stats[f"{path}/max_weight_flips"] = jnp.max(f) if f.size else jnp.zeros([], jnp.int32)
-    stats[f"{path}/amplitude_max"] = jnp.max(a).astype(jnp.float32) if a.size else 0.0
-    stats[f"{path}/amplitude_mean"] = jnp.mean(a).astype(jnp.float32) if a.size else 0.0
+    stats[f"{path}/amplitude_max"] = jnp.max(a).astype(jnp.float32) if a.size else zero
+    stats[f"{path}/amplitude_mean"] = jnp.mean(a).astype(jnp.float32) if a.size else zero
     stats[f"{path}/cosine"] = cos
     stats[f"{path}/cosine_mean"] = cm
   n_all = sum(f.size for f in wf)
-  zero = jnp.zeros([], jnp.float32)
   stats["all/flips"] = sum(get(st.flips), zero)
   stats["all/window_flips"] = sum((jnp.sum(f).astype(jnp.float32) for f in wf), zero)
   stats["all/flip_frequency"] = stats["all/window_flips"] / (max(n_all, 1) * steps_f)

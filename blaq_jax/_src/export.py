@@ -44,7 +44,7 @@ from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.packed import (PackedArray, code_bytes, codebook, dequantize, is_packed,
                                   pack_tree, spec_dict)
 from blaq_jax._src.quantizers import compute_dtype, scale_shape
-from blaq_jax._src.spec import QuantSpec
+from blaq_jax._src.spec import QuantSpec, QuantSpecTree
 
 _META = "__meta__"
 _EXTRA = "extra:"
@@ -115,13 +115,14 @@ def _flat_leaves(tree, what: str, source: str):
   return out
 
 
-def _entries(tree, *, extra: bool, what: str, source: str) -> dict:
-  """The flat dict (arrays and ``__meta__`` entries) of one tree."""
-  out, meta = {}, []
+def _entries(tree, *, extra: bool, what: str, source: str) -> tuple[dict, list[dict]]:
+  """The flat dict of one tree's arrays, and its ``__meta__`` entries."""
+  out: dict[str, np.ndarray] = {}
+  meta: list[dict] = []
   for name, leaf in _flat_leaves(tree, what, source):
     if is_packed(leaf):
-      entry = {"path": name, "shape": list(leaf.shape), "dtype": leaf.dtype.name,
-               "spec": spec_dict(leaf.spec)}
+      entry: dict[str, Any] = {"path": name, "shape": list(leaf.shape),
+                               "dtype": leaf.dtype.name, "spec": spec_dict(leaf.spec)}
       arrays = {"codes": np.asarray(leaf.codes, np.uint8), "alpha": np.asarray(leaf.scale)}
     else:
       value = np.asarray(leaf)
@@ -157,7 +158,7 @@ def serialise(packed, extra=None, source: str = "save_packed") -> dict:
   return out
 
 
-def pack(params, spec, curvature=None, *, state=None) -> dict:
+def pack(params, spec: QuantSpecTree, curvature=None, *, state=None) -> dict:
   """Packs the quantized leaves of ``params`` into bit codes plus scales, as a dict.
 
   The ``.npz`` serialisation of :func:`blaq_jax.pack_params`'s tree (which
@@ -272,7 +273,7 @@ def _meta(packed, source: str = "unpack") -> list[dict]:
                      "blaq_jax.pack / save_packed")
   try:
     meta = json.loads(bytes(np.asarray(packed[_META], np.uint8)).decode())
-  except (ValueError, UnicodeDecodeError) as e:
+  except ValueError as e:  # also a UnicodeDecodeError
     raise ValueError(f"{source}: the '__meta__' entry is not valid JSON ({e}); the file "
                      "is corrupted, export it again with blaq_jax.pack") from None
   if not isinstance(meta, list):
@@ -505,7 +506,7 @@ def size_report(packed, print_fn: Callable[[str], Any] | None = print) -> dict:
   # Every leaf is checked as unpack checks it (sizes, sha256), so a truncated
   # or edited file is an error here too, not a wrong table.
   params, extra = _load_all(packed, source)
-  layers = []
+  layers: list[dict[str, Any]] = []
   for name, leaf in params.items():
     n = math.prod(_shape(leaf))
     if is_packed(leaf):

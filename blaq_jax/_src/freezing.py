@@ -46,6 +46,8 @@ from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes, plain_quantize
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class FreezingState(NamedTuple):
@@ -78,7 +80,7 @@ class _LeafStep(NamedTuple):
 
 def freeze_oscillations(
     threshold: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     momentum: float = 0.01,
     scale: str = "fit",
@@ -158,7 +160,7 @@ def freeze_oscillations(
                                  tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
     step = tree_lib.unzip(out, _LeafStep)
-    new_state = FreezingState(optax.safe_increment(state.count), step.codes, step.direction,
+    new_state = FreezingState(increment(state.count), step.codes, step.direction,
                               step.frequency, step.frozen)
     return tree_lib.rewrap(updates, step.update), new_state
 

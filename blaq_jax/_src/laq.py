@@ -12,6 +12,7 @@ from blaq_jax._src import loss_aware
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import next_scales
 from blaq_jax._src.skipping import counted, latent_check_needed, select, skip_if_nonfinite, step_ok
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class LAQState(NamedTuple):
@@ -67,7 +68,7 @@ def laq_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, ok):
 
 def laq(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     b1: float = 0.9,
     b2: float = 0.999,

@@ -39,7 +39,7 @@ from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import (code_index, codes, compute_dtype, expand_scale,
                                       fit_scale, nearest_code, quantize_with_scale,
                                       scale_shape)
-from blaq_jax._src.spec import QuantSpec
+from blaq_jax._src.spec import QuantSpec, QuantSpecTree
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -103,7 +103,7 @@ class PackedArray:
   @property
   def nbytes(self) -> int:
     """Bytes the packed value holds: its codes and its scales."""
-    return int(_nbytes(self.codes) + _nbytes(self.scale))
+    return _nbytes(self.codes) + _nbytes(self.scale)
 
   def __repr__(self):
     s = self.spec
@@ -353,7 +353,7 @@ def _pairs(params, spec, curvature, scale, where):
   return out
 
 
-def pack_params(params, spec, curvature=None, *, state=None):
+def pack_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
   """Packs a whole model: every quantized leaf becomes a :class:`PackedArray`.
 
   Per quantized leaf the same projection as :func:`blaq_jax.quantize_params`,
@@ -401,7 +401,7 @@ def pack_tree(params, spec, curvature, state, where: str):
   if state is not None:
     curvature, scale = None, state_lib.find_scales(state, spec, params, where)
     state_curv = state_lib.find_field(state, "curvature", where)
-  curv_by_path = (None if state_curv is None else
+  curv_by_path = ({} if state_curv is None else
                   {tree_lib.path_str(p): d for p, _, _, d, _ in
                    _pairs(params, spec, state_curv, None, where)})
   packed = {}

@@ -79,7 +79,7 @@ class DataParallel(NamedTuple):
 
 
 def _argnums(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
-  nums = (value,) if checks.is_concrete_number(value, integer=True) else tuple(value)
+  nums = tuple(value) if isinstance(value, Sequence) else (value,)
   if not all(checks.is_concrete_number(i, integer=True) and i >= 0 for i in nums):
     raise TypeError(f"data_parallel: {name} must be non-negative ints, got {value!r}")
   return tuple(int(i) for i in nums)

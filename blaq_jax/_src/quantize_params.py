@@ -11,9 +11,10 @@ from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import project, quantize
 from blaq_jax._src.skipping import all_finite
+from blaq_jax._src.spec import QuantSpecTree
 
 
-def quantize_params(params, spec, curvature=None, *, state=None):
+def quantize_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
   """Maps latent weights to the quantized weights ``ŵ`` the forward pass uses.
 
   A pure pytree map: leaves whose spec is None are returned unchanged, the

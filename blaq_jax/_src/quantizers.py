@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
@@ -83,15 +84,16 @@ from blaq_jax._src.spec import QuantSpec, check_group_shape
 # False (per tensor), True (per output channel), or GROUP: the weights in the
 # grouped view ``(..., in // g, g, out)`` of :func:`group_view`, one scale per
 # group of the ``g`` axis (axis -2 of the view).
-GROUP = "group"
+GROUP: Literal["group"] = "group"
+Layout: TypeAlias = bool | Literal["group"]
 
 
-def layout(spec: QuantSpec):
+def layout(spec: QuantSpec) -> Layout:
   """``False``, ``True`` or :data:`GROUP`: how ``spec`` groups the weights."""
   return GROUP if spec.group_size is not None else spec.per_channel
 
 
-def _reduce_axes(ndim: int, per_channel):
+def _reduce_axes(ndim: int, per_channel: Layout) -> tuple[int, ...]:
   if per_channel is GROUP:
     return (ndim - 2,)
   if per_channel and ndim >= 1:
@@ -221,7 +223,7 @@ def expand_scale(alpha, spec: QuantSpec, shape):
                     out_sharding=None if parts is None else P(*parts))
 
 
-def _kept_shape(shape, per_channel: bool) -> tuple:
+def _kept_shape(shape, per_channel: Layout) -> tuple:
   axes = _reduce_axes(len(shape), per_channel)
   return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
@@ -375,6 +377,7 @@ def _cold_start(wf, d, spec, wsum, axes):
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
   error = _sample_error(ws, ds, spec)
 
+  alpha = hi  # the top of the range, were GRID_LEVELS 0
   for _ in range(GRID_LEVELS):
     ratio = _safe_div(hi, lo)
     cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac.reshape(
@@ -383,8 +386,8 @@ def _cold_start(wf, d, spec, wsum, axes):
     err = jax.lax.map(error, cands, batch_size=GRID_BATCH)
     best = jnp.argmin(err, axis=0, keepdims=True)
     pick = lambda k: jnp.take_along_axis(cands, jnp.clip(best + k, 0, GRID_SIZE - 1), 0)[0]
-    lo, hi = pick(-1), pick(1)
-  return pick(0).reshape(out_shape)
+    lo, hi, alpha = pick(-1), pick(1), pick(0)
+  return alpha.reshape(out_shape)
 
 
 def _search(wf, d, spec, alpha0):
@@ -495,8 +498,21 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   return search + 3.0 + 1.0 + 3.0
 
 
+@overload
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
-              scale: jax.Array | None = None, *, with_rounds: bool = False):
+              scale: jax.Array | None = None, *,
+              with_rounds: Literal[False] = False) -> jax.Array: ...
+
+
+@overload
+def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+              scale: jax.Array | None = None, *,
+              with_rounds: Literal[True]) -> tuple[jax.Array, jax.Array]: ...
+
+
+def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+              scale: jax.Array | None = None, *,
+              with_rounds: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The scale ``alpha`` of the projection ``ŵ = alpha · code(w / alpha)``.
 
   Two modes, both minimising ``Σ D (w - alpha code(w/alpha))²``:

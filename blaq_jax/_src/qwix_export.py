@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.packed import is_packed, pack_tree, unpack_indices
+from blaq_jax._src.spec import QuantSpecTree
 
 # qwix's name of the k-bit signed integer type (its synthetic "intk" types are
 # stored in int4 / int8 containers).
@@ -43,7 +44,7 @@ def _qwix():
   return qwix
 
 
-def to_qwix(params, spec, curvature=None, *, state=None):
+def to_qwix(params, spec: QuantSpecTree, curvature=None, *, state=None):
   """Exports the quantized leaves of a model as ``qwix.QArray`` s.
 
   Per quantized leaf (linear or ternary codes, 2 to 8 bits, per tensor or per

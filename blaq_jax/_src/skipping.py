@@ -1,4 +1,4 @@
-"""Skipping a step whose gradient, learning rate or result is not finite.
+"""Counting steps, and skipping a step whose gradient, learning rate or result is not finite.
 
 The skip is a leafwise select inside the fused update, not a branch: a
 skipped step keeps every buffer exactly and costs no extra pass over the
@@ -8,6 +8,7 @@ weights. Shared by LAQ, BLAQ and the variants in ``blaq_jax.contrib``.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,12 @@ import optax
 from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
+
+
+def increment(count: jax.Array) -> jax.Array:
+  """``optax.safe_increment`` of a state's step count (an int32 array, which
+  is what it returns for one; optax annotates the result as any number)."""
+  return cast(jax.Array, optax.safe_increment(count))
 
 
 def all_finite(*trees):
@@ -44,7 +51,7 @@ def select(ok, new, old):
 def counted(ok, count, skipped):
   """``(count, skipped)`` after a step that is applied if ``ok`` (None: always)."""
   if ok is None:
-    return optax.safe_increment(count), skipped
+    return increment(count), skipped
   return count + ok.astype(count.dtype), skipped + (~ok).astype(skipped.dtype)
 
 

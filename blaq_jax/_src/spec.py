@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +130,12 @@ def check_group_shape(shape, spec: QuantSpec, name: str = "the leaf") -> None:
 
 
 # --- spec trees ---------------------------------------------------------------
+
+# A spec tree: a pytree like the params (dicts, lists, tuples, NamedTuples, a
+# Flax NNX State) with a QuantSpec or None (full precision) per leaf, as
+# quant_spec builds it.
+QuantSpecTree: TypeAlias = (
+    QuantSpec | None | Mapping[Any, "QuantSpecTree"] | Sequence["QuantSpecTree"])
 
 
 def is_spec_leaf(x) -> bool:
@@ -255,7 +261,7 @@ def quant_spec(
     group_size: int | None = None,
     include: None | str | Callable[[str, Any], bool] = None,
     overrides: Mapping[str, Override] | None = None,
-):
+) -> QuantSpecTree:
   """Returns a pytree like ``params`` with a :class:`QuantSpec` or None per leaf.
 
   Each selected leaf gets the code set ``C`` of its :class:`QuantSpec`::

@@ -41,7 +41,7 @@ from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
-from blaq_jax._src.spec import QuantSpec
+from blaq_jax._src.spec import QuantSpec, QuantSpecTree
 
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.
@@ -81,7 +81,7 @@ def _straight_through_jvp(spec, scale, primals, tangents):
   return _straight_through(w, spec, scale), dw
 
 
-def ste_quantize_params(params, spec, *, scale: str = "fit"):
+def ste_quantize_params(params, spec: QuantSpecTree, *, scale: str = "fit"):
   """Maps the latent weights to ``ŵ`` with a straight-through derivative.
 
   Leaves whose spec is None are returned unchanged. ``jax.grad`` of a loss of
@@ -114,7 +114,7 @@ class STEState(NamedTuple):
 
 def ste(
     optimizer: optax.GradientTransformation,
-    spec,
+    spec: QuantSpecTree,
     *,
     clip: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:

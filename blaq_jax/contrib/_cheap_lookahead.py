@@ -55,9 +55,10 @@ from blaq_jax._src import checks
 from blaq_jax._src import loss_aware
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.blaq import BLAQState, backtrack, forward_step
+from blaq_jax._src.blaq import BLAQState, GradFn, backtrack, forward_step
 from blaq_jax._src.quantizers import quantize_with_scale
-from blaq_jax._src.skipping import select, step_ok
+from blaq_jax._src.skipping import increment, select, step_ok
+from blaq_jax._src.spec import QuantSpecTree
 
 
 def _check(where, learning_rate, a):
@@ -94,7 +95,7 @@ class BLAQReuseState(NamedTuple):
 
 def blaq_reuse(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     a: float = 0.6,
     b1: float = 0.9,
@@ -145,10 +146,11 @@ def blaq_reuse(
     state = _blaq_init(spec, "blaq_reuse.init")(params)
     return BLAQReuseState(**state._asdict(), trial_grad=optax.tree.zeros_like(params))
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+  def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra):
     del extra
     _check_update("blaq_reuse.update", updates, params, grad_fn, lookahead=True)
-    count = optax.safe_increment(state.count)
+    assert grad_fn is not None  # refused above; this tells the type checker
+    count = increment(state.count)
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     g_prev = state.trial_grad
     stage1 = forward_step(spec, hyper, state, g_prev, params, lr, count)
@@ -165,7 +167,7 @@ def blaq_reuse(
 
 def blaq_model(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     a: float = 0.6,
     b1: float = 0.9,
@@ -212,7 +214,7 @@ def blaq_model(
   def update_fn(updates, state, params=None, **extra):
     del extra
     _check_update("blaq_model.update", updates, params, lookahead=False)
-    count = optax.safe_increment(state.count)
+    count = increment(state.count)
     lr = loss_aware.learning_rate_at(learning_rate, state.count)
     stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
     inv_lr = jnp.where(lr > 0, 1.0 / jnp.where(lr > 0, lr, 1.0), 0.0)
