@@ -20,12 +20,14 @@ Both are ``jax.custom_jvp`` functions, so they work under ``jax.grad``,
 ``jax.jvp``, ``jit`` and ``vmap``.
 
 References:
-  Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-  Quantized Networks", 2020.
-  Yin, Lyu, Zhang, Osher, Qi & Xin, "Understanding Straight-Through Estimator
-  in Training Activation Quantized Neural Nets", ICLR 2019.
-  Hubara, Courbariaux, Soudry, El-Yaniv & Bengio, "Binarized Neural
-  Networks", NeurIPS 2016 (sign with the hard-tanh proxy).
+  Long, Yin & Xin, `Recurrence of Optimum for Training Weight and Activation
+  Quantized Networks <https://arxiv.org/abs/2012.05529>`_, 2020.
+  Yin, Lyu, Zhang, Osher, Qi & Xin, `Understanding Straight-Through Estimator in
+  Training Activation Quantized Neural Nets <https://arxiv.org/abs/1903.05662>`_,
+  ICLR 2019.
+  Hubara, Courbariaux, Soudry, El-Yaniv & Bengio, `Binarized Neural Networks
+  <https://arxiv.org/abs/1602.02830>`_, NeurIPS 2016 (sign with the hard-tanh
+  proxy).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ quantized leaves vanishes: they stop moving while the other leaves (biases,
 norms) can still be trained.
 
 References:
-  Liu & Mattina, "Learning low-precision neural networks without
-  Straight-Through Estimator (STE)", IJCAI 2019.
+  Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+  Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def alpha_blend_params(params, spec: QuantSpecTree, alpha, *, scale: str = "fit"
   :func:`alpha_blending_schedule`.
 
   References:
-    Liu & Mattina, "Learning low-precision neural networks without
-    Straight-Through Estimator (STE)", IJCAI 2019.
+    Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+    Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
 
   Args:
     params: the latent parameters.
@@ -83,8 +83,8 @@ def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.
       α(t) = 1 - clip((end_step - t) / (end_step - start_step), 0, 1)^power
 
   References:
-    Liu & Mattina, "Learning low-precision neural networks without
-    Straight-Through Estimator (STE)", IJCAI 2019.
+    Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+    Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
   """
   for name, v in (("start_step", start_step), ("end_step", end_step)):
     if not checks.is_concrete_number(v, integer=True) or v < 0:

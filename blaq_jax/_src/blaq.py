@@ -219,9 +219,11 @@ def blaq(
     ``grad_fn``.
 
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024.
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
   """
   checks.learning_rate("blaq", learning_rate)
   checks.number("blaq", "a", a, lo=0, hi=1)

@@ -15,8 +15,8 @@ optimizer, like ``optax.add_decayed_weights``::
                             optax.adam(1e-3)), spec)
 
 References:
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def add_oscillation_dampening(
   Put it before the optimizer, as ``optax.add_decayed_weights``.
 
   References:
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     weight: ``λ``, a float ``>= 0`` or a schedule of the step count (or a

@@ -29,10 +29,11 @@ Chain it last, so that it sees the final updates::
 Memory: seven arrays of each quantized leaf's shape.
 
 References:
-  Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-  Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging in
+  Loss-Aware Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_,
+  AAAI 2024 (Table 1).
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
@@ -143,10 +144,11 @@ def track_oscillations(spec: QuantSpecTree, *, window: int = 100,
       cosine     <u_t, u_{t-1}> / (|u_t| |u_{t-1}|)          (near -1: zig-zag)
 
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     spec: the tree from :func:`blaq_jax.quant_spec`.
@@ -276,10 +278,11 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   plus ``window_steps``, the number of steps the window covers.
 
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Raises:
     ValueError: if ``opt_state`` holds no (or more than one) tracker state.

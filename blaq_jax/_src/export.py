@@ -173,8 +173,10 @@ def pack(params, spec: QuantSpecTree, curvature=None, *, state=None) -> dict:
     bq.save_packed("model.npz", bq.pack(params, spec, state=opt_state))
 
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
@@ -394,8 +396,10 @@ def unpack(packed, like=None):
     w_hat = bq.unpack("model.npz", like=params)
 
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     packed: the dict returned by :func:`pack`, or a path written by

@@ -30,8 +30,8 @@ while ``alpha`` moves less than half a code step. With ``bits=1`` or
 ``scale="none"`` the code depends on the frozen latent value alone.
 
 References:
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def freeze_oscillations(
   Chain it after the optimizer (and after :func:`blaq_jax.ste`'s clipping).
 
   References:
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     threshold: a finite float ``>= 0`` or a schedule of the step count

@@ -129,8 +129,10 @@ def laq(
     be taken at ``quantize_params(params, spec, state=state)``.
 
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
   """
   checks.learning_rate("laq", learning_rate)
   loss_aware.check_hyperparams("laq", b1, b2, eps, clip)

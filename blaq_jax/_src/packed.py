@@ -19,8 +19,10 @@ makes it) takes the spare index ``2^bits - 1`` of codebooks that hold 0, so
 the result equals ``ŵ`` bit for bit, inside ``jit`` or not.
 
 References:
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+  Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+  <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ def dequantize(packed: PackedArray) -> jax.Array:
     w_hat = jax.jit(bq.dequantize)(packed["dense"]["kernel"])
 
   References:
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     packed: a :class:`PackedArray`.
@@ -373,8 +376,10 @@ def pack_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
     logits = jax.jit(lambda p, x: forward(bq.dequantize_tree(p), x))(packed, x)
 
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;

@@ -112,8 +112,9 @@ def data_parallel(
   ``g*``); ``"jit"`` shards ``B`` over a mesh and XLA inserts it.
 
   References:
-    JAX documentation, "Distributed arrays and automatic parallelization" and
-    ``jax.pmap``; ``optax.contrib.sam`` (``batch_axis_name``).
+    JAX documentation, `Distributed arrays and automatic parallelization
+    <https://docs.jax.dev/en/latest/parallel.html>`_ and ``jax.pmap``;
+    ``optax.contrib.sam`` (``batch_axis_name``).
 
   Args:
     mode: ``"pmap"`` (``jax.pmap`` over this process's devices, state with a

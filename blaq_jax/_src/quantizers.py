@@ -57,10 +57,12 @@ problem above. No gradient flows through the scale (it is fitted to
 ``stop_gradient(w)``).
 
 References:
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
-  Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
-  Loss-Aware Quantization Training", AAAI 2024.
+  Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+  <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
+  Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
+  Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ Not representable, and refused with a one-line error naming the leaf:
 types are uniform grids).
 
 References:
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
   qwix: https://github.com/google/qwix
 """
 
@@ -64,7 +65,8 @@ def to_qwix(params, spec: QuantSpecTree, curvature=None, *, state=None):
     nnx.update(ptq, ckpt)   # rules: weight_qtype = exported leaf's .qtype
 
   References:
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     params: the latent parameters (NNX Variables unwrapped).

@@ -274,9 +274,11 @@ def quant_spec(
   and the projection ``Q_D(w) = α · b``, ``(α, b) = argmin Σ D (w - α b)²``.
 
   References:
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018
-    (linear and logarithmic code sets).
-    Li, Zhang & Liu, "Ternary Weight Networks", 2016.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018 (linear and logarithmic code
+    sets).
+    Li, Zhang & Liu, `Ternary Weight Networks <https://arxiv.org/abs/1605.04711>`_,
+    2016.
 
   Args:
     params: the parameter pytree (dicts, tuples, Flax NNX ``State`` such as

@@ -144,12 +144,14 @@ def ste(
   at 1 bit) or 1 (``scale="none"``; BinaryConnect: ``Q(w) = sign(w)``).
 
   References:
-    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-    with binary weights during propagations", NeurIPS 2015.
-    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-    Quantized Networks", 2020 (coarse gradient).
+    Courbariaux, Bengio & David, `BinaryConnect: Training Deep Neural Networks with
+    binary weights during propagations <https://arxiv.org/abs/1511.00363>`_, NeurIPS
+    2015.
+    Rastegari, Ordonez, Redmon & Farhadi, `XNOR-Net: ImageNet Classification Using
+    Binary Convolutional Neural Networks <https://arxiv.org/abs/1603.05279>`_, ECCV
+    2016 (BWN).
+    Long, Yin & Xin, `Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks <https://arxiv.org/abs/2012.05529>`_, 2020 (coarse gradient).
 
   Args:
     optimizer: any optax transform (extra keyword arguments of ``update`` are

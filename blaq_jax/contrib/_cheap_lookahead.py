@@ -37,8 +37,8 @@ previous step's ``ĝ^{*(t)}``; ``blaq_model`` replaces ``ĝ^{*(t+1)}`` in Eq. 9
 by a first-order Taylor estimate (and ``D*`` in Eq. 10 by its moment).
 
 References:
-  Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
-  Loss-Aware Quantization Training", AAAI 2024.
+  Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
+  Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
   Popov, "A modification of the Arrow-Hurwicz method for search of saddle
   points", Mathematical Notes 1980 (past extragradient).
 """
@@ -133,8 +133,8 @@ def blaq_reuse(
     or learning rate is not finite is skipped and counted in ``skipped``.
 
   References:
-    Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
-    Loss-Aware Quantization Training", AAAI 2024.
+    Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
+    Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
     Popov, "A modification of the Arrow-Hurwicz method for search of saddle
     points", Mathematical Notes 1980 (past extragradient).
   """
@@ -202,10 +202,10 @@ def blaq_model(
     learning rate is not finite is skipped and counted in ``skipped``.
 
   References:
-    Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
-    Loss-Aware Quantization Training", AAAI 2024.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018
-    (the quadratic model).
+    Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
+    Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018 (the quadratic model).
   """
   _check("blaq_model", learning_rate, a)
   loss_aware.check_hyperparams("blaq_model", b1, b2, eps, clip)
