@@ -72,6 +72,14 @@ def quantize_activation(x: jax.Array, bits: int, *, proxy: str = "clipped_relu",
                         max_value: float = 1.0) -> jax.Array:
   """Quantized ReLU with ``2^bits`` levels on ``[0, max_value]``.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> x = jnp.array([-0.5, 0.2, 0.6, 1.4])
+    >>> print(np.asarray(bq.quantize_activation(x, bits=2, max_value=1.0)).round(3))
+    [0.    0.333 0.667 1.   ]
+
   Args:
     x: a floating array of pre-activations.
     bits: 1 to 8; the output takes ``2^bits`` values ``max_value · i / (2^bits - 1)``.
@@ -113,6 +121,16 @@ def _sign_ste_jvp(proxy, primals, tangents):
 
 def sign_activation(x: jax.Array, *, proxy: str = "htanh") -> jax.Array:
   """``sign(x)`` (with ``sign(0) = +1``) with a straight-through derivative.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> x = jnp.array([-0.5, 0.2, 0.6, 1.4])
+    >>> print(bq.sign_activation(x))
+    [-1.  1.  1.  1.]
+    >>> print(jax.grad(lambda v: jnp.sum(bq.sign_activation(v)))(x))  # hard-tanh proxy
+    [1. 1. 1. 0.]
 
   Args:
     x: a floating array.

@@ -47,6 +47,16 @@ def alpha_blend_params(params, spec: QuantSpecTree, alpha, *, scale: str = "fit"
   so no straight-through estimate is needed; ``α`` goes from 0 to 1 on
   :func:`alpha_blending_schedule`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> print(np.asarray(bq.alpha_blend_params(params, spec, 0.5)["w"]).round(3))  # (w + Q(w)) / 2
+    [[ 0.35 -0.55]
+     [ 0.45 -0.65]]
+
   References:
     Liu & Mattina, `Learning low-precision neural networks without Straight-Through
     Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
@@ -81,6 +91,12 @@ def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.
   Math::
 
       α(t) = 1 - clip((end_step - t) / (end_step - start_step), 0, 1)^power
+
+  Examples:
+    >>> import blaq_jax as bq
+    >>> schedule = bq.alpha_blending_schedule(10, 20)
+    >>> [round(float(schedule(step)), 3) for step in (0, 10, 15, 20, 30)]
+    [0.0, 0.0, 0.875, 1.0, 1.0]
 
   References:
     Liu & Mattina, `Learning low-precision neural networks without Straight-Through

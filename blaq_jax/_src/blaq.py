@@ -65,6 +65,15 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
   ``m`` epochs"). With ``steps_per_epoch=1`` the schedule is "every ``m``-th
   step" (steps ``phase, phase + m, ...``).
 
+  Examples:
+    >>> import blaq_jax as bq
+    >>> lookahead = bq.periodic_lookahead(3)  # every 3rd step
+    >>> [bool(lookahead(step)) for step in range(7)]
+    [False, False, True, False, False, True, False]
+    >>> lookahead = bq.periodic_lookahead(2, steps_per_epoch=3)  # every 2nd epoch
+    >>> [bool(lookahead(step)) for step in range(12)]
+    [False, False, False, True, True, True, False, False, False, True, True, True]
+
   Args:
     m: the period in epochs (an int >= 1; ``m = 1`` is every step).
     steps_per_epoch: optimizer steps per epoch (an int >= 1).
@@ -217,6 +226,25 @@ def blaq(
     jax.grad(loss)(p, batch)``. In ``optax.chain`` only the caller's gradient
     passes through the earlier transforms; ``g*`` comes straight from
     ``grad_fn``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = bq.blaq(learning_rate=0.1, spec=spec, a=0.6)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> for _ in range(5):
+    ...   grads = jax.grad(loss)(bq.quantize_params(params, spec, state=state))
+    ...   updates, state = tx.update(grads, state, params, grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(np.asarray(bq.quantize_params(params, spec, state=state)["w"]).round(3))
+    [[ 0.312 -0.312]
+     [ 0.312  0.312]]
 
   References:
     Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging

@@ -56,6 +56,21 @@ def add_oscillation_dampening(
 
   Put it before the optimizer, as ``optax.add_decayed_weights``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = optax.chain(bq.add_oscillation_dampening(0.1, spec), optax.sgd(1.0))
+    >>> zeros = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, _ = tx.update(zeros, tx.init(params), params)
+    >>> print(np.asarray(updates["w"]).round(3))  # -2 λ (w - Q(w)): towards Q(w) = ±0.5
+    [[0.06 0.02]
+     [0.02 0.06]]
+
   References:
     Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
     Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.

@@ -143,6 +143,21 @@ def track_oscillations(spec: QuantSpecTree, *, window: int = 100,
       amplitude  max_t w_{t,i} - min_t w_{t,i}              (per weight, over the window)
       cosine     <u_t, u_{t-1}> / (|u_t| |u_{t-1}|)          (near -1: zig-zag)
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.05, -0.6], [0.4, -0.8]])}
+    >>> tx = bq.track_oscillations(bq.quant_spec(params, bits=1), window=4)
+    >>> state = tx.init(params)
+    >>> for u in (-0.1, 0.1, -0.1, 0.1):  # w[0, 0] zig-zags across 0
+    ...   updates = {"w": jnp.zeros((2, 2)).at[0, 0].set(u)}
+    ...   updates, state = tx.update(updates, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> stats = bq.oscillation_stats(state)
+    >>> print(stats["w/window_flips"], stats["w/cosine"])
+    4.0 -1.0
+
   References:
     Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
     in Loss-Aware Quantization Training

@@ -168,9 +168,21 @@ def pack(params, spec: QuantSpecTree, curvature=None, *, state=None) -> dict:
   ``ceil(n · bits / 8) + 4 · (number of scales)`` bytes against ``4 n`` in
   float32.
 
-  Example::
+  After training, with the scales of the optimizer state::
 
     bq.save_packed("model.npz", bq.pack(params, spec, state=opt_state))
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> packed = bq.pack(params, spec)
+    >>> sorted(packed)
+    ['__meta__', 'b::value', 'w::alpha', 'w::codes']
+    >>> print(bq.unpack(packed, like=params)["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   References:
     Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
@@ -391,9 +403,21 @@ def unpack(packed, like=None):
   Per quantized leaf ``ŵ = α · codebook[index]`` in the leaf's dtype
   (:func:`blaq_jax.dequantize`), bit for bit the ``ŵ`` that was packed.
 
-  Example::
+  From a file::
 
     w_hat = bq.unpack("model.npz", like=params)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> packed = bq.pack(params, bq.quant_spec(params, bits=1))
+    >>> restored = bq.unpack(packed, like=params)
+    >>> print(restored["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
+    >>> print(restored["b"])
+    [ 0.3 -0.1]
 
   References:
     Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
@@ -491,6 +515,14 @@ def size_report(packed, print_fn: Callable[[str], Any] | None = print) -> dict:
   Returns ``{"layers": [...], "fp32_bytes", "packed_bytes", "ratio",
   "extra_bytes", "device_bytes", "file_bytes"}`` (``file_bytes`` None unless
   ``packed`` is a path) and prints a table with ``print_fn`` (None: quiet).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+    >>> report = bq.size_report(bq.pack(params, bq.quant_spec(params, bits=1)), print_fn=None)
+    >>> report["fp32_bytes"], report["packed_bytes"]
+    (16640, 772)
 
   Args:
     packed: a path written by :func:`save_packed`, :func:`pack`'s dict or

@@ -96,6 +96,21 @@ def freeze_oscillations(
 
   Chain it after the optimizer (and after :func:`blaq_jax.ste`'s clipping).
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.05, -0.6], [0.4, -0.8]])}
+    >>> tx = bq.freeze_oscillations(0.3, bq.quant_spec(params, bits=1), momentum=0.5)
+    >>> state = tx.init(params)
+    >>> for u in (-0.1, 0.1):  # w[0, 0] flips sign, then flips back: an oscillation
+    ...   updates = {"w": jnp.zeros((2, 2)).at[0, 0].set(u)}
+    ...   updates, state = tx.update(updates, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(state.frozen["w"])
+    [[ True False]
+     [False False]]
+
   References:
     Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
     Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.

@@ -128,6 +128,25 @@ def laq(
     and ignores extra keyword arguments. The gradient passed to ``update`` must
     be taken at ``quantize_params(params, spec, state=state)``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)  # binary kernel, full-precision bias
+    >>> tx = bq.laq(learning_rate=0.1, spec=spec)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> for _ in range(5):
+    ...   w_hat = bq.quantize_params(params, spec, state=state)  # what the model runs
+    ...   updates, state = tx.update(jax.grad(loss)(w_hat), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(np.asarray(bq.quantize_params(params, spec, state=state)["w"]).round(3))
+    [[ 0.306 -0.306]
+     [ 0.306  0.306]]
+
   References:
     Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
     <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.

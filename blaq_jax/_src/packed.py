@@ -213,7 +213,7 @@ def dequantize(packed: PackedArray) -> jax.Array:
   that was packed bit for bit, inside ``jit`` or not. Under ``jit`` XLA fuses
   the unpacking into the computation that consumes ``ŵ``.
 
-  Example::
+  Under ``jit``, from a training state::
 
     packed = bq.pack_params(params, spec, state=opt_state)
     w_hat = jax.jit(bq.dequantize)(packed["dense"]["kernel"])
@@ -255,6 +255,15 @@ def dequantize_tree(tree):
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     logits = nnx.jit(lambda p, r, x: nnx.merge(graphdef, bq.dequantize_tree(p), r)(x))(
         packed, rest, x)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> tree = bq.pack_params(params, bq.quant_spec(params, bits=1))
+    >>> print(bq.dequantize_tree(tree)["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   Args:
     tree: any pytree (NNX Variables allowed) whose leaves are arrays or
@@ -369,11 +378,22 @@ def pack_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
   ``dequantize_tree(pack_params(params, spec, state=opt_state))`` equals
   ``quantize_params(params, spec, state=opt_state)`` bit for bit.
 
-  Example::
+  Serving the packed model::
 
     packed = bq.pack_params(params, spec, state=opt_state)
     bq.save_packed("model.npz", packed, extra=batch_stats)   # optional
     logits = jax.jit(lambda p, x: forward(bq.dequantize_tree(p), x))(packed, x)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> tree = bq.pack_params(params, bq.quant_spec(params, bits=1))
+    >>> tree["w"]
+    PackedArray(shape=(2, 2), dtype=float32, 1-bit linear)
+    >>> print(bq.dequantize(tree["w"]))
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   References:
     Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks

@@ -39,6 +39,17 @@ def quantize_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
   given (exactly the ``ŵ`` its last update assumed), ``D`` = ``curvature`` or
   1 otherwise (a cold start).
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> print(bq.quantize_params(params, spec)["w"])  # alpha = mean |w| = 0.5
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
+    >>> print(bq.quantize_params(params, spec)["b"])  # spec None: unchanged
+    [ 0.3 -0.1]
+
   References:
     Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
     <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.

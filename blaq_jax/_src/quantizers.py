@@ -480,7 +480,15 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   ``max|w|`` and the three-candidate round (from ``REFINE_BITS`` on). Each
   full-size term counts one evaluation per weight; the refinement's three
   errors and the last round's three candidates each share one read of ``w``
-  and ``D``. 1 for binary codes (one pass for the closed form)."""
+  and ``D``. 1 for binary codes (one pass for the closed form).
+
+  Examples:
+    >>> import blaq_jax as bq
+    >>> bq.warm_fit_cost((256, 256), bq.QuantSpec(1))  # the closed form: one pass
+    1.0
+    >>> bq.warm_fit_cost((1024, 1024), bq.QuantSpec(2))
+    1.5625
+  """
   if spec.is_binary:
     return 1.0
   shape = tuple(shape)
@@ -537,6 +545,16 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
     convergence).
 
   Binary codes have the closed form ``alpha = Σ D|w| / Σ D`` either way.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.fit_scale(w, bq.QuantSpec(1)))  # binary: mean |w|
+    [0.5]
+    >>> print(np.asarray(bq.fit_scale(w, bq.QuantSpec(2, scheme="ternary"))).round(3))
+    [0.6]
 
   Args:
     w: the latent weights.
@@ -656,6 +674,13 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
   """``ŵ = alpha · code(w / alpha)``: the projection at a given scale (elementwise).
 
   Computed in the compute dtype and cast to ``w``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.quantize_with_scale(w, bq.QuantSpec(2), jnp.array(0.8)))  # codes {-1, 0, 1}
+    [ 0.  -0.8  0.  -0.8]
   """
   w = jnp.asarray(w)
   alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
@@ -681,6 +706,16 @@ def quantize(w: jax.Array, spec: QuantSpec,
 
   A cold start run to the alternation's fixed point (see the module
   docstring); ``D = 1`` if ``curvature`` is None.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.quantize(w, bq.QuantSpec(1)))
+    [ 0.5 -0.5  0.5 -0.5]
+    >>> print(np.asarray(bq.quantize(w, bq.QuantSpec(2, scheme="ternary"))).round(3))
+    [ 0.  -0.6  0.6 -0.6]
 
   Args:
     w: a floating array (a layer's latent weights).

@@ -27,6 +27,17 @@ SCHEMES = ("linear", "log", "ternary")
 class QuantSpec:
   """How one array is quantized.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> bq.QuantSpec(2, scheme="ternary").codebook()
+    array([-1.,  0.,  1.])
+    >>> bq.QuantSpec(3, scheme="log").codebook()
+    array([-1.  , -0.5 , -0.25,  0.  ,  0.25,  0.5 ,  1.  ])
+    >>> spec = bq.QuantSpec(4, group_size=64)  # one scale per 64 inputs of each output
+    >>> bq.fit_scale(jnp.ones((512, 256)), spec).shape
+    (8, 256)
+
   Attributes:
     bits: 1 to 8. ``bits=1`` is binary (scheme ``"linear"``).
     scheme: ``"linear"`` (uniform codes), ``"log"`` (powers of two, ``bits >=
@@ -46,10 +57,6 @@ class QuantSpec:
       output channel, whatever ``per_channel`` says.
 
   Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m``.
-
-  Example::
-
-    spec = QuantSpec(4, group_size=64)     # a (512, 256) kernel: scales (8, 256)
   """
 
   bits: int
@@ -273,6 +280,22 @@ def quant_spec(
 
   and the projection ``Q_D(w) = α · b``, ``(α, b) = argmin Σ D (w - α b)²``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+    ...           "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> spec = bq.quant_spec(params, bits=2, overrides={"head": 8})
+    >>> jax.tree.map(lambda s: s.bits, spec)
+    {'dense': {'bias': None, 'kernel': 2}, 'head': {'bias': None, 'kernel': 8}}
+    >>> spec["head"]["kernel"]
+    QuantSpec(bits=8, scheme='linear', per_channel=False, tol=1e-06, max_iters=50, group_size=None)
+    >>> spec = bq.quant_spec(params, bits=4, group_size=2,
+    ...                      overrides={"head": bq.QuantSpec(8, per_channel=True)})
+    >>> spec["dense"]["kernel"].group_size, spec["head"]["kernel"].per_channel
+    (2, True)
+
   References:
     Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
     <https://arxiv.org/abs/1802.08635>`_, ICLR 2018 (linear and logarithmic code
@@ -318,13 +341,6 @@ def quant_spec(
       (it would give one scale per weight); a ``group_size`` that does not
       divide a quantized leaf's input axis. Each message names the pattern
       or path.
-
-  Example::
-
-    spec = quant_spec(params, bits=1, overrides={"conv_init": 8, "head": 8})
-    # 4 bits, one scale per 64 inputs of each output channel; the head per channel:
-    spec = quant_spec(params, bits=4, group_size=64,
-                      overrides={"head": QuantSpec(8, per_channel=True)})
   """
   params = tree_lib.unwrap(params)
   default = QuantSpec(bits, scheme=scheme, per_channel=per_channel, tol=tol,

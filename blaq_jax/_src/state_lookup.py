@@ -89,6 +89,20 @@ def curvature(opt_state):
   the model runs with, use ``quantize_params(params, spec, state=opt_state)``,
   which also uses the stored scales.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.zeros(2)}
+    >>> tx = bq.laq(0.1, bq.quant_spec(params, bits=1))
+    >>> grads = {"w": jnp.array([[1.0, -2.0], [0.5, 4.0]]), "b": jnp.ones(2)}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> print(np.asarray(bq.curvature(state)["w"]).round(3))  # |g| after one step
+    [[1.  2. ]
+     [0.5 4. ]]
+    >>> print(bq.curvature(state)["b"])  # not quantized
+    None
+
   Raises:
     ValueError: if ``opt_state`` holds no LAQ/BLAQ state.
   """

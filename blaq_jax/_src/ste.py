@@ -54,6 +54,16 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
   Forward ``ŵ = Q(w) = α · code(w / α)``; backward ``∂ŵ/∂w := I`` (the
   straight-through estimator), so ``∇_w ℓ(Q(w)) = ∇ℓ(ŵ)``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.ste_quantize(w, bq.QuantSpec(1)))
+    [ 0.5 -0.5  0.5 -0.5]
+    >>> print(jax.grad(lambda x: jnp.sum(bq.ste_quantize(x, bq.QuantSpec(1)) * jnp.arange(4.0)))(w))
+    [0. 1. 2. 3.]
+
   References:
     BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
     ECCV 2016) and the coarse gradient (Long, Yin & Xin, 2020); see :func:`ste`.
@@ -90,6 +100,15 @@ def ste_quantize_params(params, spec: QuantSpecTree, *, scale: str = "fit"):
 
   Per quantized leaf ``ŵ = Q(w)`` forward and ``∂ŵ/∂w := I`` backward (see
   :func:`ste_quantize`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> print(bq.ste_quantize_params(params, spec)["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   References:
     BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
@@ -142,6 +161,22 @@ def ste(
 
   with ``α`` the least-squares scale (``scale="fit"``; BWN: ``α = mean|w|``
   at 1 bit) or 1 (``scale="none"``; BinaryConnect: ``Q(w) = sign(w)``).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = bq.ste(optax.sgd(0.1), spec)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum(p["b"] ** 2)
+    >>> grads = jax.grad(loss)(bq.ste_quantize_params(params, spec))
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(np.asarray(updates["w"]).round(3))  # the step on the latent weights
+    [[0.  0.2]
+     [0.  0.2]]
 
   References:
     Courbariaux, Bengio & David, `BinaryConnect: Training Deep Neural Networks with

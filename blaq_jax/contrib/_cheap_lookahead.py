@@ -132,6 +132,26 @@ def blaq_reuse(
     makes :func:`blaq_jax.blaq`'s checks on them. A step whose trial gradient
     or learning rate is not finite is skipped and counted in ``skipped``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> from blaq_jax import contrib
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = contrib.blaq_reuse(0.1, spec)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> for _ in range(5):
+    ...   unused = optax.tree.zeros_like(params)  # the one gradient comes from grad_fn
+    ...   updates, state = tx.update(unused, state, params, grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(np.asarray(bq.quantize_params(params, spec, state=state)["w"]).round(3))
+    [[ 0.3 -0.3]
+     [ 0.3  0.3]]
+
   References:
     Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
     Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
@@ -200,6 +220,22 @@ def blaq_model(
     ``grad_fn``, so, unlike :func:`blaq_jax.blaq`, it runs under
     ``optax.masked`` and ``multi_transform``. A step whose gradient or
     learning rate is not finite is skipped and counted in ``skipped``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> from blaq_jax import contrib
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = contrib.blaq_model(0.1, spec)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> grads = jax.grad(loss)(bq.quantize_params(params, spec, state=state))
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(int(state.count), int(state.skipped))
+    1 0
 
   References:
     Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
