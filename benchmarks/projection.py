@@ -129,7 +129,7 @@ def cold_start_table(seed: int = 0) -> list[dict]:
     for scheme in SCHEMES:
       for per_channel in (False, True):
         for bits in WIDTHS:
-          spec = bq.QuantSpec(bits, scheme, per_channel=per_channel)
+          spec = bq.QuantSpec(bits, scheme=scheme, per_channel=per_channel)
           w32, d32 = jnp.asarray(w, jnp.float32), jnp.asarray(d, jnp.float32)
           alpha = bq.fit_scale(w32, spec, d32)
           r = error_ratios(w, d, spec, alpha)

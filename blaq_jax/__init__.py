@@ -7,6 +7,7 @@ from blaq_jax._src.activations import sign_activation
 from blaq_jax._src.alpha_blending import alpha_blend_params
 from blaq_jax._src.alpha_blending import alpha_blending_schedule
 from blaq_jax._src.blaq import BLAQState
+from blaq_jax._src.blaq import GradFn
 from blaq_jax._src.blaq import blaq
 from blaq_jax._src.blaq import periodic_lookahead
 from blaq_jax._src.dampening import DampeningState
@@ -31,16 +32,17 @@ from blaq_jax._src.packed import dequantize_tree
 from blaq_jax._src.packed import pack_params
 from blaq_jax._src.parallel import DataParallel
 from blaq_jax._src.parallel import data_parallel
-from blaq_jax._src.quantizers import QuantSpec
+from blaq_jax._src.quantize_params import quantize_params
 from blaq_jax._src.quantizers import fit_scale
 from blaq_jax._src.quantizers import quantize
 from blaq_jax._src.quantizers import quantize_with_scale
 from blaq_jax._src.quantizers import warm_fit_cost
 from blaq_jax._src.qwix_export import to_qwix
 from blaq_jax._src.sharding import shard_like
+from blaq_jax._src.spec import QuantSpec
+from blaq_jax._src.spec import QuantSpecTree
 from blaq_jax._src.spec import quant_spec
-from blaq_jax._src.spec import quantize_params
-from blaq_jax._src.state import curvature
+from blaq_jax._src.state_lookup import curvature
 from blaq_jax._src.ste import STEState
 from blaq_jax._src.ste import ste
 from blaq_jax._src.ste import ste_quantize
@@ -56,11 +58,13 @@ __all__ = (
     "DampeningState",
     "DataParallel",
     "FreezingState",
+    "GradFn",
     "LAQState",
     "OscillationState",
     "PackedArray",
     "PackedModel",
     "QuantSpec",
+    "QuantSpecTree",
     "STEState",
     "add_oscillation_dampening",
     "alpha_blend_params",

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
+from blaq_jax import contrib
 from blaq_jax._src import tree as tree_lib
 
 
@@ -29,6 +30,10 @@ def spec():
 
 def grads():
   return jax.tree.map(jnp.ones_like, params())
+
+
+def _init(factory):
+  return factory(0.1, spec()).init(params())
 
 
 def _update(tx, g=None, **kw):
@@ -227,10 +232,10 @@ CASES = [
      lambda: bq.blaq(lambda count: jnp.nan * count, spec()),
      ValueError, r"blaq: learning_rate is a schedule whose value at step 0 is nan"),
     ("blaq_reuse_lr_inf",
-     lambda: __import__("blaq_jax.contrib", fromlist=["x"]).blaq_reuse(float("inf"), spec()),
+     lambda: contrib.blaq_reuse(float("inf"), spec()),
      ValueError, r"blaq_reuse: learning_rate must be finite"),
     ("blaq_model_lr_negative",
-     lambda: __import__("blaq_jax.contrib", fromlist=["x"]).blaq_model(-1e-3, spec()),
+     lambda: contrib.blaq_model(-1e-3, spec()),
      ValueError, r"blaq_model: learning_rate must be >= 0.0"),
     # other hyperparameters: typed and in range
     ("blaq_a_string", lambda: bq.blaq(0.1, spec(), a="0.6"),
@@ -264,6 +269,8 @@ CASES = [
      TypeError, r"QuantSpec: tol must be a float"),
     ("quantspec_scheme_not_str", lambda: bq.QuantSpec(2, scheme=2),
      ValueError, r"QuantSpec: unknown scheme 2"),
+    ("quantspec_scheme_positional", lambda: bq.QuantSpec(2, "log"),
+     TypeError, r"takes 2 positional arguments but 3 were given"),
     ("quant_spec_per_channel_string",
      lambda: bq.quant_spec(params(), bits=2, per_channel="yes"),
      TypeError, r"QuantSpec: per_channel must be True or False"),
@@ -317,6 +324,70 @@ CASES = [
      ValueError, r"size_report: leaf 'dense/kernel'"),
     ("save_packed_not_packed", lambda: bq.save_packed("/nonexistent/x.npz", {"a": 1}),
      ValueError, r"save_packed: '/nonexistent/x.npz': packed must be the dict"),
+    # blaq_jax.contrib: the core transforms' checks, with the core's messages
+    ("contrib_model_grads_wrong_shape",
+     lambda: _update(contrib.blaq_model(0.1, spec()), wrong_shape_grads()),
+     ValueError, r"blaq_model.update: updates leaf 'dense/kernel' has shape \(4, 3\), the "
+     r"param has \(3, 4\)"),
+    ("contrib_reuse_grads_wrong_tree",
+     lambda: _update(contrib.blaq_reuse(0.1, spec()), wrong_tree_grads(),
+                     grad_fn=lambda p: grads()),
+     ValueError, r"blaq_reuse.update: updates do not have the tree structure of params "
+     r".*head/bias"),
+    ("contrib_model_int_updates", lambda: _update(contrib.blaq_model(0.1, spec()), int_grads()),
+     TypeError, r"blaq_model.update: updates leaf 'head/kernel' has dtype int32"),
+    ("contrib_model_no_params",
+     lambda: contrib.blaq_model(0.1, spec()).update(grads(), _init(contrib.blaq_model)),
+     ValueError, r"blaq_model.update: params are required"),
+    ("contrib_reuse_no_params",
+     lambda: contrib.blaq_reuse(0.1, spec()).update(grads(), _init(contrib.blaq_reuse),
+                                                    grad_fn=lambda p: grads()),
+     ValueError, r"blaq_reuse.update: params are required"),
+    ("contrib_reuse_grad_fn_missing", lambda: _update(contrib.blaq_reuse(0.1, spec())),
+     ValueError, r"blaq_reuse.update: the keyword argument grad_fn is required: a function "
+     r"params -> gradient"),
+    ("contrib_reuse_grad_fn_not_callable",
+     lambda: _update(contrib.blaq_reuse(0.1, spec()), grad_fn=3),
+     TypeError, r"blaq_reuse.update: grad_fn must be a function .*; got int"),
+    ("contrib_reuse_grad_fn_value_and_grad",
+     lambda: _update(contrib.blaq_reuse(0.1, spec()),
+                     grad_fn=lambda p: (jnp.zeros([]), grads())),
+     ValueError, r"blaq_reuse.update: grad_fn returned a \(loss, grads\) pair"),
+    ("contrib_reuse_grad_fn_wrong_shape",
+     lambda: _update(contrib.blaq_reuse(0.1, spec()), grad_fn=lambda p: wrong_shape_grads()),
+     ValueError, r"blaq_reuse.update: grad_fn's gradients leaf 'dense/kernel' has shape"),
+    ("contrib_reuse_grad_fn_int_gradients",
+     lambda: _update(contrib.blaq_reuse(0.1, spec()), grad_fn=lambda p: int_grads()),
+     TypeError, r"blaq_reuse.update: grad_fn's gradients leaf 'head/kernel' has dtype int32"),
+    ("contrib_reuse_masked",
+     lambda: _update(optax.masked(contrib.blaq_reuse(0.1, spec()),
+                                  jax.tree.map(lambda x: x.ndim == 2, params())),
+                     grad_fn=lambda p: grads()),
+     ValueError, r"blaq_reuse.update: got params with optax.MaskedNode leaves"),
+    ("contrib_model_spec_none", lambda: contrib.blaq_model(0.1, None).init(params()),
+     TypeError, r"blaq_model.init: spec is None; .*quant_spec\(params, bits=1\)"),
+    ("contrib_reuse_spec_of_other_model",
+     lambda: contrib.blaq_reuse(0.1, bq.quant_spec({"w": jnp.ones((2, 2))}, bits=1)).init(
+         params()),
+     ValueError, r"blaq_reuse.init: the spec tree does not match the params tree"),
+    ("contrib_reuse_integer_params",
+     lambda: contrib.blaq_reuse(0.1, {"w": None}).init({"w": jnp.ones(3, jnp.int32)}),
+     TypeError, r"blaq_reuse.init: parameter 'w' has dtype int32"),
+    ("contrib_model_b1_string", lambda: contrib.blaq_model(0.1, spec(), b1="0.9"),
+     TypeError, r"blaq_model: b1 must be a number in \[0, 1\)"),
+    ("contrib_reuse_b2_one", lambda: contrib.blaq_reuse(0.1, spec(), b2=1.0),
+     ValueError, r"blaq_reuse: b2 must be in \[0, 1\), got 1.0"),
+    ("contrib_model_eps_negative", lambda: contrib.blaq_model(0.1, spec(), eps=-1e-8),
+     ValueError, r"blaq_model: eps must be >= 0"),
+    ("contrib_reuse_clip_nan", lambda: contrib.blaq_reuse(0.1, spec(), clip=float("nan")),
+     ValueError, r"blaq_reuse: clip must be finite"),
+    ("contrib_model_a_string", lambda: contrib.blaq_model(0.1, spec(), a="0.6"),
+     TypeError, r"blaq_model: a must be a number in \[0, 1\], got '0.6'"),
+    ("contrib_reuse_a_two", lambda: contrib.blaq_reuse(0.1, spec(), a=2.0),
+     ValueError, r"blaq_reuse: a must be in \[0, 1\], got 2.0"),
+    ("contrib_model_lr_negative_schedule",
+     lambda: contrib.blaq_model(optax.constant_schedule(-0.1), spec()),
+     ValueError, r"blaq_model: learning_rate is a schedule whose value at step 0 is -0.1"),
     # non-finite latent weights outside jit
     ("quantize_params_nan_latent", lambda: bq.quantize_params(_nan_params(), spec()),
      ValueError, r"quantize_params: latent weight 'dense/kernel' has NaN or inf entries"),
@@ -423,6 +494,21 @@ def test_traced_hyperparameters_are_not_checked_by_value():
   # A traced NaN learning rate is not refused, but its step is skipped and counted.
   state.hyperparams["learning_rate"] = jnp.asarray(jnp.nan)
   updates, state = jax.jit(lambda s: tx.update(grads(), s, params()))(state)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params()))
+  assert int(state.inner_state.skipped) == 1 and int(state.inner_state.count) == 0
+
+
+@pytest.mark.parametrize("factory", [contrib.blaq_model, contrib.blaq_reuse],
+                         ids=["blaq_model", "blaq_reuse"])
+def test_contrib_skips_a_traced_nan_learning_rate(factory):
+  # As LAQ and BLAQ do: a traced learning rate is not checked by value, and a
+  # step with a NaN one is skipped and counted rather than applied.
+  tx = optax.inject_hyperparams(factory, static_args=("spec",))(learning_rate=0.1,
+                                                                 spec=spec())
+  state = tx.init(params())
+  state.hyperparams["learning_rate"] = jnp.asarray(jnp.nan)
+  updates, state = jax.jit(
+      lambda s: tx.update(grads(), s, params(), grad_fn=lambda p: grads()))(state)
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params()))
   assert int(state.inner_state.skipped) == 1 and int(state.inner_state.count) == 0
 

@@ -62,24 +62,3 @@ def test_fig1_toy_settles(factory):
   flips, last = toy_flips(lambda lr, s: factory(lr, s), 0.1)
   laq_flips, _ = toy_flips(lambda lr, s: bq.laq(lr, s), 0.1)
   assert flips == 0 and last < 50 and laq_flips >= 5, (flips, last, laq_flips)
-
-
-def test_bad_arguments():
-  with pytest.raises(ValueError, match="a must be"):
-    cl.blaq_reuse(1e-2, {}, a=2.0)
-  params = {"w": jnp.ones((2, 2))}
-  tx = cl.blaq_reuse(1e-2, {"w": bq.QuantSpec(1)})
-  with pytest.raises(ValueError, match="grad_fn"):
-    tx.update(params, tx.init(params), params)
-  # The core transforms' checks on update's arguments, each naming the function.
-  good = lambda p: jax.tree.map(jnp.ones_like, p)
-  with pytest.raises(ValueError, match=r"blaq_reuse.update: params are required"):
-    tx.update(params, tx.init(params), None, grad_fn=good)
-  with pytest.raises(ValueError, match=r"blaq_reuse.update: grad_fn's gradients leaf 'w' "
-                     r"has shape"):
-    tx.update(params, tx.init(params), params, grad_fn=lambda p: {"w": jnp.ones((3, 2))})
-  model = cl.blaq_model(1e-2, {"w": bq.QuantSpec(1)})
-  with pytest.raises(ValueError, match=r"blaq_model.update: updates leaf 'w' has shape"):
-    model.update({"w": jnp.ones((3, 2))}, model.init(params), params)
-  with pytest.raises(ValueError, match=r"blaq_model.update: params are required"):
-    model.update(params, model.init(params))

@@ -72,7 +72,10 @@ IDS = [c.name for c in CASES]
 # One representative per code path (LAQ, BLAQ, STE, dampening, freezing,
 # tracking), for the grids that would otherwise compile too many programs.
 CORE = ["laq1", "blaq", "ste_adam", "dampening_ste", "ste_freezing", "laq_tracking"]
-LAQ_BLAQ = {"laq1", "laq2", "laq1_channel", "laq2_channel", "blaq", "laq_tracking"}
+# blaq_jax.contrib's transforms, which join CORE in those grids (as optax's
+# contrib/_common_test.py runs every contrib optimizer through the same tests).
+CONTRIB = ["contrib_blaq_model", "contrib_blaq_reuse"]
+LAQ_BLAQ = {"laq1", "laq2", "laq1_channel", "laq2_channel", "blaq", "laq_tracking", *CONTRIB}
 
 
 class NT(NamedTuple):
@@ -236,7 +239,12 @@ INJECT = {
     "dampening": (bq.add_oscillation_dampening, dict(weight=0.01)),
     "freezing": (bq.freeze_oscillations, dict(threshold=0.3, momentum=0.5)),
     "tracking": (bq.track_oscillations, dict(window=2)),
+    "contrib_blaq_model": (contrib.blaq_model, dict(learning_rate=0.02, a=0.7, b1=0.8, b2=0.99,
+                                                    eps=1e-6, clip=0.9)),
+    "contrib_blaq_reuse": (contrib.blaq_reuse, dict(learning_rate=0.02, a=0.7, b1=0.8, b2=0.99,
+                                                    eps=1e-6, clip=0.9)),
 }
+NEEDS_GRAD_FN = {"blaq", "contrib_blaq_reuse"}
 
 
 @pytest.mark.parametrize("factory_name", list(INJECT))
@@ -251,7 +259,7 @@ def test_inject_hyperparams_every_numeric_arg(factory_name):
 
   def two_steps(tx, p):
     s = tx.init(p)
-    kw = {"grad_fn": grad_fn} if factory_name == "blaq" else {}
+    kw = {"grad_fn": grad_fn} if factory_name in NEEDS_GRAD_FN else {}
     for _ in range(2):
       u, s = tx.update(grad_fn(bq.ste_quantize_params(p, spec)), s, p, **kw)
       p = optax.apply_updates(p, u)
@@ -267,7 +275,7 @@ def test_inject_hyperparams_every_numeric_arg(factory_name):
 # ---------------------------------------------------------------- wrappers
 
 
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_multi_steps(name):
   """MultiSteps(k=2) applies one step per 2 mini-steps; for the gradient-only
   transforms it equals one step on the mean gradient."""
@@ -292,7 +300,7 @@ def test_multi_steps(name):
     chex.assert_trees_all_close(p2, p_direct, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_apply_if_finite(name):
   case = BY_NAME[name]
   params = make_params()
@@ -311,7 +319,7 @@ def test_apply_if_finite(name):
   assert int(state.notfinite_count) == 0
   assert float(jnp.abs(updates["b"]).sum()) > 0
   if name in LAQ_BLAQ:  # the built-in skip never saw the non-finite step
-    types = (bq.LAQState, bq.BLAQState)
+    types = (bq.LAQState, bq.BLAQState, contrib.BLAQReuseState)
     inner = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, types))
              if isinstance(s, types)]
     assert inner and int(inner[0].skipped) == 0 and int(inner[0].count) == 1
@@ -332,7 +340,7 @@ def test_builtin_nonfinite_skip_differs_from_optax():
   assert not np.isfinite(np.asarray(u_adam["b"])).all()
 
 
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_masked_and_partition(name):
   case = BY_NAME[name]
   params = make_params()
@@ -346,7 +354,7 @@ def test_masked_and_partition(name):
   for tx in (masked, partition):
     state = tx.init(params)
     if case.grad_fn:
-      with pytest.raises(ValueError, match="blaq.update: .*optax.masked"):
+      with pytest.raises(ValueError, match=r"\.update: .*optax.masked"):
         tx.update(g, state, params, **kw)
       continue
     updates, state2 = jax.jit(lambda g, s, p: tx.update(g, s, p, **kw))(g, state, params)
@@ -360,7 +368,7 @@ def test_masked_and_partition(name):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_dtypes(name, dtype):
   ctx = jax.enable_x64(True) if dtype == "float64" else jax.enable_x64(False)
   with ctx:
@@ -386,7 +394,7 @@ def test_mixed_gradient_and_param_dtypes(name):
 # -------------------------------------------------------- params trees
 
 
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_params_with_none_empty_tuple_namedtuple(name):
   params, state, tx, step, _ = fresh(name, kind="mixed_containers")
   assert_state_like(jax.eval_shape(tx.init, params), state)
@@ -435,7 +443,7 @@ def test_tree_map_params(name):
 # ------------------------------------------------------------- orbax
 
 
-@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("name", CORE + CONTRIB)
 def test_orbax_round_trip_continues_bit_identically(name, tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   params, state, tx, step, _ = fresh(name)

@@ -51,11 +51,11 @@ def test_scale_shape():
 def test_cold_start_reaches_each_groups_best_fixed_point(scheme, x64):
   for w, d in kernels():
     for bits in range(2, 9):
-      spec = bq.QuantSpec(bits, scheme, group_size=G)
+      spec = bq.QuantSpec(bits, scheme=scheme, group_size=G)
       alpha = bq.fit_scale(jnp.asarray(w), spec, jnp.asarray(d))
       assert alpha.shape == w.shape[:-2] + (w.shape[-2] // G, w.shape[-1])
       # As columns: the per-channel reference of (g, groups) is per group.
-      col = bq.QuantSpec(bits, scheme, per_channel=True)
+      col = bq.QuantSpec(bits, scheme=scheme, per_channel=True)
       ratios = ref.error_ratios(as_groups(w), as_groups(d), col,
                                 np.asarray(alpha).reshape(1, -1))
       assert ratios.max() <= 1.0 + 1e-9, (bits, w.shape, ratios.max())

@@ -31,7 +31,7 @@ def kernels():
 def test_cold_start_reaches_the_best_fixed_point(scheme, per_channel):
   for w, d in kernels():
     for bits in WIDTHS:
-      spec = bq.QuantSpec(bits, scheme, per_channel=per_channel)
+      spec = bq.QuantSpec(bits, scheme=scheme, per_channel=per_channel)
       alpha = bq.fit_scale(jnp.asarray(w, jnp.float32), spec, jnp.asarray(d, jnp.float32))
       ratios = ref.error_ratios(w, d, spec, alpha)
       assert ratios.max() <= 1.001, (bits, w.shape, ratios.max())
@@ -45,7 +45,8 @@ def test_cold_start_reaches_the_best_fixed_point(scheme, per_channel):
 def test_reference_rounding_matches_the_library(x64):
   rng = np.random.default_rng(0)
   x = rng.normal(size=4000) * 0.7
-  for spec in (bq.QuantSpec(3), bq.QuantSpec(5, "log"), bq.QuantSpec(8, "log"), bq.QuantSpec(2)):
+  for spec in (bq.QuantSpec(3), bq.QuantSpec(5, scheme="log"), bq.QuantSpec(8, scheme="log"),
+               bq.QuantSpec(2)):
     np.testing.assert_array_equal(ref.nearest_code_np(x, spec),
                                   np.asarray(quantizers.nearest_code(jnp.asarray(x), spec)))
 

@@ -30,12 +30,12 @@ def test_default_quantizes_kernels_only():
 def test_overrides_first_match_wins_and_types():
   spec = bq.quant_spec(params(), bits=1, overrides={
       "conv_init/kernel": 8,
-      "head": bq.QuantSpec(4, "log"),
+      "head": bq.QuantSpec(4, scheme="log"),
       "body/0/kernel": None,
       "kernel": 3,  # shadowed by the earlier patterns where they match
   })
   assert spec["conv_init"]["kernel"] == bq.QuantSpec(8)
-  assert spec["head"]["kernel"] == bq.QuantSpec(4, "log")
+  assert spec["head"]["kernel"] == bq.QuantSpec(4, scheme="log")
   # bits/QuantSpec overrides change included leaves only: the bias stays full precision.
   assert spec["head"]["bias"] is None
   assert spec["body"][0]["kernel"] is None
@@ -44,8 +44,8 @@ def test_overrides_first_match_wins_and_types():
 
 def test_ternary_default_with_int_override():
   spec = bq.quant_spec(params(), bits=2, scheme="ternary", overrides={"head/kernel": 8})
-  assert spec["head"]["kernel"] == bq.QuantSpec(8, "linear")
-  assert spec["body"][0]["kernel"] == bq.QuantSpec(2, "ternary")
+  assert spec["head"]["kernel"] == bq.QuantSpec(8, scheme="linear")
+  assert spec["body"][0]["kernel"] == bq.QuantSpec(2, scheme="ternary")
 
 
 def test_include_regex_and_callable():

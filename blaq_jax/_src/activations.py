@@ -20,21 +20,24 @@ Both are ``jax.custom_jvp`` functions, so they work under ``jax.grad``,
 ``jax.jvp``, ``jit`` and ``vmap``.
 
 References:
-  Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-  Quantized Networks", 2020.
-  Yin, Lyu, Zhang, Osher, Qi & Xin, "Understanding Straight-Through Estimator
-  in Training Activation Quantized Neural Nets", ICLR 2019.
-  Hubara, Courbariaux, Soudry, El-Yaniv & Bengio, "Binarized Neural
-  Networks", NeurIPS 2016 (sign with the hard-tanh proxy).
+  Long, Yin & Xin, `Recurrence of Optimum for Training Weight and Activation
+  Quantized Networks <https://arxiv.org/abs/2012.05529>`_, 2020.
+  Yin, Lyu, Zhang, Osher, Qi & Xin, `Understanding Straight-Through Estimator in
+  Training Activation Quantized Neural Nets <https://arxiv.org/abs/1903.05662>`_,
+  ICLR 2019.
+  Hubara, Courbariaux, Soudry, El-Yaniv & Bengio, `Binarized Neural Networks
+  <https://arxiv.org/abs/1602.02830>`_, NeurIPS 2016 (sign with the hard-tanh
+  proxy).
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
+
+from blaq_jax._src import checks
 
 ACTIVATION_PROXIES = ("identity", "clipped_relu", "relu")
 SIGN_PROXIES = ("identity", "htanh")
@@ -69,6 +72,14 @@ def quantize_activation(x: jax.Array, bits: int, *, proxy: str = "clipped_relu",
                         max_value: float = 1.0) -> jax.Array:
   """Quantized ReLU with ``2^bits`` levels on ``[0, max_value]``.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> x = jnp.array([-0.5, 0.2, 0.6, 1.4])
+    >>> print(np.asarray(bq.quantize_activation(x, bits=2, max_value=1.0)).round(3))
+    [0.    0.333 0.667 1.   ]
+
   Args:
     x: a floating array of pre-activations.
     bits: 1 to 8; the output takes ``2^bits`` values ``max_value · i / (2^bits - 1)``.
@@ -76,12 +87,12 @@ def quantize_activation(x: jax.Array, bits: int, *, proxy: str = "clipped_relu",
       (``1`` on ``0 < x < max_value``) or ``"relu"`` (``1`` on ``x > 0``).
     max_value: the clipping level ``c > 0``.
   """
-  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
+  if not checks.is_concrete_number(bits, integer=True) or not 1 <= bits <= 8:
     raise ValueError(f"quantize_activation: bits must be an int in 1..8, got {bits!r}")
   if proxy not in ACTIVATION_PROXIES:
     raise ValueError(
         f"quantize_activation: proxy must be one of {ACTIVATION_PROXIES}, got {proxy!r}")
-  if not isinstance(max_value, numbers.Real) or not max_value > 0:
+  if not checks.is_concrete_number(max_value) or not max_value > 0:
     raise ValueError(f"quantize_activation: max_value must be a number > 0, got {max_value!r}")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -110,6 +121,16 @@ def _sign_ste_jvp(proxy, primals, tangents):
 
 def sign_activation(x: jax.Array, *, proxy: str = "htanh") -> jax.Array:
   """``sign(x)`` (with ``sign(0) = +1``) with a straight-through derivative.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> x = jnp.array([-0.5, 0.2, 0.6, 1.4])
+    >>> print(bq.sign_activation(x))
+    [-1.  1.  1.  1.]
+    >>> print(jax.grad(lambda v: jnp.sum(bq.sign_activation(v)))(x))  # hard-tanh proxy
+    [1. 1. 1. 0.]
 
   Args:
     x: a floating array.

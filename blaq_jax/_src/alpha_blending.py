@@ -21,22 +21,22 @@ quantized leaves vanishes: they stop moving while the other leaves (biases,
 norms) can still be trained.
 
 References:
-  Liu & Mattina, "Learning low-precision neural networks without
-  Straight-Through Estimator (STE)", IJCAI 2019.
+  Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+  Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
 """
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 
-from blaq_jax._src import tree as tree_lib
+from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.spec import QuantSpecTree
 
 
-def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
+def alpha_blend_params(params, spec: QuantSpecTree, alpha, *, scale: str = "fit"):
   """Returns ``(1 - α) w + α sg(Q(w))`` for quantized leaves, ``w`` elsewhere.
 
   Per quantized leaf, with ``Q`` the plain projection and ``sg`` a
@@ -47,9 +47,19 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
   so no straight-through estimate is needed; ``α`` goes from 0 to 1 on
   :func:`alpha_blending_schedule`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> print(np.asarray(bq.alpha_blend_params(params, spec, 0.5)["w"]).round(3))  # (w + Q(w)) / 2
+    [[ 0.35 -0.55]
+     [ 0.45 -0.65]]
+
   References:
-    Liu & Mattina, "Learning low-precision neural networks without
-    Straight-Through Estimator (STE)", IJCAI 2019.
+    Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+    Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
 
   Args:
     params: the latent parameters.
@@ -58,9 +68,9 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
     scale: the STE quantizer's scale, ``"fit"`` or ``"none"``.
   """
   check_scale(scale, "alpha_blend_params")
-  if isinstance(alpha, numbers.Real) and not 0 <= alpha <= 1:
+  if checks.is_concrete_number(alpha) and not 0 <= alpha <= 1:
     raise ValueError(f"alpha_blend_params: alpha must be in [0, 1], got {alpha}")
-  tree_lib.check_spec_matches(spec, params, "alpha_blend_params")
+  spec_lib.check_spec_matches(spec, params, "alpha_blend_params")
 
   def blend(s, w):
     if s is None:
@@ -69,7 +79,7 @@ def alpha_blend_params(params, spec, alpha, *, scale: str = "fit"):
     a = jnp.asarray(alpha, w.dtype)
     return (1 - a) * w + a * q
 
-  return tree_lib.map_with_spec(blend, spec, params)
+  return spec_lib.map_with_spec(blend, spec, params)
 
 
 def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.0):
@@ -82,17 +92,23 @@ def alpha_blending_schedule(start_step: int, end_step: int, *, power: float = 3.
 
       α(t) = 1 - clip((end_step - t) / (end_step - start_step), 0, 1)^power
 
+  Examples:
+    >>> import blaq_jax as bq
+    >>> schedule = bq.alpha_blending_schedule(10, 20)
+    >>> [round(float(schedule(step)), 3) for step in (0, 10, 15, 20, 30)]
+    [0.0, 0.0, 0.875, 1.0, 1.0]
+
   References:
-    Liu & Mattina, "Learning low-precision neural networks without
-    Straight-Through Estimator (STE)", IJCAI 2019.
+    Liu & Mattina, `Learning low-precision neural networks without Straight-Through
+    Estimator (STE) <https://arxiv.org/abs/1903.01061>`_, IJCAI 2019.
   """
   for name, v in (("start_step", start_step), ("end_step", end_step)):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+    if not checks.is_concrete_number(v, integer=True) or v < 0:
       raise ValueError(f"alpha_blending_schedule: {name} must be an int >= 0, got {v!r}")
   if end_step <= start_step:
     raise ValueError(
         f"alpha_blending_schedule: end_step ({end_step}) must be > start_step ({start_step})")
-  if not isinstance(power, numbers.Real) or not power > 0:
+  if not checks.is_concrete_number(power) or not power > 0:
     raise ValueError(f"alpha_blending_schedule: power must be > 0, got {power!r}")
 
   def schedule(count):

@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax._src import adam_core as core
 from blaq_jax._src import checks
+from blaq_jax._src import loss_aware
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.laq import laq_step
-from blaq_jax._src.quantizers import quantize_with_scale, fit_scale
+from blaq_jax._src.quantizers import fit_scale, next_scales, quantize_with_scale
+from blaq_jax._src.skipping import (all_finite, counted, increment, latent_check_needed, select,
+                                    skip_if_nonfinite, step_ok)
+from blaq_jax._src.spec import QuantSpecTree
+
+
+# ``grad_fn(params) -> grads``: the gradient of the loss on the current batch
+# at ``params``, a tree like params (e.g. ``lambda p: jax.grad(loss)(p, batch)``).
+GradFn: TypeAlias = Callable[[optax.Params], optax.Updates]
 
 
 class BLAQState(NamedTuple):
-  """State of :func:`blaq` (same fields as :class:`blaq_jax.LAQState`).
+  """State of :func:`blaq`.
+
+  :class:`blaq_jax.LAQState`'s ``count``, ``mu``, ``nu``, ``scale`` and
+  ``skipped``, plus ``curvature``: BLAQ stores ``D_mix``, which its second
+  moment does not determine, and so keeps no ``b2`` and ``eps`` to recompute
+  ``D`` from (LAQ's extra fields).
 
   Attributes:
     count: number of applied (finite) steps.
@@ -51,6 +65,15 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
   ``m`` epochs"). With ``steps_per_epoch=1`` the schedule is "every ``m``-th
   step" (steps ``phase, phase + m, ...``).
 
+  Examples:
+    >>> import blaq_jax as bq
+    >>> lookahead = bq.periodic_lookahead(3)  # every 3rd step
+    >>> [bool(lookahead(step)) for step in range(7)]
+    [False, False, True, False, False, True, False]
+    >>> lookahead = bq.periodic_lookahead(2, steps_per_epoch=3)  # every 2nd epoch
+    >>> [bool(lookahead(step)) for step in range(12)]
+    [False, False, False, True, True, True, False, False, False, True, True, True]
+
   Args:
     m: the period in epochs (an int >= 1; ``m = 1`` is every step).
     steps_per_epoch: optimizer steps per epoch (an int >= 1).
@@ -61,11 +84,11 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
     ``count`` is the number of applied steps before this one.
   """
   for name, val in (("m", m), ("steps_per_epoch", steps_per_epoch)):
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+    if not checks.is_concrete_number(val, integer=True) or val < 1:
       raise ValueError(f"periodic_lookahead: {name} must be an int >= 1, got {val!r}")
   if phase is None:
     phase = m - 1
-  if isinstance(phase, bool) or not isinstance(phase, (int, np.integer)) or not 0 <= phase < m:
+  if not checks.is_concrete_number(phase, integer=True) or not 0 <= phase < m:
     raise ValueError(f"periodic_lookahead: phase must be an int in [0, {m}), got {phase!r}")
 
   def schedule(count):
@@ -76,7 +99,7 @@ def periodic_lookahead(m: int, steps_per_epoch: int = 1, *,
 
 def blaq(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     a: float = 0.6,
     lookahead_schedule: Callable[[jax.Array], Any] | None = None,
@@ -204,10 +227,31 @@ def blaq(
     passes through the earlier transforms; ``g*`` comes straight from
     ``grad_fn``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = bq.blaq(learning_rate=0.1, spec=spec, a=0.6)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> for _ in range(5):
+    ...   grads = jax.grad(loss)(bq.quantize_params(params, spec, state=state))
+    ...   updates, state = tx.update(grads, state, params, grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(np.asarray(bq.quantize_params(params, spec, state=state)["w"]).round(3))
+    [[ 0.312 -0.312]
+     [ 0.312  0.312]]
+
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024.
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
   """
   checks.learning_rate("blaq", learning_rate)
   checks.number("blaq", "a", a, lo=0, hi=1)
@@ -215,42 +259,40 @@ def blaq(
           or isinstance(lookahead_schedule, (bool, np.bool_, jax.Array))):
     raise TypeError("blaq: lookahead_schedule must be None, a function of the step "
                     f"count returning a bool, or a bool, got {lookahead_schedule!r}")
-  core.check_hyperparams("blaq", b1, b2, eps, clip)
+  loss_aware.check_hyperparams("blaq", b1, b2, eps, clip)
   checks.boolean("blaq", "skip_nonfinite", skip_nonfinite)
-  hyper = core.Hyper(b1, b2, eps, clip)
+  hyper = loss_aware.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
-    return core.init_state(BLAQState, params, spec, "blaq.init")
+    return loss_aware.init_state(BLAQState, params, spec, "blaq.init")
 
-  def update_fn(updates, state, params=None, *, grad_fn: Callable | None = None,
+  def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None,
                 **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("blaq.update: params are required (pass params=...)")
-    if grad_fn is not None and not callable(grad_fn):
-      raise TypeError(
-          "blaq.update: grad_fn must be a function params -> gradient of the loss on "
-          "the current batch, e.g. grad_fn=lambda p: jax.grad(loss)(p, batch), or None "
-          f"for a step without the lookahead; got {type(grad_fn).__name__}")
-    core.check_not_masked(params, "blaq.update")
+    checks.require_params("blaq.update", params)
+    checks.grad_fn("blaq.update", grad_fn, required=False)
+    loss_aware.check_not_masked(params, "blaq.update")
     tree_lib.check_like_params(updates, params, "updates", "blaq.update")
-    lr = core.learning_rate_at(learning_rate, state.count)
-    ok_t = core.step_ok(updates, lr, skip_nonfinite)
-
-    def two_stage():
-      count = optax.safe_increment(state.count)
-      stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
-      g_trial = tree_lib.check_grad_fn_result(grad_fn(stage1.trial), params, "blaq.update")
-      if batch_axis_name is not None:
-        g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
-      ok = None if ok_t is None else ok_t & core.all_finite(g_trial)
-      return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
+    lr = loss_aware.learning_rate_at(learning_rate, state.count)
+    ok_t = step_ok(updates, lr, skip_nonfinite)
 
     def one_stage():
       return laq_step(spec, hyper, state, updates, params, lr, ok_t)
 
     if grad_fn is None:
       return one_stage()
+    lookahead_grad: GradFn = grad_fn
+
+    def two_stage():
+      count = increment(state.count)
+      stage1 = forward_step(spec, hyper, state, updates, params, lr, count)
+      g_trial = tree_lib.check_grad_fn_result(lookahead_grad(stage1.trial), params,
+                                              "blaq.update")
+      if batch_axis_name is not None:
+        g_trial = jax.lax.pmean(g_trial, axis_name=batch_axis_name)
+      ok = None if ok_t is None else ok_t & all_finite(g_trial)
+      return backtrack(spec, hyper, state, params, stage1, g_trial, a, lr, ok)
+
     if lookahead_schedule is None:
       return two_stage()
     active = (lookahead_schedule(state.count) if callable(lookahead_schedule)
@@ -270,19 +312,19 @@ class ForwardStep(NamedTuple):
   trial: Any
 
 
-def forward_step(spec, hyper: core.Hyper, state, g, params, lr, count) -> ForwardStep:
+def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> ForwardStep:
   """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
-  mu1 = core.moment(state.mu, g, hyper.b1)
-  nu1 = core.second_moment(state.nu, g, hyper.b2)
-  den1 = core.denominator(nu1, count, hyper.b2, hyper.eps)
-  w_trial = core.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
-  trial = tree_lib.map_with_spec(
+  mu1 = loss_aware.moment(state.mu, g, hyper.b1)
+  nu1 = loss_aware.second_moment(state.nu, g, hyper.b2)
+  den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
+  w_trial = loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
+  trial = spec_lib.map_with_spec(
       lambda s, w, d, a0: w if s is None else quantize_with_scale(w, s, fit_scale(w, s, d, a0)),
       spec, w_trial, den1, state.scale)
   return ForwardStep(mu1, nu1, den1, trial)
 
 
-def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
+def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
               ok=None):
   """Eq. 7-10: the step from ``w_t`` with the mixed gradient and curvature.
 
@@ -292,21 +334,21 @@ def backtrack(spec, hyper: core.Hyper, state, params, stage1: ForwardStep, g_tri
   ``state``'s type and replaces ``count, mu, nu, curvature, scale, skipped``.
   """
   b1, b2 = hyper.b1, hyper.b2
-  count, skipped = core.counted(ok, state.count, state.skipped)
+  count, skipped = counted(ok, state.count, state.skipped)
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
   # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
-  mu = core.select(ok, core.mix(a, stage1.mu, core.moment(state.mu, g_trial, b1)), state.mu)
-  nu_trial = core.second_moment(state.nu, g_trial, b2)
-  nu = core.select(ok, core.mix(a, stage1.nu, nu_trial), state.nu)
-  den_trial = core.denominator(nu_trial, count, b2, hyper.eps)
-  den_mix = core.mix(a, stage1.den, den_trial)
-  new_params = core.select(
-      ok, core.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
-  curv = core.select(ok, core.quantized_curvature(spec, den_mix), state.curvature)
-  applied = core.as_applied(new_params, params)
-  scale = core.select(ok, core.next_scales(spec, applied, curv, state.scale), state.scale)
+  mu = select(ok, loss_aware.mix(a, stage1.mu, loss_aware.moment(state.mu, g_trial, b1)), state.mu)
+  nu_trial = loss_aware.second_moment(state.nu, g_trial, b2)
+  nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
+  den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
+  den_mix = loss_aware.mix(a, stage1.den, den_trial)
+  new_params = select(
+      ok, loss_aware.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
+  curv = select(ok, loss_aware.quantized_curvature(spec, den_mix), state.curvature)
+  applied = loss_aware.as_applied(new_params, params)
+  scale = select(ok, next_scales(spec, applied, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,
                              skipped=skipped)
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
-                                                 core.latent_check_needed(hyper))
-  return core.updates_from(new_params, params), new_state
+  new_params, new_state = skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
+                                            latent_check_needed(hyper.eps))
+  return loss_aware.updates_from(new_params, params), new_state

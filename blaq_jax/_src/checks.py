@@ -20,14 +20,41 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def is_concrete_number(x) -> bool:
-  """A Python/numpy real number (not a bool, not a jax array)."""
-  return isinstance(x, (numbers.Real, np.number)) and not isinstance(x, (bool, np.bool_))
+def is_concrete_number(x, *, integer: bool = False) -> bool:
+  """A Python or numpy real number (an integer if ``integer``): not a bool,
+  not an array. Range checks run on these only (see the module docstring)."""
+  kind = numbers.Integral if integer else numbers.Real
+  return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
 
 
-def _is_array_scalar(x) -> bool:
+def is_array_scalar(x) -> bool:
+  """A scalar ``jax.Array`` or numpy array of a numeric dtype (a hyperparameter
+  of ``optax.inject_hyperparams``, perhaps traced)."""
   return (isinstance(x, (jax.Array, np.ndarray)) and jnp.ndim(x) == 0
           and jnp.issubdtype(x.dtype, jnp.number))
+
+
+def is_number(x) -> bool:
+  """A concrete number or a numeric scalar array."""
+  return is_concrete_number(x) or is_array_scalar(x)
+
+
+def grad_fn(where: str, value, *, required: bool) -> None:
+  """``grad_fn``: a function params -> gradient; None passes unless ``required``."""
+  example = "e.g. grad_fn=lambda p: jax.grad(loss)(p, batch)"
+  if value is None and required:
+    raise ValueError(f"{where}: the keyword argument grad_fn is required: a function params "
+                     f"-> gradient of the loss on the current batch, {example}")
+  if value is not None and not callable(value):
+    optional = "" if required else ", or None for a step without the lookahead"
+    raise TypeError(f"{where}: grad_fn must be a function params -> gradient of the loss on "
+                    f"the current batch, {example}{optional}; got {type(value).__name__}")
+
+
+def require_params(where: str, params) -> None:
+  """The one error of an ``update`` that needs ``params`` and got None."""
+  if params is None:
+    raise ValueError(f"{where}: params are required; call update(updates, state, params)")
 
 
 def _range_text(lo, hi, lo_open, hi_open) -> str:
@@ -55,12 +82,9 @@ def number(where: str, name: str, value, *, lo=None, hi=None, lo_open: bool = Fa
     return
   if isinstance(value, np.ndarray) and value.ndim == 0:
     value = value[()]   # a numpy scalar array is concrete: check its value
-  if not integer and _is_array_scalar(value):
+  if not integer and is_array_scalar(value):
     return
-  if integer:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-      raise TypeError(f"{where}: {name} must be {what}, got {value!r}")
-  elif not is_concrete_number(value):
+  if not is_concrete_number(value, integer=integer):
     raise TypeError(f"{where}: {name} must be {what}, got {value!r}")
   if not math.isfinite(float(value)):
     raise ValueError(f"{where}: {name} must be finite ({what}), got {value!r}")
@@ -108,7 +132,7 @@ def scalar_or_schedule(where: str, name: str, value, *, lo=0.0, lo_open: bool = 
       raise ValueError(f"{where}: {name} is a schedule whose value at step 0 is {at0}; it "
                        f"must be finite and {_range_text(lo, hi, lo_open, False)}")
     return
-  if not (is_concrete_number(value) or _is_array_scalar(value)):
+  if not is_number(value):
     raise TypeError(f"{where}: {name} must be a number or a schedule (a function of the "
                     f"step count), got {value!r}")
   number(where, name, value, lo=lo, lo_open=lo_open, hi=hi)

@@ -15,8 +15,8 @@ optimizer, like ``optax.add_decayed_weights``::
                             optax.adam(1e-3)), spec)
 
 References:
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class DampeningState(NamedTuple):
@@ -40,7 +43,7 @@ class DampeningState(NamedTuple):
 
 def add_oscillation_dampening(
     weight: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     scale: str = "fit",
 ) -> optax.GradientTransformationExtraArgs:
@@ -53,9 +56,24 @@ def add_oscillation_dampening(
 
   Put it before the optimizer, as ``optax.add_decayed_weights``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = optax.chain(bq.add_oscillation_dampening(0.1, spec), optax.sgd(1.0))
+    >>> zeros = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, _ = tx.update(zeros, tx.init(params), params)
+    >>> print(np.asarray(updates["w"]).round(3))  # -2 λ (w - Q(w)): towards Q(w) = ±0.5
+    [[0.06 0.02]
+     [0.02 0.06]]
+
   References:
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     weight: ``λ``, a float ``>= 0`` or a schedule of the step count (or a
@@ -69,16 +87,15 @@ def add_oscillation_dampening(
   """
   check_scale(scale, "add_oscillation_dampening")
   checks.scalar_or_schedule("add_oscillation_dampening", "weight", weight, lo=0.0)
-  tree_lib.check_spec_arg(spec, "add_oscillation_dampening")
+  spec_lib.check_spec_arg(spec, "add_oscillation_dampening")
 
   def init_fn(params):
-    tree_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
+    spec_lib.check_spec_matches(spec, params, "add_oscillation_dampening.init")
     return DampeningState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("add_oscillation_dampening.update: params are required")
+    checks.require_params("add_oscillation_dampening.update", params)
     tree_lib.check_like_params(updates, params, "updates", "add_oscillation_dampening.update")
     lam = weight(state.count) if callable(weight) else weight
 
@@ -88,7 +105,7 @@ def add_oscillation_dampening(
       q = jax.lax.stop_gradient(plain_quantize(w, s, scale))
       return (g + 2 * lam * (w - q)).astype(g.dtype)
 
-    updates = tree_lib.map_with_spec(add, spec, updates, params)
-    return updates, DampeningState(count=optax.safe_increment(state.count))
+    updates = spec_lib.map_with_spec(add, spec, updates, params)
+    return updates, DampeningState(count=increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -29,24 +29,27 @@ Chain it last, so that it sees the final updates::
 Memory: seven arrays of each quantized leaf's shape.
 
 References:
-  Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-  Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging in
+  Loss-Aware Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_,
+  AAAI 2024 (Table 1).
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class OscillationState(NamedTuple):
@@ -82,12 +85,29 @@ class OscillationState(NamedTuple):
   cosine_all: jax.Array
 
 
+class _LeafStep(NamedTuple):
+  """One leaf's results of a step: its entries of the new state (the fields
+  of OscillationState that hold one entry per leaf), and the sums the cosine
+  over all leaves needs (``dot``, ``norm_u``, ``norm_prev``)."""
+  codes: Any
+  flips: Any
+  window_flips: Any
+  window_min: Any
+  window_max: Any
+  window_cosine: Any
+  last_flips: Any
+  last_amplitude: Any
+  last_cosine: Any
+  prev_updates: Any
+  cosine: Any
+  dot: Any
+  norm_u: Any
+  norm_prev: Any
+
+
 # The fields of OscillationState that hold one entry per leaf.
 _PER_LEAF = tuple(f for f in OscillationState._fields if f not in ("count", "window", "cosine_all"))
-# One leaf's results of a step: its entries of the new state, and the sums the
-# cosine over all leaves needs.
-_LeafStep = NamedTuple(  # pyrefly: ignore[bad-class-definition]  (fields from a tuple)
-    "_LeafStep", [(f, Any) for f in _PER_LEAF + ("dot", "norm_u", "norm_prev")])
+assert _LeafStep._fields == _PER_LEAF + ("dot", "norm_u", "norm_prev")
 
 
 def _cosine(dot, n1, n2):
@@ -96,10 +116,10 @@ def _cosine(dot, n1, n2):
 
 
 def _is_window(window) -> bool:
-  if tree_lib.is_concrete_number(window):
-    return isinstance(window, (numbers.Integral, np.integer)) and window >= 1
+  if checks.is_concrete_number(window):
+    return checks.is_concrete_number(window, integer=True) and window >= 1
   # A hyperparameter of optax.inject_hyperparams: an integer scalar array.
-  return tree_lib.is_number(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
+  return checks.is_array_scalar(window) and jnp.issubdtype(jnp.result_type(window), jnp.integer)
 
 
 def _copy(w):
@@ -108,7 +128,7 @@ def _copy(w):
   return jnp.array(w, copy=True)
 
 
-def track_oscillations(spec, *, window: int = 100,
+def track_oscillations(spec: QuantSpecTree, *, window: int = 100,
                        scale: str = "fit") -> optax.GradientTransformationExtraArgs:
   """Identity on updates; its state records code flips, amplitudes and cosines.
 
@@ -123,11 +143,27 @@ def track_oscillations(spec, *, window: int = 100,
       amplitude  max_t w_{t,i} - min_t w_{t,i}              (per weight, over the window)
       cosine     <u_t, u_{t-1}> / (|u_t| |u_{t-1}|)          (near -1: zig-zag)
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.05, -0.6], [0.4, -0.8]])}
+    >>> tx = bq.track_oscillations(bq.quant_spec(params, bits=1), window=4)
+    >>> state = tx.init(params)
+    >>> for u in (-0.1, 0.1, -0.1, 0.1):  # w[0, 0] zig-zags across 0
+    ...   updates = {"w": jnp.zeros((2, 2)).at[0, 0].set(u)}
+    ...   updates, state = tx.update(updates, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> stats = bq.oscillation_stats(state)
+    >>> print(stats["w/window_flips"], stats["w/cosine"])
+    4.0 -1.0
+
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     spec: the tree from :func:`blaq_jax.quant_spec`.
@@ -148,20 +184,20 @@ def track_oscillations(spec, *, window: int = 100,
   check_scale(scale, "track_oscillations")
   if not _is_window(window):
     raise ValueError(f"track_oscillations: window must be an int >= 1, got {window!r}")
-  tree_lib.check_spec_arg(spec, "track_oscillations")
+  spec_lib.check_spec_arg(spec, "track_oscillations")
 
   def per_leaf(fn, *trees):
-    return tree_lib.map_quantized(fn, spec, *trees)
+    return spec_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "track_oscillations.init")
-    tree_lib.check_spec_matches(spec, params, "track_oscillations.init")
+    spec_lib.check_spec_matches(spec, params, "track_oscillations.init")
     zeros_i = lambda s, w: jnp.zeros_like(w, jnp.int32)
     scalar = lambda s, w: jnp.zeros([], jnp.float32)
     if tree_lib.is_params_placeholder(params):
       # optax.tree.map_params: per-leaf scalars are not "like params".
       scalars = jax.tree.map(lambda s: None if s is None else jnp.zeros([], jnp.float32),
-                             tree_lib.unwrap(spec), is_leaf=tree_lib.is_spec_leaf)
+                             tree_lib.unwrap(spec), is_leaf=spec_lib.is_spec_leaf)
       per_scalar = lambda: scalars
     else:
       per_scalar = lambda: per_leaf(scalar, params)
@@ -185,10 +221,9 @@ def track_oscillations(spec, *, window: int = 100,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("track_oscillations.update: params are required")
+    checks.require_params("track_oscillations.update", params)
     tree_lib.check_like_params(updates, params, "updates", "track_oscillations.update")
-    count = optax.safe_increment(state.count)
+    count = increment(state.count)
     roll = count % window == 0
 
     def leaf(s, u, w, codes, flips, wflips, wmin, wmax, wcos, lflips, lamp, lcos, prev):
@@ -258,10 +293,11 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   plus ``window_steps``, the number of steps the window covers.
 
   References:
-    Ma, Zhou, Ma, Yu & Li, "One-Step Forward and Backtrack: Overcoming
-    Zig-Zagging in Loss-Aware Quantization Training", AAAI 2024 (Table 1).
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Ma, Zhou, Ma, Yu & Li, `One-Step Forward and Backtrack: Overcoming Zig-Zagging
+    in Loss-Aware Quantization Training
+    <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024 (Table 1).
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Raises:
     ValueError: if ``opt_state`` holds no (or more than one) tracker state.
@@ -280,6 +316,7 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
   cmean = [jnp.where(complete, l, c / steps_f) for l, c in
            zip(get(st.last_cosine), get(st.window_cosine))]
 
+  zero = jnp.zeros([], jnp.float32)
   stats = {"window_steps": steps}
   for path, flips, f, a, cos, cm in zip(paths, get(st.flips), wf, amp, get(st.cosine), cmean):
     n = max(f.size, 1)
@@ -287,12 +324,11 @@ def oscillation_stats(opt_state) -> dict[str, jax.Array]:
     stats[f"{path}/window_flips"] = jnp.sum(f).astype(jnp.float32)
     stats[f"{path}/flip_frequency"] = jnp.sum(f) / (n * steps_f)
     stats[f"{path}/max_weight_flips"] = jnp.max(f) if f.size else jnp.zeros([], jnp.int32)
-    stats[f"{path}/amplitude_max"] = jnp.max(a).astype(jnp.float32) if a.size else 0.0
-    stats[f"{path}/amplitude_mean"] = jnp.mean(a).astype(jnp.float32) if a.size else 0.0
+    stats[f"{path}/amplitude_max"] = jnp.max(a).astype(jnp.float32) if a.size else zero
+    stats[f"{path}/amplitude_mean"] = jnp.mean(a).astype(jnp.float32) if a.size else zero
     stats[f"{path}/cosine"] = cos
     stats[f"{path}/cosine_mean"] = cm
   n_all = sum(f.size for f in wf)
-  zero = jnp.zeros([], jnp.float32)
   stats["all/flips"] = sum(get(st.flips), zero)
   stats["all/window_flips"] = sum((jnp.sum(f).astype(jnp.float32) for f in wf), zero)
   stats["all/flip_frequency"] = stats["all/window_flips"] / (max(n_all, 1) * steps_f)

@@ -30,8 +30,8 @@ while ``alpha`` moves less than half a code step. With ``bits=1`` or
 ``scale="none"`` the code depends on the frozen latent value alone.
 
 References:
-  Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-  Quantization-Aware Training", ICML 2022.
+  Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+  Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.quantizers import check_scale, integer_codes, plain_quantize
+from blaq_jax._src.skipping import increment
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class FreezingState(NamedTuple):
@@ -77,7 +80,7 @@ class _LeafStep(NamedTuple):
 
 def freeze_oscillations(
     threshold: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     momentum: float = 0.01,
     scale: str = "fit",
@@ -93,9 +96,24 @@ def freeze_oscillations(
 
   Chain it after the optimizer (and after :func:`blaq_jax.ste`'s clipping).
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.05, -0.6], [0.4, -0.8]])}
+    >>> tx = bq.freeze_oscillations(0.3, bq.quant_spec(params, bits=1), momentum=0.5)
+    >>> state = tx.init(params)
+    >>> for u in (-0.1, 0.1):  # w[0, 0] flips sign, then flips back: an oscillation
+    ...   updates = {"w": jnp.zeros((2, 2)).at[0, 0].set(u)}
+    ...   updates, state = tx.update(updates, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(state.frozen["w"])
+    [[ True False]
+     [False False]]
+
   References:
-    Nagel, Fournarakis, Bondarenko & Blankevoort, "Overcoming Oscillations in
-    Quantization-Aware Training", ICML 2022.
+    Nagel, Fournarakis, Bondarenko & Blankevoort, `Overcoming Oscillations in
+    Quantization-Aware Training <https://arxiv.org/abs/2203.11086>`_, ICML 2022.
 
   Args:
     threshold: a finite float ``>= 0`` or a schedule of the step count
@@ -115,18 +133,18 @@ def freeze_oscillations(
     params (or restore a checkpoint) to train.
   """
   check_scale(scale, "freeze_oscillations")
-  if not tree_lib.is_number(momentum) or (
-      tree_lib.is_concrete_number(momentum) and not 0 < momentum <= 1):
+  if not checks.is_number(momentum) or (
+      checks.is_concrete_number(momentum) and not 0 < momentum <= 1):
     raise ValueError(f"freeze_oscillations: momentum must be in (0, 1], got {momentum!r}")
   checks.scalar_or_schedule("freeze_oscillations", "threshold", threshold, lo=0.0)
-  tree_lib.check_spec_arg(spec, "freeze_oscillations")
+  spec_lib.check_spec_arg(spec, "freeze_oscillations")
 
   def per_leaf(fn, *trees):
-    return tree_lib.map_quantized(fn, spec, *trees)
+    return spec_lib.map_quantized(fn, spec, *trees)
 
   def init_fn(params):
     tree_lib.check_float_params(params, "freeze_oscillations.init")
-    tree_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
+    spec_lib.check_spec_matches(spec, params, "freeze_oscillations.init")
     return FreezingState(
         count=jnp.zeros([], jnp.int32),
         codes=per_leaf(lambda s, w: integer_codes(w, s, scale), params),
@@ -136,8 +154,7 @@ def freeze_oscillations(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("freeze_oscillations.update: params are required")
+    checks.require_params("freeze_oscillations.update", params)
     tree_lib.check_like_params(updates, params, "updates", "freeze_oscillations.update")
     thr = threshold(state.count) if callable(threshold) else threshold
 
@@ -154,11 +171,11 @@ def freeze_oscillations(
       new_w = jnp.where(newly, plain_quantize(new_w, s, scale), new_w)
       return _LeafStep((new_w - w).astype(u.dtype), new_codes, direction, freq, frozen | newly)
 
-    out = tree_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
+    out = spec_lib.map_with_spec(leaf, spec, tree_lib.unwrap(updates),
                                  tree_lib.unwrap(params), state.codes,
                                  state.direction, state.frequency, state.frozen)
     step = tree_lib.unzip(out, _LeafStep)
-    new_state = FreezingState(optax.safe_increment(state.count), step.codes, step.direction,
+    new_state = FreezingState(increment(state.count), step.codes, step.direction,
                               step.frequency, step.frozen)
     return tree_lib.rewrap(updates, step.update), new_state
 

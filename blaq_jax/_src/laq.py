@@ -7,9 +7,12 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from blaq_jax._src import adam_core as core
 from blaq_jax._src import checks
+from blaq_jax._src import loss_aware
 from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.quantizers import next_scales
+from blaq_jax._src.skipping import counted, latent_check_needed, select, skip_if_nonfinite, step_ok
+from blaq_jax._src.spec import QuantSpecTree
 
 
 class LAQState(NamedTuple):
@@ -37,7 +40,7 @@ class LAQState(NamedTuple):
   eps: jax.Array
 
 
-def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
+def laq_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, ok):
   """One LAQ step, applied if ``ok`` (a scalar bool; None: always).
 
   Returns ``(updates, new_state)`` of ``state``'s type; a state with a
@@ -47,26 +50,26 @@ def laq_step(spec, hyper: core.Hyper, state, g, params, lr, ok):
   leafwise (one fused pass, no ``lax.cond``), so it is exact. With ``ok``
   given, a step whose new latent weights are not finite is skipped too.
   """
-  count, skipped = core.counted(ok, state.count, state.skipped)
-  mu = core.select(ok, core.moment(state.mu, g, hyper.b1), state.mu)
-  nu = core.select(ok, core.second_moment(state.nu, g, hyper.b2), state.nu)
-  den = core.denominator(nu, count, hyper.b2, hyper.eps)
-  new_params = core.select(
-      ok, core.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
-  den = core.quantized_curvature(spec, den)
-  applied = core.as_applied(new_params, params)
-  scale = core.select(ok, core.next_scales(spec, applied, den, state.scale), state.scale)
+  count, skipped = counted(ok, state.count, state.skipped)
+  mu = select(ok, loss_aware.moment(state.mu, g, hyper.b1), state.mu)
+  nu = select(ok, loss_aware.second_moment(state.nu, g, hyper.b2), state.nu)
+  den = loss_aware.denominator(nu, count, hyper.b2, hyper.eps)
+  new_params = select(
+      ok, loss_aware.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
+  den = loss_aware.quantized_curvature(spec, den)
+  applied = loss_aware.as_applied(new_params, params)
+  scale = select(ok, next_scales(spec, applied, den, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
-    new_state = new_state._replace(curvature=core.select(ok, den, state.curvature))
-  new_params, new_state = core.skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
-                                                 core.latent_check_needed(hyper))
-  return core.updates_from(new_params, params), new_state
+    new_state = new_state._replace(curvature=select(ok, den, state.curvature))
+  new_params, new_state = skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
+                                            latent_check_needed(hyper.eps))
+  return loss_aware.updates_from(new_params, params), new_state
 
 
 def laq(
     learning_rate: optax.ScalarOrSchedule,
-    spec,
+    spec: QuantSpecTree,
     *,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -130,27 +133,47 @@ def laq(
     and ignores extra keyword arguments. The gradient passed to ``update`` must
     be taken at ``quantize_params(params, spec, state=state)``.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.3, -0.6], [0.9, -0.2]]), "b": jnp.zeros(2)}
+    >>> spec = bq.quant_spec(params, bits=1)  # binary kernel, full-precision bias
+    >>> tx = bq.laq(learning_rate=0.1, spec=spec)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] - 0.1) ** 2)
+    >>> for _ in range(5):
+    ...   w_hat = bq.quantize_params(params, spec, state=state)  # what the model runs
+    ...   updates, state = tx.update(jax.grad(loss)(w_hat), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(np.asarray(bq.quantize_params(params, spec, state=state)["w"]).round(3))
+    [[ 0.306 -0.306]
+     [ 0.306  0.306]]
+
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
   """
   checks.learning_rate("laq", learning_rate)
-  core.check_hyperparams("laq", b1, b2, eps, clip)
+  loss_aware.check_hyperparams("laq", b1, b2, eps, clip)
   checks.boolean("laq", "skip_nonfinite", skip_nonfinite)
-  hyper = core.Hyper(b1, b2, eps, clip)
+  hyper = loss_aware.Hyper(b1, b2, eps, clip)
 
   def init_fn(params):
-    return core.init_state(LAQState, params, spec, "laq.init",
-                           b2=core.as_float(b2), eps=core.as_float(eps))
+    return loss_aware.init_state(LAQState, params, spec, "laq.init",
+                                 b2=loss_aware.as_float(b2), eps=loss_aware.as_float(eps))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError("laq.update: params are required (pass params=...)")
+    checks.require_params("laq.update", params)
     tree_lib.check_like_params(updates, params, "updates", "laq.update")
-    lr = core.learning_rate_at(learning_rate, state.count)
-    ok = core.step_ok(updates, lr, skip_nonfinite)
+    lr = loss_aware.learning_rate_at(learning_rate, state.count)
+    ok = step_ok(updates, lr, skip_nonfinite)
     updates, new_state = laq_step(spec, hyper, state, updates, params, lr, ok)
-    return updates, new_state._replace(b2=core.as_float(b2), eps=core.as_float(eps))
+    return updates, new_state._replace(b2=loss_aware.as_float(b2), eps=loss_aware.as_float(eps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

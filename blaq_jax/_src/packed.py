@@ -19,8 +19,10 @@ makes it) takes the spare index ``2^bits - 1`` of codebooks that hold 0, so
 the result equals ``ŵ`` bit for bit, inside ``jit`` or not.
 
 References:
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+  Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+  <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blaq_jax._src import state as state_lib
+from blaq_jax._src import spec as spec_lib
+from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import (QuantSpec, code_index, codes, compute_dtype, expand_scale,
+from blaq_jax._src.quantizers import (code_index, codes, compute_dtype, expand_scale,
                                       fit_scale, nearest_code, quantize_with_scale,
                                       scale_shape)
+from blaq_jax._src.spec import QuantSpec, QuantSpecTree
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -101,7 +105,7 @@ class PackedArray:
   @property
   def nbytes(self) -> int:
     """Bytes the packed value holds: its codes and its scales."""
-    return int(_nbytes(self.codes) + _nbytes(self.scale))
+    return _nbytes(self.codes) + _nbytes(self.scale)
 
   def __repr__(self):
     s = self.spec
@@ -209,13 +213,14 @@ def dequantize(packed: PackedArray) -> jax.Array:
   that was packed bit for bit, inside ``jit`` or not. Under ``jit`` XLA fuses
   the unpacking into the computation that consumes ``ŵ``.
 
-  Example::
+  Under ``jit``, from a training state::
 
     packed = bq.pack_params(params, spec, state=opt_state)
     w_hat = jax.jit(bq.dequantize)(packed["dense"]["kernel"])
 
   References:
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     packed: a :class:`PackedArray`.
@@ -250,6 +255,15 @@ def dequantize_tree(tree):
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     logits = nnx.jit(lambda p, r, x: nnx.merge(graphdef, bq.dequantize_tree(p), r)(x))(
         packed, rest, x)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> tree = bq.pack_params(params, bq.quant_spec(params, bits=1))
+    >>> print(bq.dequantize_tree(tree)["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   Args:
     tree: any pytree (NNX Variables allowed) whose leaves are arrays or
@@ -332,7 +346,7 @@ def _pairs(params, spec, curvature, scale, where):
   """``(path, spec_leaf, param, curvature_leaf, scale_leaf)`` per param leaf,
   paired by path (None where no curvature or scale tree is given)."""
   spec, params = tree_lib.unwrap(spec), tree_lib.unwrap(params)
-  none = jax.tree.map(lambda s: None, spec, is_leaf=tree_lib.is_spec_leaf)
+  none = jax.tree.map(lambda s: None, spec, is_leaf=spec_lib.is_spec_leaf)
   trees = (params, none if curvature is None else tree_lib.unwrap(curvature),
            none if scale is None else tree_lib.unwrap(scale))
   out = []
@@ -342,7 +356,7 @@ def _pairs(params, spec, curvature, scale, where):
       out.append((path, s, w, d, a))
 
   try:
-    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=tree_lib.is_spec_leaf)
+    jax.tree_util.tree_map_with_path(collect, spec, *trees, is_leaf=spec_lib.is_spec_leaf)
   except (ValueError, TypeError):
     raise ValueError(
         f"{where}: the curvature tree does not match params; pass "
@@ -351,7 +365,7 @@ def _pairs(params, spec, curvature, scale, where):
   return out
 
 
-def pack_params(params, spec, curvature=None, *, state=None):
+def pack_params(params, spec: QuantSpecTree, curvature=None, *, state=None):
   """Packs a whole model: every quantized leaf becomes a :class:`PackedArray`.
 
   Per quantized leaf the same projection as :func:`blaq_jax.quantize_params`,
@@ -364,15 +378,28 @@ def pack_params(params, spec, curvature=None, *, state=None):
   ``dequantize_tree(pack_params(params, spec, state=opt_state))`` equals
   ``quantize_params(params, spec, state=opt_state)`` bit for bit.
 
-  Example::
+  Serving the packed model::
 
     packed = bq.pack_params(params, spec, state=opt_state)
     bq.save_packed("model.npz", packed, extra=batch_stats)   # optional
     logits = jax.jit(lambda p, x: forward(bq.dequantize_tree(p), x))(packed, x)
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> tree = bq.pack_params(params, bq.quant_spec(params, bits=1))
+    >>> tree["w"]
+    PackedArray(shape=(2, 2), dtype=float32, 1-bit linear)
+    >>> print(bq.dequantize(tree["w"]))
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
+
   References:
-    Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     params: the latent parameters (any pytree, e.g. a Flax NNX ``State``;
@@ -394,13 +421,12 @@ def pack_params(params, spec, curvature=None, *, state=None):
 
 def pack_tree(params, spec, curvature, state, where: str):
   """:func:`pack_params`, with ``where`` naming the caller in error messages."""
-  tree_lib.check_spec_matches(spec, params, where)
+  spec_lib.check_spec_matches(spec, params, where)
   scale = state_curv = None
   if state is not None:
-    curvature, scale = None, state_lib.find_field(state, "scale", where)
-    tree_lib.check_state_scales(spec, params, scale, where)
+    curvature, scale = None, state_lib.find_scales(state, spec, params, where)
     state_curv = state_lib.find_field(state, "curvature", where)
-  curv_by_path = (None if state_curv is None else
+  curv_by_path = ({} if state_curv is None else
                   {tree_lib.path_str(p): d for p, _, _, d, _ in
                    _pairs(params, spec, state_curv, None, where)})
   packed = {}

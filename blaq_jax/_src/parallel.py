@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from blaq_jax._src import checks
 from blaq_jax._src import tree as tree_lib
 
 _MODES = ("pmap", "jit")
@@ -78,10 +79,10 @@ class DataParallel(NamedTuple):
 
 
 def _argnums(name: str, value: int | Sequence[int]) -> tuple[int, ...]:
-  nums = (value,) if isinstance(value, int) else tuple(value)
-  if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums):
+  nums = tuple(value) if isinstance(value, Sequence) else (value,)
+  if not all(checks.is_concrete_number(i, integer=True) and i >= 0 for i in nums):
     raise TypeError(f"data_parallel: {name} must be non-negative ints, got {value!r}")
-  return nums
+  return tuple(int(i) for i in nums)
 
 
 def _check_divisible(tree, n: int, what: str) -> None:
@@ -111,8 +112,9 @@ def data_parallel(
   ``g*``); ``"jit"`` shards ``B`` over a mesh and XLA inserts it.
 
   References:
-    JAX documentation, "Distributed arrays and automatic parallelization" and
-    ``jax.pmap``; ``optax.contrib.sam`` (``batch_axis_name``).
+    JAX documentation, `Distributed arrays and automatic parallelization
+    <https://docs.jax.dev/en/latest/parallel.html>`_ and ``jax.pmap``;
+    ``optax.contrib.sam`` (``batch_axis_name``).
 
   Args:
     mode: ``"pmap"`` (``jax.pmap`` over this process's devices, state with a

@@ -57,17 +57,19 @@ problem above. No gradient flows through the scale (it is fitted to
 ``stop_gradient(w)``).
 
 References:
-  Hou, Yao & Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017.
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
-  Ma et al., "One-Step Forward and Backtrack: Overcoming Zig-Zagging in
-  Loss-Aware Quantization Training", AAAI 2024.
+  Hou, Yao & Kwok, `Loss-aware Binarization of Deep Networks
+  <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
+  Ma et al., `One-Step Forward and Backtrack: Overcoming Zig-Zagging in Loss-Aware
+  Quantization Training <https://doi.org/10.1609/aaai.v38i13.29336>`_, AAAI 2024.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
+from typing import Literal, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
@@ -75,112 +77,25 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from blaq_jax._src import checks
-
-SCHEMES = ("linear", "log", "ternary")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-  """How one array is quantized.
-
-  Attributes:
-    bits: 1 to 8. ``bits=1`` is binary (scheme ``"linear"``).
-    scheme: ``"linear"`` (uniform codes), ``"log"`` (powers of two, ``bits >=
-      2``) or ``"ternary"`` (``{-1, 0, 1}``, requires ``bits=2``).
-    per_channel: one scale per output channel (last axis) instead of one per
-      tensor.
-    tol: the cold start's alternations stop when ``|Δalpha| <= tol · alpha``
-      for every scale (relative; the paper's Algorithm 2 uses ``1e-6``). A
-      training step's warm start does a fixed amount of work instead.
-    max_iters: the most rounds of each cold-start alternation (a safety cap).
-    group_size: ``g`` for group-wise scales, or None. One scale per group of
-      ``g`` consecutive weights along the input axis (axis -2: ``in`` of a
-      dense kernel ``(in, out)``, ``c_in`` of a conv kernel ``(h, w, c_in,
-      c_out)``), per output channel (and per spatial position): the scale
-      has the leaf's shape with axis -2 divided by ``g``. ``g`` must divide
-      that axis, and the leaf needs at least 2 axes. It implies scales per
-      output channel, whatever ``per_channel`` says.
-
-  Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m``.
-
-  Example::
-
-    spec = QuantSpec(4, group_size=64)     # a (512, 256) kernel: scales (8, 256)
-  """
-
-  bits: int
-  scheme: str = "linear"
-  per_channel: bool = False
-  tol: float = 1e-6
-  max_iters: int = 50
-  group_size: int | None = None
-
-  def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-      raise TypeError(f"QuantSpec: bits must be an int in 1..8, got {self.bits!r}")
-    if not 1 <= int(self.bits) <= 8:
-      raise ValueError(f"QuantSpec: bits must be in 1..8, got {self.bits}")
-    if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
-      raise ValueError(
-          f"QuantSpec: unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
-    if self.scheme == "ternary" and self.bits != 2:
-      raise ValueError(f"QuantSpec: scheme 'ternary' needs bits=2, got {self.bits}")
-    if self.scheme == "log" and self.bits < 2:
-      raise ValueError("QuantSpec: scheme 'log' needs bits >= 2 (1 bit is binary)")
-    checks.boolean("QuantSpec", "per_channel", self.per_channel)
-    if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, (int, np.integer)):
-      raise TypeError(f"QuantSpec: max_iters must be an int >= 1, got {self.max_iters!r}")
-    if self.max_iters < 1:
-      raise ValueError(f"QuantSpec: max_iters must be >= 1, got {self.max_iters}")
-    if (isinstance(self.tol, (bool, np.bool_))
-        or not isinstance(self.tol, (int, float, np.integer, np.floating))):
-      raise TypeError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
-    if not 0 <= self.tol < 1:
-      raise ValueError(f"QuantSpec: tol must be a float in [0, 1), got {self.tol!r}")
-    g = self.group_size
-    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, np.integer))):
-      raise TypeError(f"QuantSpec: group_size must be None or an int >= 1, got {g!r}")
-    if g is not None and g < 1:
-      raise ValueError(f"QuantSpec: group_size must be None or an int >= 1, got {g}")
-
-  @property
-  def is_binary(self) -> bool:
-    return self.bits == 1
-
-  @property
-  def levels(self) -> int:
-    """``n`` of the linear code set (codes are multiples of ``1/n``)."""
-    return 2 ** (self.bits - 1) - 1
-
-  @property
-  def log_depth(self) -> int:
-    """``J`` of the log code set (smallest non-zero magnitude ``2^-J``)."""
-    return 2 ** (self.bits - 1) - 2
-
-  def codebook(self) -> np.ndarray:
-    """All code values, sorted ascending (float64)."""
-    if self.is_binary:
-      return np.array([-1.0, 1.0])
-    if self.scheme == "log":
-      mags = 2.0 ** -np.arange(self.log_depth + 1, dtype=np.float64)
-      return np.concatenate([-mags, [0.0], mags[::-1]])
-    n = self.levels
-    return np.arange(-n, n + 1, dtype=np.float64) / n
+from blaq_jax._src import spec as spec_lib
+from blaq_jax._src import tree as tree_lib
+from blaq_jax._src.spec import QuantSpec, check_group_shape
 
 
 # The layout of a spec's scale groups, as the projection's helpers take it:
 # False (per tensor), True (per output channel), or GROUP: the weights in the
 # grouped view ``(..., in // g, g, out)`` of :func:`group_view`, one scale per
 # group of the ``g`` axis (axis -2 of the view).
-GROUP = "group"
+GROUP: Literal["group"] = "group"
+Layout: TypeAlias = bool | Literal["group"]
 
 
-def layout(spec: QuantSpec):
+def layout(spec: QuantSpec) -> Layout:
   """``False``, ``True`` or :data:`GROUP`: how ``spec`` groups the weights."""
   return GROUP if spec.group_size is not None else spec.per_channel
 
 
-def _reduce_axes(ndim: int, per_channel):
+def _reduce_axes(ndim: int, per_channel: Layout) -> tuple[int, ...]:
   if per_channel is GROUP:
     return (ndim - 2,)
   if per_channel and ndim >= 1:
@@ -237,23 +152,6 @@ SEARCH_MIN_ROWS = 256   # ... and per output channel (per-channel scales)
 def compute_dtype(dtype):
   """The dtype the projection computes in: float32 for half precision."""
   return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype
-
-
-def check_group_shape(shape, spec: QuantSpec, name: str = "the leaf") -> None:
-  """A one-line ValueError unless ``spec.group_size`` divides axis -2 of ``shape``."""
-  g = spec.group_size
-  if g is None:
-    return
-  shape = tuple(shape)
-  if len(shape) < 2:
-    raise ValueError(
-        f"group_size={g} needs a kernel with an input axis (axis -2), but {name} has shape "
-        f"{shape}; quantize it per tensor (group_size=None) or leave it in full precision")
-  if shape[-2] % g:
-    raise ValueError(
-        f"group_size={g} does not divide the input axis (axis -2, size {shape[-2]}) of "
-        f"{name} of shape {shape}; use a group size that divides {shape[-2]}, or override "
-        "this leaf in quant_spec (another QuantSpec, or None)")
 
 
 def group_view(shape, spec: QuantSpec) -> tuple:
@@ -327,7 +225,7 @@ def expand_scale(alpha, spec: QuantSpec, shape):
                     out_sharding=None if parts is None else P(*parts))
 
 
-def _kept_shape(shape, per_channel: bool) -> tuple:
+def _kept_shape(shape, per_channel: Layout) -> tuple:
   axes = _reduce_axes(len(shape), per_channel)
   return tuple(1 if i in axes else n for i, n in enumerate(shape))
 
@@ -486,6 +384,7 @@ def _cold_start(wf, d, spec, wsum, axes):
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
   error = _sample_error(ws, ds, spec)
 
+  alpha = hi  # the top of the range, were GRID_LEVELS 0
   for _ in range(GRID_LEVELS):
     ratio = _safe_div(hi, lo)
     cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac.reshape(
@@ -494,8 +393,8 @@ def _cold_start(wf, d, spec, wsum, axes):
     err = jax.lax.map(error, cands, batch_size=GRID_BATCH)
     best = jnp.argmin(err, axis=0, keepdims=True)
     pick = lambda k: jnp.take_along_axis(cands, jnp.clip(best + k, 0, GRID_SIZE - 1), 0)[0]
-    lo, hi = pick(-1), pick(1)
-  return pick(0).reshape(out_shape)
+    lo, hi, alpha = pick(-1), pick(1), pick(0)
+  return alpha.reshape(out_shape)
 
 
 def _search(wf, d, spec, alpha0):
@@ -593,7 +492,15 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   ``max|w|`` and the three-candidate round (from ``REFINE_BITS`` on). Each
   full-size term counts one evaluation per weight; the refinement's three
   errors and the last round's three candidates each share one read of ``w``
-  and ``D``. 1 for binary codes (one pass for the closed form)."""
+  and ``D``. 1 for binary codes (one pass for the closed form).
+
+  Examples:
+    >>> import blaq_jax as bq
+    >>> bq.warm_fit_cost((256, 256), bq.QuantSpec(1))  # the closed form: one pass
+    1.0
+    >>> bq.warm_fit_cost((1024, 1024), bq.QuantSpec(2))
+    1.5625
+  """
   if spec.is_binary:
     return 1.0
   shape = tuple(shape)
@@ -613,8 +520,21 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   return search + 3.0 + 1.0 + 3.0
 
 
+@overload
 def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
-              scale: jax.Array | None = None, *, with_rounds: bool = False):
+              scale: jax.Array | None = None, *,
+              with_rounds: Literal[False] = False) -> jax.Array: ...
+
+
+@overload
+def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+              scale: jax.Array | None = None, *,
+              with_rounds: Literal[True]) -> tuple[jax.Array, jax.Array]: ...
+
+
+def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
+              scale: jax.Array | None = None, *,
+              with_rounds: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The scale ``alpha`` of the projection ``ŵ = alpha · code(w / alpha)``.
 
   Two modes, both minimising ``Σ D (w - alpha code(w/alpha))²``:
@@ -637,6 +557,16 @@ def fit_scale(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
     convergence).
 
   Binary codes have the closed form ``alpha = Σ D|w| / Σ D`` either way.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.fit_scale(w, bq.QuantSpec(1)))  # binary: mean |w|
+    [0.5]
+    >>> print(np.asarray(bq.fit_scale(w, bq.QuantSpec(2, scheme="ternary"))).round(3))
+    [0.6]
 
   Args:
     w: the latent weights.
@@ -692,7 +622,8 @@ def _fit(wf, d, spec, scale, with_rounds):
     return jnp.sum(x, axis=axes, keepdims=True)
 
   if spec.is_binary:
-    alpha = _lsq_scale(*group_sums((d * jnp.abs(wf), d), layout(spec)), 0)
+    num, den = group_sums((d * jnp.abs(wf), d), layout(spec))
+    alpha = _lsq_scale(num, den, 0)
     return (alpha, jnp.zeros([], jnp.int32)) if with_rounds else alpha
 
   if scale is not None:
@@ -751,6 +682,13 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
   """``ŵ = alpha · code(w / alpha)``: the projection at a given scale (elementwise).
 
   Computed in the compute dtype and cast to ``w``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.quantize_with_scale(w, bq.QuantSpec(2), jnp.array(0.8)))  # codes {-1, 0, 1}
+    [ 0.  -0.8  0.  -0.8]
   """
   w = jnp.asarray(w)
   alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
@@ -777,6 +715,16 @@ def quantize(w: jax.Array, spec: QuantSpec,
   A cold start run to the alternation's fixed point (see the module
   docstring); ``D = 1`` if ``curvature`` is None.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.quantize(w, bq.QuantSpec(1)))
+    [ 0.5 -0.5  0.5 -0.5]
+    >>> print(np.asarray(bq.quantize(w, bq.QuantSpec(2, scheme="ternary"))).round(3))
+    [ 0.  -0.6  0.6 -0.6]
+
   Args:
     w: a floating array (a layer's latent weights).
     spec: the :class:`QuantSpec` to project onto.
@@ -789,6 +737,33 @@ def quantize(w: jax.Array, spec: QuantSpec,
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   checks.positive_finite("quantize", "curvature", curvature)
   return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+
+
+# The projection of a LAQ/BLAQ state: one scale per quantized leaf, fitted
+# cold at init and warm at each step, and the quantized weights at those scales.
+
+
+def initial_scale(w, spec):
+  """The cold-started plain scale; zeros of its shape for abstract params
+  (``jax.ShapeDtypeStruct`` leaves, e.g. a restore target): a scale <= 0 is
+  replaced by a cold start at the next update."""
+  if tree_lib.is_abstract(w):
+    return jnp.zeros(scale_shape(w.shape, spec), compute_dtype(w.dtype))
+  return fit_scale(w, spec)
+
+
+def next_scales(spec, params, den, scale):
+  """Per quantized leaf, the scale of ``Q_den(params)``: :func:`fit_scale`
+  warm-started from ``scale`` (the previous step's); None elsewhere."""
+  return spec_lib.map_with_spec(
+      lambda s, w, d, a: None if s is None else fit_scale(w, s, d, a),
+      spec, params, den, scale)
+
+
+def project(spec, params, scale):
+  """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
+  return spec_lib.map_with_spec(
+      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
 
 # The plain (``D = 1``) projection of the STE family, dampening, freezing,

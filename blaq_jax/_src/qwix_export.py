@@ -18,7 +18,8 @@ Not representable, and refused with a one-line error naming the leaf:
 types are uniform grids).
 
 References:
-  Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+  Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+  <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
   qwix: https://github.com/google/qwix
 """
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 
 from blaq_jax._src import tree as tree_lib
 from blaq_jax._src.packed import is_packed, pack_tree, unpack_indices
+from blaq_jax._src.spec import QuantSpecTree
 
 # qwix's name of the k-bit signed integer type (its synthetic "intk" types are
 # stored in int4 / int8 containers).
@@ -43,7 +45,7 @@ def _qwix():
   return qwix
 
 
-def to_qwix(params, spec, curvature=None, *, state=None):
+def to_qwix(params, spec: QuantSpecTree, curvature=None, *, state=None):
   """Exports the quantized leaves of a model as ``qwix.QArray`` s.
 
   Per quantized leaf (linear or ternary codes, 2 to 8 bits, per tensor or per
@@ -63,7 +65,8 @@ def to_qwix(params, spec, curvature=None, *, state=None):
     nnx.update(ptq, ckpt)   # rules: weight_qtype = exported leaf's .qtype
 
   References:
-    Hou & Kwok, "Loss-aware Weight Quantization of Deep Networks", ICLR 2018.
+    Hou & Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
 
   Args:
     params: the latent parameters (NNX Variables unwrapped).

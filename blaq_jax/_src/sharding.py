@@ -79,9 +79,10 @@ def shard_like(tree, params_sharding):
     step = jax.jit(train_step, out_shardings=(params_sharding, state_sharding, None))
 
   References:
-    JAX documentation, "Distributed arrays and automatic parallelization";
-    Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
-    Parallel", VLDB 2023.
+    JAX documentation, `Distributed arrays and automatic parallelization
+    <https://docs.jax.dev/en/latest/parallel.html>`_; Zhao et al., `PyTorch FSDP:
+    Experiences on Scaling Fully Sharded Data Parallel
+    <https://arxiv.org/abs/2304.11277>`_, VLDB 2023.
 
   Args:
     tree: a pytree of arrays or ``jax.ShapeDtypeStruct`` s, e.g.

@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax._src import checks
+from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import tree as tree_lib
-from blaq_jax._src.quantizers import QuantSpec, check_scale, plain_quantize
+from blaq_jax._src.quantizers import check_scale, plain_quantize
+from blaq_jax._src.spec import QuantSpec, QuantSpecTree
 
 def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Array:
   """``Q(w)`` in the forward pass, identity in the backward pass.
@@ -51,6 +53,16 @@ def ste_quantize(w: jax.Array, spec: QuantSpec, *, scale: str = "fit") -> jax.Ar
 
   Forward ``ŵ = Q(w) = α · code(w / α)``; backward ``∂ŵ/∂w := I`` (the
   straight-through estimator), so ``∇_w ℓ(Q(w)) = ∇ℓ(ŵ)``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> w = jnp.array([0.2, -0.6, 0.4, -0.8])
+    >>> print(bq.ste_quantize(w, bq.QuantSpec(1)))
+    [ 0.5 -0.5  0.5 -0.5]
+    >>> print(jax.grad(lambda x: jnp.sum(bq.ste_quantize(x, bq.QuantSpec(1)) * jnp.arange(4.0)))(w))
+    [0. 1. 2. 3.]
 
   References:
     BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
@@ -79,7 +91,7 @@ def _straight_through_jvp(spec, scale, primals, tangents):
   return _straight_through(w, spec, scale), dw
 
 
-def ste_quantize_params(params, spec, *, scale: str = "fit"):
+def ste_quantize_params(params, spec: QuantSpecTree, *, scale: str = "fit"):
   """Maps the latent weights to ``ŵ`` with a straight-through derivative.
 
   Leaves whose spec is None are returned unchanged. ``jax.grad`` of a loss of
@@ -88,6 +100,15 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
 
   Per quantized leaf ``ŵ = Q(w)`` forward and ``∂ŵ/∂w := I`` backward (see
   :func:`ste_quantize`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> print(bq.ste_quantize_params(params, spec)["w"])
+    [[ 0.5 -0.5]
+     [ 0.5 -0.5]]
 
   References:
     BinaryConnect (Courbariaux et al., NeurIPS 2015), BWN (Rastegari et al.,
@@ -99,8 +120,8 @@ def ste_quantize_params(params, spec, *, scale: str = "fit"):
     scale: ``"fit"`` (BWN for 1 bit) or ``"none"`` (BinaryConnect for 1 bit).
   """
   check_scale(scale, "ste_quantize_params")
-  tree_lib.check_spec_matches(spec, params, "ste_quantize_params")
-  return tree_lib.map_with_spec(
+  spec_lib.check_spec_matches(spec, params, "ste_quantize_params")
+  return spec_lib.map_with_spec(
       lambda s, w: w if s is None else ste_quantize(w, s, scale=scale), spec, params)
 
 
@@ -112,7 +133,7 @@ class STEState(NamedTuple):
 
 def ste(
     optimizer: optax.GradientTransformation,
-    spec,
+    spec: QuantSpecTree,
     *,
     clip: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -141,13 +162,31 @@ def ste(
   with ``α`` the least-squares scale (``scale="fit"``; BWN: ``α = mean|w|``
   at 1 bit) or 1 (``scale="none"``; BinaryConnect: ``Q(w) = sign(w)``).
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import blaq_jax as bq
+    >>> params = {"w": jnp.array([[0.2, -0.6], [0.4, -0.8]]), "b": jnp.array([0.3, -0.1])}
+    >>> spec = bq.quant_spec(params, bits=1)
+    >>> tx = bq.ste(optax.sgd(0.1), spec)
+    >>> loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum(p["b"] ** 2)
+    >>> grads = jax.grad(loss)(bq.ste_quantize_params(params, spec))
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(np.asarray(updates["w"]).round(3))  # the step on the latent weights
+    [[0.  0.2]
+     [0.  0.2]]
+
   References:
-    Courbariaux, Bengio & David, "BinaryConnect: Training Deep Neural Networks
-    with binary weights during propagations", NeurIPS 2015.
-    Rastegari, Ordonez, Redmon & Farhadi, "XNOR-Net: ImageNet Classification
-    Using Binary Convolutional Neural Networks", ECCV 2016 (BWN).
-    Long, Yin & Xin, "Recurrence of Optimum for Training Weight and Activation
-    Quantized Networks", 2020 (coarse gradient).
+    Courbariaux, Bengio & David, `BinaryConnect: Training Deep Neural Networks with
+    binary weights during propagations <https://arxiv.org/abs/1511.00363>`_, NeurIPS
+    2015.
+    Rastegari, Ordonez, Redmon & Farhadi, `XNOR-Net: ImageNet Classification Using
+    Binary Convolutional Neural Networks <https://arxiv.org/abs/1603.05279>`_, ECCV
+    2016 (BWN).
+    Long, Yin & Xin, `Recurrence of Optimum for Training Weight and Activation
+    Quantized Networks <https://arxiv.org/abs/2012.05529>`_, 2020 (coarse gradient).
 
   Args:
     optimizer: any optax transform (extra keyword arguments of ``update`` are
@@ -164,16 +203,15 @@ def ste(
     raise TypeError(
         f"ste: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
   checks.number("ste", "clip", clip, lo=0, lo_open=True, none_ok=True)
-  tree_lib.check_spec_arg(spec, "ste")
+  spec_lib.check_spec_arg(spec, "ste")
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
-    tree_lib.check_spec_matches(spec, params, "ste.init")
+    spec_lib.check_spec_matches(spec, params, "ste.init")
     return STEState(inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("ste.update: params are required (pass params=...)")
+    checks.require_params("ste.update", params)
     tree_lib.check_like_params(updates, params, "updates", "ste.update")
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if clip is not None:
@@ -183,7 +221,7 @@ def ste(
           return u
         return (jnp.clip(w + u, -clip, clip) - w).astype(u.dtype)
 
-      updates = tree_lib.map_with_spec(clip_leaf, spec, updates, params)
+      updates = spec_lib.map_with_spec(clip_leaf, spec, updates, params)
     return updates, STEState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""Pytree helpers shared by the transforms: paths, spec mapping, validation.
+"""Pytree helpers shared by the transforms: paths, NNX Variables, masks, checks.
 
 Every helper here accepts the trees a Flax NNX user holds as they are: an
 ``nnx.State`` whose leaves are ``nnx.Variable`` s (``nnx.state(model,
@@ -8,17 +8,13 @@ and optax's placeholder of :func:`optax.tree.map_params`.
 
 from __future__ import annotations
 
-import numbers
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-
-from blaq_jax._src.quantizers import QuantSpec, check_group_shape, scale_shape
 
 
 def path_str(path) -> str:
@@ -43,10 +39,6 @@ def path_str(path) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
-
-
-def is_spec_leaf(x) -> bool:
-  return x is None or isinstance(x, QuantSpec)
 
 
 def is_masked(x) -> bool:
@@ -97,98 +89,15 @@ def unwrap(tree):
 # --- validation ---------------------------------------------------------------
 
 
-def is_concrete_number(x) -> bool:
-  """A Python/numpy real number (not a bool, not a traced or jax array).
-
-  Range checks of hyperparameters run on these only, so that
-  ``optax.inject_hyperparams`` (which passes jax arrays, traced under
-  ``jit``) works with every numeric argument.
-  """
-  return isinstance(x, (numbers.Real, np.number)) and not isinstance(x, (bool, np.bool_))
-
-
-def is_number(x) -> bool:
-  """A concrete number or a scalar array (a hyperparameter of ``inject_hyperparams``)."""
-  if is_concrete_number(x):
-    return True
-  return isinstance(x, (jax.Array, np.ndarray)) and jnp.ndim(x) == 0
-
-
 def is_abstract(x) -> bool:
   """A ``jax.ShapeDtypeStruct`` leaf (params described by shape and dtype only)."""
   return isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _leaf_paths(tree, is_leaf=None) -> list[str]:
+def leaf_paths(tree, is_leaf=None) -> list[str]:
+  """The :func:`path_str` of every leaf of ``tree``, in tree order."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [path_str(p) for p, _ in leaves]
-
-
-def _param_paths(params) -> list[str]:
-  return _leaf_paths(params)
-
-
-def check_spec_matches(spec, params, where: str) -> None:
-  """Raises a one-line ValueError/TypeError naming ``where`` and the bad path.
-
-  Checks that ``spec`` is a tree like ``params`` (NNX Variables unwrapped)
-  with a :class:`QuantSpec` or None per leaf, that no per-channel spec
-  sits on a leaf with fewer than 2 axes, and that a spec's ``group_size``
-  divides its leaf's input axis (axis -2). optax's ``map_params`` placeholder
-  passes.
-  """
-  if is_params_placeholder(params):
-    return
-  spec, params = unwrap(spec), unwrap(params)
-  check_spec_arg(spec, where, params=params)
-  try:
-    jax.tree.map(lambda s, p: None, spec, params, is_leaf=is_spec_leaf)
-  except (ValueError, TypeError) as e:
-    spec_paths = set(_leaf_paths(spec, is_spec_leaf))
-    param_paths = set(_param_paths(params))
-    only_p = sorted(param_paths - spec_paths)[:5]
-    only_s = sorted(spec_paths - param_paths)[:5]
-    detail = " ".join(str(e).split())[:200]
-    raise ValueError(
-        f"{where}: the spec tree does not match the params tree "
-        f"(paths only in params: {only_p}; only in spec: {only_s}); "
-        f"build the spec with blaq_jax.quant_spec(params, ...) from these params "
-        f"[{detail}]") from None
-  bad = []
-  for path, s in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec_leaf)[0]:
-    if not is_spec_leaf(s):
-      bad.append(path_str(path))
-  if bad:
-    raise TypeError(
-        f"{where}: spec leaves must be QuantSpec or None; bad at {bad[:5]}; "
-        "build the spec with blaq_jax.quant_spec(params, ...)")
-
-  def per_channel_check(path, s, w):
-    if not isinstance(s, QuantSpec) or w is None or is_masked(w):
-      return
-    if s.group_size is not None:
-      try:
-        check_group_shape(jnp.shape(w), s, repr(path_str(path)))
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    elif s.per_channel and jnp.ndim(w) < 2:
-      raise ValueError(
-          f"{where}: per_channel spec on {path_str(path)!r} of shape {jnp.shape(w)} would "
-          "give one scale per weight; quantize it per tensor (per_channel=False) or "
-          "leave it in full precision")
-
-  jax.tree_util.tree_map_with_path(per_channel_check, spec, params, is_leaf=is_spec_leaf)
-
-
-def check_spec_arg(spec, where: str, *, params=None) -> None:
-  """Rejects a ``spec`` of None, or a bare QuantSpec given for a tree of params."""
-  single = params is not None and len(jax.tree.leaves(params)) == 1 and \
-      jax.tree_util.treedef_is_leaf(jax.tree.structure(params))
-  if spec is None or (isinstance(spec, QuantSpec) and params is not None and not single):
-    what = "None" if spec is None else "a bare QuantSpec"
-    raise TypeError(
-        f"{where}: spec is {what}; pass a tree like params with a QuantSpec or None "
-        "per leaf, e.g. spec = blaq_jax.quant_spec(params, bits=1)")
 
 
 def check_float_params(params, where: str) -> None:
@@ -230,37 +139,6 @@ def check_like_params(tree, params, what: str, where: str) -> None:
           "updates must be floating (differentiate a float loss of float params)")
 
 
-def check_state_scales(spec, params, scale, where: str) -> None:
-  """Raises a one-line ValueError naming ``where`` and the path unless the
-  state's ``scale`` tree belongs to ``spec`` and ``params``: an array of the
-  leaf's scale shape (one per tensor, or per channel) at every quantized leaf.
-
-  A state of another model, or of a spec with another ``per_channel``, fails
-  here; one of another bit width has scales of the same shape (see
-  :func:`blaq_jax.pack`, which also checks the values).
-  """
-  if is_params_placeholder(params):
-    return
-  spec, params, scale = unwrap(spec), unwrap(params), unwrap(scale)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec_leaf)
-  hint = ("pass the state of the optimizer built with this spec for these params "
-          "(a checkpoint of another run or model does not fit)")
-  try:
-    ws = treedef.flatten_up_to(params)
-    scales = treedef.flatten_up_to(scale)
-  except (ValueError, TypeError):
-    raise ValueError(f"{where}: the optimizer state's scales do not have the tree "
-                     f"structure of the spec and params; {hint}") from None
-  for (path, s), w, a in zip(flat, ws, scales):
-    if not isinstance(s, QuantSpec) or w is None or is_masked(w) or is_masked(a):
-      continue
-    want = scale_shape(jnp.shape(w), s)
-    if a is None or jnp.shape(a) != want:
-      got = "no scale" if a is None else f"a scale of shape {jnp.shape(a)}"
-      raise ValueError(f"{where}: the optimizer state has {got} for {path_str(path)!r}, "
-                       f"its spec needs shape {want}; {hint}")
-
-
 def check_grad_fn_result(result, params, where: str):
   """Checks what ``grad_fn(params)`` returned; returns it wrapped like ``params``.
 
@@ -286,40 +164,6 @@ def check_grad_fn_result(result, params, where: str):
 
 
 # --- mapping ----------------------------------------------------------------
-
-
-def map_with_spec(fn: Callable[..., Any], spec, *trees):
-  """``fn(spec_leaf, *subtrees)`` over the leaves of ``spec`` (None included).
-
-  NNX Variables in ``spec`` and ``trees`` are unwrapped for ``fn``, and put
-  back around the results where the first tree had them. Subtrees that are
-  ``optax.MaskedNode`` (leaves masked out by ``optax.masked`` /
-  ``optax.multi_transform``) and params leaves that are None pass through
-  unchanged. If the first tree is optax's ``map_params``
-  placeholder, it is returned as it is (the state field is "like params").
-  """
-  if trees and is_params_placeholder(trees[0]):
-    return trees[0]
-  spec = unwrap(spec)
-  pure = tuple(unwrap(t) for t in trees)
-
-  def leaf_fn(s, first, *rest):
-    if first is None or is_masked(first):
-      return first
-    return fn(s, first, *rest)
-
-  result = jax.tree.map(leaf_fn, spec, *pure, is_leaf=is_spec_leaf)
-  if trees and pure[0] is not trees[0]:
-    result = rewrap(trees[0], result)
-  return result
-
-
-def map_quantized(fn: Callable[..., Any], spec, *trees):
-  """``fn(spec_leaf, *leaves)`` at the quantized leaves (spec not None), None
-  at the others; the trees are unwrapped first, so the result is a pure tree
-  (as an optimizer state is), whatever NNX Variables the inputs hold."""
-  trees = tuple(unwrap(t) for t in trees)
-  return map_with_spec(lambda s, *xs: None if s is None else fn(s, *xs), spec, *trees)
 
 
 def unzip(tree, cls):
