@@ -249,17 +249,23 @@ def make_update_only(bench: Bench):
 # Timing
 
 
+# --clock: wall time, or the process's CPU time over all threads (steadier on
+# a loaded machine: another job's time slices are not counted).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class Runner:
   """One compiled function and its arguments; ``carry`` threads the state."""
 
-  def __init__(self, name, compiled, args, carry: int = 0):
+  def __init__(self, name, compiled, args, carry: int = 0, clock=time.perf_counter):
     self.name, self.compiled, self.args, self.carry = name, compiled, list(args), carry
+    self.clock = clock
 
   def __call__(self) -> float:
-    t0 = time.perf_counter()
+    t0 = self.clock()
     out = self.compiled(*self.args)
     jax.block_until_ready(out)
-    dt = time.perf_counter() - t0
+    dt = self.clock() - t0
     if self.carry:
       self.args[:self.carry] = out[:self.carry]
     return dt
@@ -270,8 +276,9 @@ class ScheduledRunner(Runner):
   ``lookahead(call)`` holds, ``inactive`` on the others; each call's seconds
   are also kept by kind."""
 
-  def __init__(self, name, active, inactive, args, carry: int, lookahead, period: int):
-    super().__init__(name, inactive, args, carry)
+  def __init__(self, name, active, inactive, args, carry: int, lookahead, period: int,
+               clock=time.perf_counter):
+    super().__init__(name, inactive, args, carry, clock)
     self.steps = {True: active, False: inactive}
     self.lookahead, self.period, self.calls = lookahead, period, 0
     self.by_kind = {True: [], False: []}
@@ -415,7 +422,8 @@ def markdown(report: dict) -> str:
       f"{cfg['dtype']}; {env['backend']} ({env['device']}, {env['cpu_count']} cores), "
       f"jax {env['jax']}, commit {env['commit']}, {env['date_utc']} UTC; "
       f"{cfg['rounds']} rounds x {cfg['steps']} steps per method after {cfg['warmup']} "
-      f"warm-up steps; 1-min load average {load(env.get('load_avg_1min'))} at start, "
+      f"warm-up steps, {cfg.get('clock', 'wall')} clock; "
+      f"1-min load average {load(env.get('load_avg_1min'))} at start, "
       f"{load(env.get('load_avg_1min_end'))} at end.",
       "",
       "| method | grad evals | median ms | p10–p90 ms | × fp | opt state MB "
@@ -466,7 +474,8 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
         methods: str = ",".join(DEFAULT_METHODS), bits=DEFAULT_BITS, m: int = 5,
         warmup: int = 3, rounds: int = 5, steps: int | None = None, components: bool = True,
         first_last_bits: int | None = 8, a: float = 0.6, lr: float = 1e-3,
-        dump_hlo: str | None = None, profile_dir: str | None = None, seed: int = 0) -> dict:
+        dump_hlo: str | None = None, profile_dir: str | None = None, seed: int = 0,
+        clock: str = "wall") -> dict:
   """Builds, compiles, warms up and times every method of ``methods`` (the
   ``--methods`` text, :func:`parse_methods`); returns the report dict."""
   if model_name not in MODELS:
@@ -513,12 +522,12 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
         hlo[f"{b.name}:inactive"] = inactive.as_text()
       lookahead = lambda call, b=b: b.method.lookahead_at(b.options, call)
       runner = ScheduledRunner(b.name, compiled, inactive, args, carry=3, lookahead=lookahead,
-                               period=b.period)
+                               period=b.period, clock=CLOCKS[clock])
       for _ in range(max(warmup, 2) * b.period):  # both steps warm
         runner()
       runner.reset()
     else:
-      runner = Runner(b.name, compiled, args, carry=3)
+      runner = Runner(b.name, compiled, args, carry=3, clock=CLOCKS[clock])
       for _ in range(warmup):
         runner()
     runners.append(runner)
@@ -532,14 +541,16 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
   if components:
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     compiled, _, _ = compile_fn(value_and_grad, (params, stats, x, y))
-    comp_runners.append(Runner("grad_eval", compiled, (params, stats, x, y)))
+    comp_runners.append(Runner("grad_eval", compiled, (params, stats, x, y),
+                               clock=CLOCKS[clock]))
     g = jax.tree.map(lambda w: 1e-3 * jnp.ones_like(w), params)
     for b in benches:
       opt_state = b.tx.init(params)
       compiled, _, _ = compile_fn(make_update_only(b), (params, opt_state, g))
       if dump_hlo:
         hlo[f"{b.name}:update"] = compiled.as_text()
-      comp_runners.append(Runner(f"{b.name}:update", compiled, (params, opt_state, g)))
+      comp_runners.append(Runner(f"{b.name}:update", compiled, (params, opt_state, g),
+                                 clock=CLOCKS[clock]))
     for r in comp_runners:
       for _ in range(warmup):
         r()
@@ -572,7 +583,8 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
       "env": env,
       "config": {"model": model_name, "batch": batch, "dtype": jnp.dtype(jdtype).name,
                  "methods": [b.name for b in benches], "m": m, "warmup": warmup, "rounds": rounds,
-                 "steps": steps, "first_last_bits": first_last_bits if is_resnet else None,
+                 "steps": steps, "clock": clock,
+                 "first_last_bits": first_last_bits if is_resnet else None,
                  "a": a, "lr": lr, "param_bytes": tree_bytes(params),
                  "num_params": int(sum(p.size for p in jax.tree.leaves(params)))},
       "results": results,
@@ -610,6 +622,8 @@ def parse_args(argv=None):
   p.add_argument("--m", type=int, default=5,
                  help="blaq-m: the two-stage update on one step in every m")
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                 help="wall time, or the process's CPU time (all threads; steadier under load)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
   p.add_argument("--no-components", action="store_true",
@@ -636,7 +650,7 @@ def main(argv=None) -> dict:
                 warmup=args.warmup,
                 rounds=args.rounds, steps=args.steps, components=not args.no_components,
                 first_last_bits=flb, a=args.a, dump_hlo=args.dump_hlo,
-                profile_dir=args.profile)
+                profile_dir=args.profile, clock=args.clock)
   model = args.model
   if args.quick:
     model = "mlp_tiny"

@@ -12,8 +12,8 @@ from benchmarks import step_time
 
 def test_step_time_quick(tmp_path):
   methods = "fp,laq@2,blaq@1,blaq-m@1"
-  report = step_time.main(["--quick", "--methods", methods, "--m", "3", "--out",
-                           str(tmp_path)])
+  report = step_time.main(["--quick", "--methods", methods, "--m", "3", "--clock", "cpu",
+                           "--out", str(tmp_path)])
   saved = json.loads((tmp_path / "mlp_tiny_float32_b16.json").read_text())
   table = (tmp_path / "mlp_tiny_float32_b16.md").read_text()
   assert list(saved["results"]) == methods.split(",")
@@ -40,6 +40,7 @@ def test_step_time_quick(tmp_path):
   assert {r["ratio"] for r in saved["ratios"]} == {"laq@2/fp"}
   assert set(saved["components"]) == {"grad_eval", *(f"{m}:update" for m in res)}
   assert report["config"]["model"] == "mlp_tiny"
+  assert saved["config"]["clock"] == "cpu" and "cpu clock" in table
   assert saved["env"]["jax"] == jax.__version__ and saved["env"]["commit"]
 
 
