@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint venv clean
+.PHONY: demo test test-fast test-all lint venv clean
 
 venv: $(STAMP)
 
@@ -17,15 +17,26 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
-# Two test processes (the CI machine has 2 cores); `make test-all` adds the slow cases.
-# Both also run the Examples: of the library's docstrings (--doctest-modules blaq_jax).
+# Two test processes (the CI machine has 2 cores), both running the Examples:
+# of the library's docstrings (--doctest-modules blaq_jax) too.
+# `make test` and `make test-fast` compile with XLA's backend (LLVM) optimization
+# off: the same graphs, compiled in about 60% of the time, which is most of the
+# suite's; `make test-all` adds the slow cases and compiles as users do (XLA's
+# default level). Compiled graphs are cached in .cache/jax-tests.
+# `make test-fast` (the inner loop) leaves out the end-to-end and the
+# multi-device tests (examples, benchmarks, other processes, sharding).
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+FAST_XLA := XLA_FLAGS="--xla_backend_optimization_level=0 $(XLA_FLAGS)"
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests --doctest-modules blaq_jax
+	$(FAST_XLA) $(PYTEST) -m "not slow" tests --doctest-modules blaq_jax
+
+test-fast: $(STAMP)
+	$(FAST_XLA) $(PYTEST) -m "not slow and not end_to_end and not multi_device" tests --doctest-modules blaq_jax
 
 test-all: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests --doctest-modules blaq_jax
+	$(PYTEST) tests --doctest-modules blaq_jax
 
 # ruff, then pyrefly's type check of blaq_jax/ (configured in pyproject.toml),
 # resolving imports in this virtualenv.
@@ -34,4 +45,4 @@ lint: $(STAMP)
 	$(PY) -m pyrefly check --python-interpreter-path $(PY)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache/jax-tests

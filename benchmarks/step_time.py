@@ -38,6 +38,7 @@ Usage::
   python -m benchmarks.step_time --model mlp
   python -m benchmarks.step_time --model mlp --methods fp,laq@1,laq@4,blaq@1,blaq-m@1 --m 5
   python -m benchmarks.step_time --model resnet18_cifar
+  python -m benchmarks.step_time --model lm --bits 2,4
   python -m benchmarks.step_time --model resnet18_imagenet --batch 256 --dtype bfloat16  # GPU
   python -m benchmarks.step_time --quick          # seconds on CPU (the test runs it)
 
@@ -70,7 +71,8 @@ from examples import methods as methods_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# name -> image shape, classes, batch on an accelerator, batch on CPU.
+# name -> input shape (images; a context length for "lm"), classes, batch on an
+# accelerator, batch on CPU.
 MODELS = {
     "mlp": dict(shape=(28, 28, 1), classes=10, batch=100, cpu_batch=100,
                 about="MNIST MLP 784-2048-2048-2048-10 (examples/classification)"),
@@ -82,6 +84,10 @@ MODELS = {
                                     "(examples/imagenet_resnet18)"),
     "mlp_tiny": dict(shape=(28, 28, 1), classes=10, batch=16, cpu_batch=16,
                      about="MNIST MLP 784-32-10 (--quick)"),
+    # Byte windows in, next-byte logits out; the classes are the 256 bytes.
+    "lm": dict(shape=(128,), classes=256, batch=64, cpu_batch=16,
+               about="byte-level transformer LM, 2 layers, width 128, context 128; kernels "
+                     "in groups of 64, embeddings and head at 8 bits (examples/lm)"),
 }
 
 DEFAULT_METHODS = ("fp", "bwn-ste", "laq", "blaq")
@@ -143,14 +149,21 @@ class Bench:
 def build_model(name: str, dtype, seed: int = 0):
   """Returns ``(model, apply)`` with ``apply(model, x) -> logits`` (training mode)."""
   info = MODELS[name]
+  if not name.startswith("resnet") and dtype != jnp.float32:
+    raise ValueError(f"--dtype: {name} runs in float32 only, got {jnp.dtype(dtype).name}")
   if name in ("mlp", "mlp_tiny"):
-    if dtype != jnp.float32:
-      raise ValueError(f"--dtype: the MLP runs in float32 only, got {jnp.dtype(dtype).name}")
     from examples.classification import models as cls_models
     hidden = (2048, 2048, 2048) if name == "mlp" else (32,)
     model = cls_models.MLP(in_features=int(np.prod(info["shape"])), hidden=hidden,
                            num_classes=info["classes"], rngs=nnx.Rngs(seed))
     return model, lambda m, x: m(x, train=True)
+  if name == "lm":
+    from examples.lm import models as lm_models
+    from examples.lm.configs import base as lm_config
+    c = lm_config.Config()
+    model = lm_models.TransformerLM(info["classes"], c.d_model, c.num_layers, c.num_heads,
+                                    c.mlp_ratio, info["shape"][0], rngs=nnx.Rngs(seed))
+    return model, lambda m, x: m(x)
   from examples.imagenet_resnet18 import models as resnet_models
   model = resnet_models.ResNet18(num_classes=info["classes"], dtype=dtype,
                                  rngs=nnx.Rngs(seed))
@@ -189,16 +202,23 @@ def parse_methods(text: str, bits=DEFAULT_BITS) -> list[tuple[methods_lib.Method
   return out
 
 
-def make_benches(chosen, params, *, lr: float, first_last_bits: int | None, a: float,
-                 m: int, is_resnet: bool) -> list[Bench]:
-  """A :class:`Bench` per ``(entry, bits)`` of :func:`parse_methods`; blaq-m's
-  "epoch" is one step, so it looks ahead on one step in every ``m``."""
-  def spec_for(bits):
-    overrides = {}
-    if is_resnet and first_last_bits != bits:
-      overrides = {r"^conv_init/kernel": first_last_bits, r"^head/kernel": first_last_bits}
-    return bq.quant_spec(params, bits=bits, overrides=overrides)
+def make_spec(model_name: str, params, bits: int, first_last_bits: int | None):
+  """The model's quantization at ``bits``: ResNet's first and last layers at
+  ``first_last_bits``; the LM as ``examples/lm`` quantizes it."""
+  if model_name == "lm":
+    from examples.lm import train as lm_train
+    from examples.lm.configs import base as lm_config
+    return lm_train.make_spec(lm_config.Config(bits=bits), params)
+  overrides = {}
+  if model_name.startswith("resnet") and first_last_bits != bits:
+    overrides = {r"^conv_init/kernel": first_last_bits, r"^head/kernel": first_last_bits}
+  return bq.quant_spec(params, bits=bits, overrides=overrides)
 
+
+def make_benches(chosen, params, *, lr: float, a: float, m: int, spec_for) -> list[Bench]:
+  """A :class:`Bench` per ``(entry, bits)`` of :func:`parse_methods`, quantized by
+  ``spec_for(bits)``; blaq-m's "epoch" is one step, so it looks ahead on one
+  step in every ``m``."""
   options = methods_lib.Options(a=a, m=m, steps_per_epoch=1)
   out = []
   for method, bits in chosen:
@@ -497,10 +517,15 @@ def run(model_name: str, *, batch: int | None = None, dtype: str = "float32",
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   loss_fn = make_loss(graphdef, apply)
   key_x, key_y = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(key_x, (batch, *info["shape"]), jnp.float32)
-  y = jax.random.randint(key_y, (batch,), 0, info["classes"])
-  benches = make_benches(chosen, params, lr=lr, first_last_bits=first_last_bits, a=a, m=m,
-                         is_resnet=is_resnet)
+  if model_name == "lm":  # a window of bytes and the next byte at each position
+    x = jax.random.randint(key_x, (batch, *info["shape"]), 0, info["classes"])
+    y = jax.random.randint(key_y, (batch, *info["shape"]), 0, info["classes"])
+  else:
+    x = jax.random.normal(key_x, (batch, *info["shape"]), jnp.float32)
+    y = jax.random.randint(key_y, (batch,), 0, info["classes"])
+  benches = make_benches(
+      chosen, params, lr=lr, a=a, m=m,
+      spec_for=lambda bits: make_spec(model_name, params, bits, first_last_bits))
 
   results, runners, hlo = {}, [], {}
   copy = lambda t: jax.tree.map(jnp.copy, t)

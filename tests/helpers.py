@@ -13,6 +13,12 @@ import pytest
 # Tests marked slow run in `make test-all`, not in `make test` (CI): each one
 # covers a case that a faster test of the same property already covers once.
 slow = pytest.mark.slow
+# Trains an example, runs a benchmark or starts other processes: left out of
+# `make test-fast`. A module marks itself with `pytestmark = end_to_end`.
+end_to_end = pytest.mark.end_to_end
+# Trains on the 8 simulated devices (pmap, sharded jit, FSDP): also left out of
+# `make test-fast`.
+multi_device = pytest.mark.multi_device
 
 
 def some_slow(values, fast):

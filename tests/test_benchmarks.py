@@ -8,6 +8,9 @@ import pytest
 
 from benchmarks import convergence
 from benchmarks import step_time
+from helpers import end_to_end
+
+pytestmark = end_to_end
 
 
 def test_step_time_quick(tmp_path):
@@ -121,3 +124,17 @@ def test_serving_quick(tmp_path):
   assert report["config"]["quick"]
   with pytest.raises(ValueError, match="--models: unknown model 'vgg'"):
     serving.main(["--quick", "--models", "vgg", "--out", str(tmp_path)])
+
+
+def test_step_time_lm_quantizes_as_the_lm_example():
+  from flax import nnx
+  model, _ = step_time.build_model("lm", jax.numpy.float32)
+  params = nnx.state(model, nnx.Param)
+  spec = step_time.make_spec("lm", params, 2, first_last_bits=None)
+  assert spec["blocks"][0]["up"]["kernel"].group_size == 64
+  assert spec["blocks"][0]["up"]["kernel"].bits == 2
+  assert spec["embed"]["embedding"].bits == spec["head"]["kernel"].bits == 8
+  report = step_time.run("lm", batch=2, methods="laq@2", warmup=1, rounds=1, steps=1,
+                         components=False, clock="cpu")
+  assert report["config"]["methods"] == ["laq@2"]
+  assert report["results"]["laq@2"]["time"]["mean_ms"] > 0

@@ -21,6 +21,9 @@ from examples.classification import main as main_lib
 from examples.classification import models
 from examples.classification import train
 from examples.classification.configs import base
+from helpers import end_to_end
+
+pytestmark = end_to_end
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import blaq_jax as bq
+from helpers import multi_device
+
+pytestmark = multi_device
 
 
 FACTORIES = {

@@ -15,7 +15,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import blaq_jax as bq
-from helpers import run_two_processes, some_slow
+from helpers import end_to_end, multi_device, run_two_processes, some_slow
+
+pytestmark = multi_device
 
 STEPS = 4
 AXIS = "fsdp"
@@ -197,6 +199,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import blaq_jax as bq
 import test_fsdp as t
+
 params, x, y, spec, tx, active = t._setup("blaq_m2", "group")
 mesh = jax.make_mesh((8,), (t.AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 sharding = t._fsdp_sharding(params, mesh)
@@ -219,6 +222,7 @@ np.savez(f"{out}/fsdp_{pid}.npz", *leaves)
 """
 
 
+@end_to_end
 def test_fsdp_in_two_processes(x64, tmp_path):
   """The recipe under jax.distributed: 2 processes x 4 CPU devices, one
   8-device mesh, each process holding its shards and half of the batch."""

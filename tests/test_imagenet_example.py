@@ -19,7 +19,9 @@ from examples.imagenet_resnet18 import input_pipeline
 from examples.imagenet_resnet18 import main
 from examples.imagenet_resnet18 import models
 from examples.imagenet_resnet18 import train
-from helpers import max_abs_diff
+from helpers import end_to_end, max_abs_diff
+
+pytestmark = end_to_end
 
 CLASSES = ("n01440764", "n01443537")
 N_TRAIN, N_VAL = 8, 3

@@ -17,6 +17,9 @@ from examples.imagenet_resnet18 import input_pipeline  # noqa: E402
 from examples.imagenet_resnet18 import main  # noqa: E402
 from examples.imagenet_resnet18 import models  # noqa: E402
 from examples.imagenet_resnet18 import train  # noqa: E402
+from helpers import end_to_end
+
+pytestmark = end_to_end
 
 
 @pytest.fixture(scope="module")

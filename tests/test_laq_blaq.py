@@ -355,7 +355,10 @@ def test_inject_hyperparams(x64):
   tx = optax.inject_hyperparams(bq.blaq)(learning_rate=1e-2, spec=spec, a=0.6)
   _, state, hist = run(tx, spec, params, loss, steps=3)
   _, _, hist_ref = run(bq.blaq(1e-2, spec, a=0.6), spec, params, loss, steps=3)
-  chex.assert_trees_all_close(hist, hist_ref, rtol=1e-10, atol=1e-12)
+  # A rate in the state and a rate folded into the graph round differently; Adam
+  # scales that rounding up where a gradient is near 0, so atol is near the
+  # weights' rounding (their scale is 1e-2).
+  chex.assert_trees_all_close(hist, hist_ref, rtol=1e-10, atol=1e-10)
   # The rate can be changed in the state.
   state.hyperparams["learning_rate"] = jnp.array(0.0)
   p = hist[-1][0]

@@ -13,7 +13,9 @@ from examples.lm import input_pipeline
 from examples.lm import main as lm_main
 from examples.lm import train
 from examples.lm.configs import tiny
-from helpers import slow
+from helpers import end_to_end, slow
+
+pytestmark = end_to_end
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_corpus_split_is_fixed_by_path(corpus_dir):
 
 
 def test_tiny_run_is_sharded(tmp_path, corpus_dir):
-  sharded = train.train_and_evaluate(_config(corpus_dir, method="blaq-m"), tmp_path / "fsdp")
+  sharded = train.train_and_evaluate(_config(corpus_dir, method="laq"), tmp_path / "fsdp")
   _check_sharded_run(sharded, tmp_path / "fsdp")
 
 
@@ -89,7 +91,8 @@ def test_resume_is_exact(tmp_path, corpus_dir):
 def test_cli_bad_flags(tmp_path, capsys):
   for args, text in ((["--bits", "9"], "config.bits must be an int >= 1 and <= 8, got 9"),
                      (["--group-size", "0"], "config.group_size must be an int >= 1"),
-                     (["--set", "d_model=31"], "config.d_model 31 must be a multiple of")):
+                     (["--set", "d_model=31"], "config.d_model 31 must be a multiple of"),
+                     (["--set", "warmup_steps=6"], "config.warmup_steps 6 must be below")):
     with pytest.raises(SystemExit) as info:
       config_cli.run_main(lm_main.main, ["--config", "tiny", "--workdir", str(tmp_path / "w"),
                                          *args])

@@ -318,8 +318,9 @@ def test_schedule_under_inject_hyperparams_and_chain(x64):
   wrapped = optax.chain(optax.identity(), optax.inject_hyperparams(bq.blaq)(
       learning_rate=1e-2, spec=spec, a=0.6, lookahead_schedule=sched))
   chained = trajectory(wrapped, spec, params, loss, 5)
+  # atol: see test_inject_hyperparams (a rate in the state rounds differently).
   chex.assert_trees_all_close([p for p, _ in plain], [p for p, _ in chained],
-                              rtol=1e-12, atol=1e-14)
+                              rtol=1e-12, atol=1e-10)
 
 
 def test_forward_weights_are_the_ones_the_update_assumed():

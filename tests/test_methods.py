@@ -73,8 +73,8 @@ def test_step_time_methods_are_registry_entries_at_a_width():
   params, _, _ = _problem()
   chosen = step_time.parse_methods("fp,bwn-ste@2,laq@3,blaq,blaq-m,laq-noskip@1,"
                                    "blaq-noskip@1,blaq-reuse@1,blaq-model@1", bits=(1,))
-  got = step_time.make_benches(chosen, params, lr=1e-3, first_last_bits=None, a=0.6, m=4,
-                               is_resnet=False)
+  spec_for = lambda bits: bq.quant_spec(params, bits=bits)
+  got = step_time.make_benches(chosen, params, lr=1e-3, a=0.6, m=4, spec_for=spec_for)
   assert [b.name for b in got] == [
       "fp", "bwn-ste@2", "laq@3", "blaq@1", "blaq-m@1", "laq-noskip@1", "blaq-noskip@1",
       "blaq-reuse@1", "blaq-model@1"]
@@ -83,8 +83,8 @@ def test_step_time_methods_are_registry_entries_at_a_width():
   assert [b.period for b in got] == [1, 1, 1, 1, 4, 1, 1, 1, 1]   # blaq-m: 2 compiled steps
   assert got[2].spec["w"].bits == 3 and got[0].spec is None
   assert [b.name for b in step_time.make_benches(
-      step_time.parse_methods("fp,laq", bits=(1, 2)), params, lr=1e-3,
-      first_last_bits=None, a=0.6, m=5, is_resnet=False)] == ["fp", "laq@1", "laq@2"]
+      step_time.parse_methods("fp,laq", bits=(1, 2)), params, lr=1e-3, a=0.6, m=5,
+      spec_for=spec_for)] == ["fp", "laq@1", "laq@2"]
   for text, message in (("laq@9", "widths are 1..8"), ("lqa", "unknown method 'lqa'"),
                         ("laq@x", "the width after @ must be an int"),
                         ("fp@1", "fp has no quantized weights"),

@@ -22,7 +22,9 @@ from examples.classification import train
 from examples.classification import weight_tracker
 from examples.classification.configs import base
 from examples.classification.configs import paper
-from helpers import some_slow
+from helpers import end_to_end, some_slow
+
+pytestmark = end_to_end
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

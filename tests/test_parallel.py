@@ -11,7 +11,9 @@ import optax
 import pytest
 
 import blaq_jax as bq
-from helpers import max_abs_diff, run_two_processes
+from helpers import end_to_end, max_abs_diff, multi_device, run_two_processes
+
+pytestmark = multi_device
 
 N_DEV = 8
 STEPS = 4
@@ -166,6 +168,7 @@ def test_pmean_psum_give_global_reductions(mode):
 _TWO_PROCESS_BODY = """
 import numpy as np
 import test_parallel as t
+
 for mode in ("jit", "pmap"):
   params, x, y = t._problem()
   mine = slice(16 * pid, 16 * pid + 16)          # this process's half of the batch
@@ -175,6 +178,7 @@ for mode in ("jit", "pmap"):
 """
 
 
+@end_to_end
 def test_two_processes_match_single_device(x64, tmp_path):
   """jax.distributed with 2 processes x 4 CPU devices, each feeding its half."""
   run_two_processes(_TWO_PROCESS_BODY, tmp_path)

@@ -8,6 +8,9 @@ from examples import demo
 from examples import methods
 from examples.toy_2d import main as toy_main
 from examples.toy_2d import train as toy_train
+from helpers import end_to_end
+
+pytestmark = end_to_end
 
 
 def test_settle_and_flip_counting_on_a_hand_made_trajectory():

@@ -70,6 +70,9 @@ class Config:
     config_cli.check_number(self, "learning_rate", lo=0)
     config_cli.check_number(self, "max_corpus_bytes", lo=self.seq_len + 2, integer=True,
                             none_ok=True)
+    if self.warmup_steps >= self.num_train_steps:
+      raise ValueError(f"config.warmup_steps {self.warmup_steps} must be below "
+                       f"config.num_train_steps {self.num_train_steps} (--set warmup_steps=N)")
     if self.d_model % self.num_heads:
       raise ValueError(f"config.d_model {self.d_model} must be a multiple of config.num_heads "
                        f"{self.num_heads}")
