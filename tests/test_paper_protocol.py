@@ -259,6 +259,9 @@ def test_paper_report(tmp_path, capsys):
       rows.append(r)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+  # Another example's runs in the same folder (no config.json) are not read.
+  (tmp_path / "lm" / "laq_2bit_s0").mkdir(parents=True)
+  (tmp_path / "lm" / "laq_2bit_s0" / "metrics.jsonl").write_text('{"step": 1}\n')
   for seed in (0, 1):
     write("laq", seed, "laq", 1, 1.0, 2, tracked=True)
     write("blaq", seed, "blaq", 2, 2.0, 2, tracked=True)

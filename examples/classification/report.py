@@ -52,6 +52,8 @@ def load_runs(runs_dir: Path, with_config: bool = False) -> dict:
   for metrics in sorted(runs_dir.glob("*/*_s*/metrics.jsonl")):
     run = metrics.parent
     method, _, seed = run.name.rpartition("_s")
+    if not (run / "config.json").exists() or not seed.isdigit():
+      continue  # not a run of this example (runs/lm/...)
     config = json.loads((run / "config.json").read_text())
     rows = read_jsonl(metrics)
     if not rows or rows[-1]["epoch"] != base.resolve(base.from_dict(config)).epochs:
