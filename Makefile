@@ -21,8 +21,9 @@ demo: $(STAMP)
 # of the library's docstrings (--doctest-modules blaq_jax) too.
 # `make test` and `make test-fast` compile with XLA's backend (LLVM) optimization
 # off: the same graphs, compiled in about 60% of the time, which is most of the
-# suite's; `make test-all` adds the slow cases and compiles as users do (XLA's
-# default level). Compiled graphs are cached in .cache/jax-tests.
+# suite's. `make test` then runs the bit-for-bit equalities between graphs
+# again at XLA's default level; `make test-all` adds the slow cases and
+# compiles everything as users do (XLA's default level). Compiled graphs are cached in .cache/jax-tests.
 # `make test-fast` (the inner loop) leaves out the end-to-end and the
 # multi-device tests (examples, benchmarks, other processes, sharding).
 TEST_WORKERS ?= 2
@@ -31,6 +32,7 @@ FAST_XLA := XLA_FLAGS="--xla_backend_optimization_level=0 $(XLA_FLAGS)"
 
 test: $(STAMP)
 	$(FAST_XLA) $(PYTEST) -m "not slow" tests --doctest-modules blaq_jax
+	$(PYTEST) -m "bit_exact and not slow" tests
 
 test-fast: $(STAMP)
 	$(FAST_XLA) $(PYTEST) -m "not slow and not end_to_end and not multi_device" tests --doctest-modules blaq_jax

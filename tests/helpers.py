@@ -19,6 +19,9 @@ end_to_end = pytest.mark.end_to_end
 # Trains on the 8 simulated devices (pmap, sharded jit, FSDP): also left out of
 # `make test-fast`.
 multi_device = pytest.mark.multi_device
+# A bit-for-bit equality between two differently built graphs: `make test`
+# runs these a second time at XLA's default optimization level, as users compile.
+bit_exact = pytest.mark.bit_exact
 
 
 def some_slow(values, fast):

@@ -8,6 +8,7 @@ import pytest
 
 import blaq_jax as bq
 import blaq_jax.contrib as cl
+from helpers import bit_exact
 from test_laq_blaq import mlp_problem, run, toy_flips
 
 
@@ -30,6 +31,7 @@ def test_reuse_and_model_are_laq_when_the_gradient_is_constant():
   assert_trees_close(h_model, h_laq, rtol=1e-6, atol=1e-8)
 
 
+@bit_exact
 def test_model_a1_is_laq():
   params, loss = mlp_problem()
   spec = bq.quant_spec(params, bits=2)

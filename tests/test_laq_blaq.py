@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
+from helpers import bit_exact
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -132,6 +133,7 @@ def test_matches_numpy_reference(a, x64):
   assert np.all(np.abs(state_q["k"]) <= 1.0)
 
 
+@bit_exact
 def test_blaq_a1_is_laq_bit_for_bit():
   params, loss = mlp_problem()
   spec = bq.quant_spec(params, bits=1)
@@ -148,6 +150,7 @@ def test_blaq_a1_is_laq_bit_for_bit():
   assert not np.array_equal(h_06[-1][0]["l1"]["kernel"], h_laq[-1][0]["l1"]["kernel"])
 
 
+@bit_exact
 def test_blaq_a1_is_laq_bit_for_bit_2bit_per_channel():
   params, loss = mlp_problem(1)
   spec = bq.quant_spec(params, bits=2, per_channel=True)

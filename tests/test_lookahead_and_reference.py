@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import blaq_jax as bq
+from helpers import bit_exact
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -198,6 +199,7 @@ def assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@bit_exact
 @pytest.mark.parametrize("bits", [1, 2])
 def test_never_active_is_laq_and_always_active_is_blaq(bits):
   params, loss = mlp(bits)
@@ -260,6 +262,7 @@ def host_scheduled(tx, spec, params, loss, steps, schedule, calls):
   return out
 
 
+@bit_exact
 @pytest.mark.parametrize("bits", [1, 2])
 def test_host_schedule_off_steps_are_laq_and_on_steps_are_blaq(bits, x64):
   params, loss = mlp(bits)
@@ -281,6 +284,7 @@ def test_host_schedule_off_steps_are_laq_and_on_steps_are_blaq(bits, x64):
       assert_same(getattr(s1, field), getattr(s2, field))
 
 
+@bit_exact
 def test_grad_fn_none_is_laqs_step_under_chain_and_nnx_style_kwargs(x64):
   params, loss = mlp()
   spec = bq.quant_spec(params, bits=2)

@@ -13,7 +13,7 @@ import blaq_jax as bq
 from blaq_jax._src import packed as packed_lib
 from examples.classification import models as cls_models
 from examples.imagenet_resnet18 import models as r18_models
-from helpers import as_bits, some_slow
+from helpers import as_bits, bit_exact, some_slow
 
 
 def _params(dtype=jnp.float32):
@@ -60,6 +60,7 @@ SPECS = [
 ]
 
 
+@bit_exact
 @pytest.mark.parametrize("kwargs", some_slow(SPECS, fast={0, 3, 5, 8, 11}),
                          ids=lambda k: "-".join(f"{v}" for v in k.values()))
 def test_dequantize_is_w_hat_bit_for_bit_inside_jit(kwargs):
