@@ -20,7 +20,7 @@ end_to_end = pytest.mark.end_to_end
 # `make test-fast`.
 multi_device = pytest.mark.multi_device
 # A bit-for-bit equality between two differently built graphs: `make test`
-# runs these a second time at XLA's default optimization level, as users compile.
+# runs these at XLA's default optimization level, as users compile.
 bit_exact = pytest.mark.bit_exact
 
 
