@@ -4,7 +4,8 @@
 # validation split, step schedules, test accuracy at the best-validation epoch).
 # Usage: bash examples/classification/reproduce.sh <target>
 # Each run writes runs/<group>/<name>_s<seed>/ (metrics.jsonl, summary.json, ...);
-# finished runs are skipped, interrupted ones resume from their checkpoint.
+# finished runs are skipped, interrupted ones resume from their checkpoint
+# (appending to their log, runs/<group>/<name>_s<seed>.log).
 # Two copies at once use both cores of a 2-core machine best:
 #   taskset -c 0 bash reproduce.sh table4_lenet & taskset -c 1 bash reproduce.sh table4_lenet
 set -euo pipefail
@@ -61,7 +62,7 @@ prun() {  # group name config seed [flags...]: runs/<group>/<name>_s<seed>
   trap 'rmdir "'"$dir"'.claim" 2>/dev/null; exit 130' INT TERM
   echo "run: $dir"
   $PY -m examples.classification.main --config "$config" --seed "$seed" --workdir "$dir" \
-    --no-progress "$@" > "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
+    --no-progress "$@" >> "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
   rmdir "$dir.claim"; trap - INT TERM
 }
 

@@ -18,7 +18,7 @@ run() {  # name seed [flags...]
   trap 'rmdir "'"$dir"'.claim" 2>/dev/null; exit 130' INT TERM
   echo "run: $dir"
   $PY -m examples.lm.main --config default --seed "$seed" --workdir "$dir" "$@" \
-    > "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
+    >> "$dir.log" 2>&1 || echo "FAILED: $dir (see $dir.log)"
   rmdir "$dir.claim"; trap - INT TERM
 }
 for seed in $SEEDS; do
