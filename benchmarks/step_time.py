@@ -158,11 +158,9 @@ def build_model(name: str, dtype, seed: int = 0):
                            num_classes=info["classes"], rngs=nnx.Rngs(seed))
     return model, lambda m, x: m(x, train=True)
   if name == "lm":
-    from examples.lm import models as lm_models
+    from examples.lm import train as lm_train
     from examples.lm.configs import base as lm_config
-    c = lm_config.Config()
-    model = lm_models.TransformerLM(info["classes"], c.d_model, c.num_layers, c.num_heads,
-                                    c.mlp_ratio, info["shape"][0], rngs=nnx.Rngs(seed))
+    model = lm_train.build_model(lm_config.Config(seq_len=info["shape"][0]), seed)
     return model, lambda m, x: m(x)
   from examples.imagenet_resnet18 import models as resnet_models
   model = resnet_models.ResNet18(num_classes=info["classes"], dtype=dtype,
