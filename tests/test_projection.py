@@ -51,15 +51,23 @@ def test_reference_rounding_matches_the_library(x64):
                                   np.asarray(quantizers.nearest_code(jnp.asarray(x), spec)))
 
 
-def test_group_sums_equal_plain_sums(x64):
+@pytest.mark.parametrize("rows", [quantizers.SUM_ROWS, quantizers.SUM_ROWS_LOG, 3])
+def test_group_sums_equal_plain_sums(x64, rows):
   rng = np.random.default_rng(1)
-  for shape in [(7,), (96, 24), (3, 3, 5, 16), (30, 1)]:
-    a, b = rng.normal(size=shape), rng.uniform(size=shape)
+  # Five sums: more than one reduction's worth (SUM_OUTPUTS).
+  for shape in [(7,), (96, 24), (3, 3, 5, 16), (30, 1), (64, 40)]:
+    xs = [rng.normal(size=shape) for _ in range(5)]
     for per_channel in (False, True):
       axes = ref.group_axes(len(shape), per_channel)
-      got = quantizers.group_sums((jnp.asarray(a), jnp.asarray(b)), per_channel)
-      np.testing.assert_allclose(got[0], np.sum(a, axis=axes, keepdims=True), rtol=1e-12)
-      np.testing.assert_allclose(got[1], np.sum(b, axis=axes, keepdims=True), rtol=1e-12)
+      got = quantizers.group_sums(tuple(map(jnp.asarray, xs)), per_channel, rows)
+      assert len(got) == len(xs)
+      for g, x in zip(got, xs, strict=True):
+        np.testing.assert_allclose(g, np.sum(x, axis=axes, keepdims=True), rtol=1e-12)
+  # The grouped view (..., in // g, g, out): sums over axis -2.
+  view = rng.normal(size=(2, 3, 24, 5))
+  got = quantizers.group_sums((jnp.asarray(view),) * 4, quantizers.GROUP, rows)
+  for g in got:
+    np.testing.assert_allclose(g, np.sum(view, axis=-2, keepdims=True), rtol=1e-12)
 
 
 def test_warm_start_costs_a_fixed_number_of_rounds():

@@ -37,8 +37,9 @@ many local minima (at high widths, a ripple of them). Two solvers use it:
   largest weights that a sample misses, one pass evaluates the exact error
   at three nearby scales and fits a parabola, and a last pass takes a round
   from the best of that parabola's minimiser, the best of the three and
-  ``max |w|``. Every full pass reads the weights once: its sums come out of
-  one multi-output reduction (:func:`group_sums`).
+  ``max |w|``. The sums of a pass come out of multi-output reductions of at
+  most three sums each (:func:`group_sums`): the refinement reads the
+  weights once, the last round once per candidate.
 
 Neither ``tol`` nor ``max_iters`` is the BLAQ paper's ``m`` (the period of
 its two-stage update, see :func:`blaq_jax.periodic_lookahead`). How close
@@ -141,7 +142,7 @@ GRID_SAMPLE = 65536  # weights per scale group the grid evaluates (strided)
 
 # The warm start of a training step: a search on a strided sample of the
 # weights around the last step's scale, then one full round.
-SEARCH_CANDIDATES = 9   # per level; odd, so the centre is always a candidate
+SEARCH_CANDIDATES = 9   # per level; odd (the centre is a candidate), a multiple of SUM_OUTPUTS
 SEARCH_LEVELS = 4       # each level spans one candidate step of the last
 SEARCH_SPAN = 2.0       # the first level spans [alpha / 2, 2 alpha]
 SEARCH_FRACTION = 256   # the sample holds 1/256 of the weights ...
@@ -448,18 +449,28 @@ def _search(wf, d, spec, alpha0):
                        jnp.sum(ds, axis=axes, keepdims=True))
   centre = _group_row(alpha0, ws.ndim, layout(spec))
   centre = jnp.where(jnp.isfinite(centre) & (centre > 0), centre, mean_abs)
+  # Level l's candidates are centre * factors[l]: spans of SEARCH_SPAN,
+  # then one candidate step of the level before, and so on.
   frac = np.linspace(-1.0, 1.0, SEARCH_CANDIDATES)
-  width = float(np.log(SEARCH_SPAN))
-  for _ in range(SEARCH_LEVELS):
-    cands = jnp.stack([centre * float(np.exp(width * f)) for f in frac])
-    # The candidates' errors as sums over the sample (group_sums): a
-    # reduction along its contiguous axis would run several times slower.
-    err = jnp.stack(group_sums(
+  steps = (2.0 / (SEARCH_CANDIDATES - 1)) ** np.arange(SEARCH_LEVELS)
+  factors = jnp.asarray(np.exp(np.log(SEARCH_SPAN) * steps[:, None] * frac[None, :]), wf.dtype)
+  row = (1,) * centre.ndim
+
+  def errors(cands):
+    # The candidates' errors as sums over the sample (group_sums, a few per
+    # reduction): a reduction along its contiguous axis runs several times slower.
+    return jnp.stack(group_sums(
         tuple(ds * (ws - c * nearest_code(_safe_div(ws, c), spec)) ** 2 for c in cands),
         layout(spec), sum_rows(spec)))
+
+  def level(centre, factor):
+    cands = centre[None] * factor.reshape((-1,) + row)
+    err = errors(cands)
     best = jnp.argmin(err, axis=0, keepdims=True)
-    centre = jnp.take_along_axis(cands, best, 0)[0]
-    width *= 2.0 / (SEARCH_CANDIDATES - 1)
+    return jnp.take_along_axis(cands, best, 0)[0], None
+
+  # A loop over the levels keeps the compiled graph one level long.
+  centre, _ = jax.lax.scan(level, centre, factors)
   return centre.reshape(alpha0.shape)
 
 
@@ -524,8 +535,8 @@ def warm_fit_cost(shape, spec: QuantSpec) -> float:
   round (below ``REFINE_BITS``), or the three-scale refinement, a read for
   ``max|w|`` and the three-candidate round (from ``REFINE_BITS`` on). Each
   full-size term counts one evaluation per weight; the refinement's three
-  errors and the last round's three candidates each share one read of ``w``
-  and ``D``. 1 for binary codes (one pass for the closed form).
+  errors share one read of ``w`` and ``D``, the last round reads them once
+  per candidate. 1 for binary codes (one pass for the closed form).
 
   Examples:
     >>> import blaq_jax as bq
