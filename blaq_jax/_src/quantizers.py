@@ -135,9 +135,8 @@ def nearest_code(x: jax.Array, spec: QuantSpec) -> jax.Array:
   return _nearest_linear(x, spec.levels)
 
 
-GRID_SIZE = 32   # candidate scales per level of a cold start
+GRID_SIZE = 33   # candidate scales per level of a cold start (a multiple of SUM_OUTPUTS)
 GRID_LEVELS = 3  # each level searches between the neighbours of the last best
-GRID_BATCH = 8   # candidates evaluated together (a vectorised pass each)
 GRID_SAMPLE = 65536  # weights per scale group the grid evaluates (strided)
 
 # The warm start of a training step: a search on a strided sample of the
@@ -373,16 +372,14 @@ def _search_sample(wf, d, per_channel):
   return _strided_sample(wf, d, False, max(wf.size // SEARCH_FRACTION, SEARCH_MIN_SAMPLE))
 
 
-def _sample_error(ws, ds, spec):
-  """``cand -> Σ D (w - cand code(w / cand))²`` per scale group of the sample,
-  for ``cand`` of shape ``(1,..,1, groups)``."""
-  axes = _reduce_axes(ws.ndim, layout(spec))
-
-  def error(cand):
-    return jnp.sum(ds * (ws - cand * nearest_code(_safe_div(ws, cand), spec)) ** 2,
-                   axis=axes, keepdims=True)
-
-  return error
+def _sample_errors(ws, ds, spec, cands):
+  """``Σ D (w - c code(w / c))²`` per scale group of the sample, stacked, for
+  each ``c`` of ``cands`` (of the scale's shape in the sample's layout, see
+  :func:`_group_row`), a few per reduction (:func:`group_sums`): a
+  reduction along the sample's contiguous axis runs several times slower."""
+  return jnp.stack(group_sums(
+      tuple(ds * (ws - c * nearest_code(_safe_div(ws, c), spec)) ** 2 for c in cands),
+      layout(spec), sum_rows(spec)))
 
 
 def _group_row(x, ndim, per_channel=False):
@@ -400,9 +397,9 @@ def _cold_start(wf, d, spec, wsum, axes):
   ``GRID_LEVELS`` geometric grids of ``GRID_SIZE`` scales, the first over
   ``[mean_D|w|/2, max|w|]`` (``4/3 max|w|`` for log codes, whose top code
   takes ``|w| > 3/4 alpha``), each next one between the neighbours of the
-  previous best; each level evaluates ``GRID_BATCH`` candidates per
-  vectorised pass (``lax.map``) over at most ``GRID_SAMPLE`` evenly strided
-  weights per scale group. The fixed points of the alternation are the
+  previous best; each level evaluates ``SUM_OUTPUTS`` candidates per pass
+  (a ``lax.map``) over at most ``GRID_SAMPLE`` evenly strided weights per
+  scale group. The fixed points of the alternation are the
   stationary points of ``E``, so the alternation that follows starts next to
   the best one in the range.
   """
@@ -414,15 +411,14 @@ def _cold_start(wf, d, spec, wsum, axes):
   ws, ds = _grid_sample(wf, d, layout(spec))
   lo, hi = _group_row(lo, ws.ndim, layout(spec)), _group_row(hi, ws.ndim, layout(spec))
   frac = jnp.linspace(0.0, 1.0, GRID_SIZE, dtype=wf.dtype)
-  error = _sample_error(ws, ds, spec)
-
   alpha = hi  # the top of the range, were GRID_LEVELS 0
   for _ in range(GRID_LEVELS):
     ratio = _safe_div(hi, lo)
     cands = lo[None] * jnp.where(ratio > 0, ratio, 1)[None] ** frac.reshape(
         (-1,) + (1,) * ws.ndim)
     # A few candidates per pass: memory stays a small multiple of the leaf's.
-    err = jax.lax.map(error, cands, batch_size=GRID_BATCH)
+    err = jax.lax.map(lambda c: _sample_errors(ws, ds, spec, c),
+                      cands.reshape((-1, SUM_OUTPUTS) + cands.shape[1:])).reshape(cands.shape)
     best = jnp.argmin(err, axis=0, keepdims=True)
     pick = lambda k: jnp.take_along_axis(cands, jnp.clip(best + k, 0, GRID_SIZE - 1), 0)[0]
     lo, hi, alpha = pick(-1), pick(1), pick(0)
@@ -456,16 +452,9 @@ def _search(wf, d, spec, alpha0):
   factors = jnp.asarray(np.exp(np.log(SEARCH_SPAN) * steps[:, None] * frac[None, :]), wf.dtype)
   row = (1,) * centre.ndim
 
-  def errors(cands):
-    # The candidates' errors as sums over the sample (group_sums, a few per
-    # reduction): a reduction along its contiguous axis runs several times slower.
-    return jnp.stack(group_sums(
-        tuple(ds * (ws - c * nearest_code(_safe_div(ws, c), spec)) ** 2 for c in cands),
-        layout(spec), sum_rows(spec)))
-
   def level(centre, factor):
     cands = centre[None] * factor.reshape((-1,) + row)
-    err = errors(cands)
+    err = _sample_errors(ws, ds, spec, cands)
     best = jnp.argmin(err, axis=0, keepdims=True)
     return jnp.take_along_axis(cands, best, 0)[0], None
 
