@@ -301,13 +301,13 @@ def group_sums(xs, per_channel, rows: int = SUM_ROWS):
   # Blocks (n // k, k, c) summed over the k rows: the reduction runs along
   # contiguous rows of c lanes. (XLA:CPU runs a multi-output reduction along
   # the contiguous axis, or over a long outer axis, several times slower.)
+  per_tensor = not (per_channel and len(shape) >= 1)
   if per_channel is GROUP:
     g = shape[-2]
     k = _largest_divisor(g, _divisors_up_to(rows))
     blocks = shape[:-2] + (g // k, k, shape[-1])
     axis = len(shape) - 1
   else:
-    per_tensor = not (per_channel and len(shape) >= 1)
     size = xs[0].size
     c = (_largest_divisor(size, (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)) if per_tensor
          else shape[-1])
