@@ -118,7 +118,7 @@ def test_fsdp_equals_single_device_and_keeps_the_sharding(algo, scales, bits, x6
   params_sharding = _fsdp_sharding(params, mesh)
   want = bq.shard_like(new_state, params_sharding)
   for got, expected in zip(jax.tree.leaves((new_params, new_state)),
-                           jax.tree.leaves((params_sharding, want))):
+                           jax.tree.leaves((params_sharding, want)), strict=True):
     assert got.sharding.is_equivalent_to(expected, got.ndim), (got.shape, got.sharding, expected)
   assert new_params["l1"]["kernel"].sharding.spec == P(AXIS)
   assert new_state.mu["l1"]["kernel"].sharding.spec == P(AXIS)
