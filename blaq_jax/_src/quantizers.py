@@ -242,10 +242,6 @@ def _prepare(w, curvature, where):
   return wf, d
 
 
-def _largest_divisor(n: int, options) -> int:
-  return next(k for k in options if n % k == 0)
-
-
 def _explicitly_sharded(x) -> bool:
   """Whether ``x``'s type carries a sharding (``jax.sharding.AxisType.Explicit``)."""
   try:
@@ -304,15 +300,14 @@ def group_sums(xs, per_channel, rows: int = SUM_ROWS):
   per_tensor = not (per_channel and len(shape) >= 1)
   if per_channel is GROUP:
     g = shape[-2]
-    k = _largest_divisor(g, _divisors_up_to(rows))
+    k = math.gcd(g, rows)
     blocks = shape[:-2] + (g // k, k, shape[-1])
     axis = len(shape) - 1
   else:
     size = xs[0].size
-    c = (_largest_divisor(size, (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)) if per_tensor
-         else shape[-1])
+    c = math.gcd(size, 1024) if per_tensor else shape[-1]
     n = size // max(c, 1)
-    k = _largest_divisor(n, _divisors_up_to(rows))
+    k = math.gcd(n, rows)
     blocks = (n // k, k, c)
     axis = 1
   parts = jax.lax.reduce(tuple(x.reshape(blocks) for x in xs), zeros, add, (axis,))
@@ -324,10 +319,6 @@ def group_sums(xs, per_channel, rows: int = SUM_ROWS):
   if per_tensor:
     return [jnp.sum(p).reshape(out) for p in parts]
   return [jnp.sum(p, 0).reshape(out) for p in parts]
-
-
-def _divisors_up_to(k: int) -> tuple[int, ...]:
-  return tuple(j for j in range(k, 0, -1) if k % j == 0)
 
 
 def _strided_sample(wf, d, per_channel, per_group: int):
