@@ -281,19 +281,27 @@ def dequantize_tree(tree):
 def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params") -> PackedArray:
   """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
   w = jnp.asarray(w)
-  b = codes(w, s, alpha)
-  compute = b.dtype
-  book = codebook(s, compute)
-  n_codes = len(book) - (0 if s.is_binary else 1)  # without the -0.0 entry
-  flat_b = b.reshape(-1)
-  idx = code_index(flat_b, s)
+  flat_b, idx, alpha = _leaf_codes(w, alpha, s)
   if not isinstance(flat_b, jax.core.Tracer):
+    book = codebook(s, flat_b.dtype)
     if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
       raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "
                        "(NaN or inf weights?); fix the weights or leave the leaf unquantized")
-  idx = jnp.where((flat_b == 0) & jnp.signbit(flat_b), n_codes, idx)  # -0.0
-  alpha = jnp.broadcast_to(jnp.asarray(alpha, compute), scale_shape(w.shape, s))
   return PackedArray(pack_indices(idx, s.bits), alpha, w.shape, w.dtype, s)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _leaf_codes(w, alpha, s: QuantSpec):
+  """The flat code values of ``w`` at ``alpha``, their codebook indices
+  (``-0.0`` at the spare index) and ``alpha`` in the compute dtype. Jitted:
+  called eagerly (export) it compiles once per shape and spec instead of
+  dispatching each operation."""
+  b = codes(w, s, alpha)
+  flat_b = b.reshape(-1)
+  n_codes = len(codebook(s, b.dtype)) - (0 if s.is_binary else 1)  # without -0.0
+  idx = jnp.where((flat_b == 0) & jnp.signbit(flat_b), n_codes, code_index(flat_b, s))
+  alpha = jnp.broadcast_to(jnp.asarray(alpha, b.dtype), scale_shape(w.shape, s))
+  return flat_b, idx, alpha
 
 
 # How much larger the projection error Σ D (w - ŵ)² at a state's scale may be
@@ -326,20 +334,26 @@ def check_state_scale(where, name, w, s: QuantSpec, d, alpha) -> None:
   d = jnp.ones_like(w) if d is None else jnp.asarray(d, w.dtype)
   w64, d64 = np.asarray(w, np.float64), np.asarray(d, np.float64)
 
-  def error(scale):
-    return float(np.sum(d64 * (w64 - np.asarray(quantize_with_scale(w, s, scale),
-                                                  np.float64)) ** 2))
+  def error(w_hat):
+    return float(np.sum(d64 * (w64 - np.asarray(w_hat, np.float64)) ** 2))
 
   # One more training step's projection (warm-started at the state's scale)
   # barely improves a scale of this spec; it moves another spec's a long way.
-  alpha = jnp.asarray(alpha)
-  state_error, fit_error = error(alpha), error(fit_scale(w, s, d, alpha))
+  state_error, fit_error = map(error, _state_and_refitted(w, d, jnp.asarray(alpha), s))
   if state_error > STATE_ERROR_RATIO * fit_error + 1e-9 * float(np.sum(d64 * w64 ** 2)):
     raise ValueError(
         f"{where}: the optimizer state's scale for {name!r} does not fit its spec "
         f"({spec_dict(s)}): its projection error is {state_error / max(fit_error, 1e-300):.3g}"
         f" times that of one more projection; the state belongs to another spec (bits, "
         "scheme) or other params, pass the state of the optimizer built with this spec")
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _state_and_refitted(w, d, alpha, s: QuantSpec):
+  """``ŵ`` at the state's scale ``alpha``, and at the scale one more
+  warm-started fit from it gives (one compile per shape and spec)."""
+  return (quantize_with_scale(w, s, alpha),
+          quantize_with_scale(w, s, fit_scale(w, s, d, alpha)))
 
 
 def _pairs(params, spec, curvature, scale, where):

@@ -760,7 +760,33 @@ def quantize(w: jax.Array, spec: QuantSpec,
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   checks.positive_finite("quantize", "curvature", curvature)
-  return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+  if _traced(w, curvature):
+    return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+  return _eager_quantize(w, spec, curvature)
+
+
+# Eager calls (quantize_params outside jit, init, export, evaluation) go
+# through one compiled graph per shape and spec instead of dispatching, and
+# compiling for each new shape, every operation. The barrier keeps XLA from
+# folding alpha into the codes' 1/n (alpha·(k/n) -> k·(alpha/n)), so the
+# result is the eager product alpha·b, bit for bit what `dequantize` gives;
+# traced calls keep the fused product (the same ŵ up to one rounding).
+
+
+def _traced(*xs) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _eager_quantize_with_scale(w, spec: QuantSpec, alpha):
+  alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
+  b = jax.lax.optimization_barrier(codes(w, spec, alpha))
+  return (expand_scale(alpha, spec, w.shape) * b).astype(w.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _eager_quantize(w, spec: QuantSpec, curvature):
+  return _eager_quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
 
 
 # The projection of a LAQ/BLAQ state: one scale per quantized leaf, fitted
@@ -786,8 +812,14 @@ def next_scales(spec, params, den, scale):
 
 def project(spec, params, scale):
   """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
-  return spec_lib.map_with_spec(
-      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
+  def leaf(s, w, a):
+    if s is None:
+      return w
+    if _traced(w, a):
+      return quantize_with_scale(w, s, a)
+    return _eager_quantize_with_scale(jnp.asarray(w), s, a)
+
+  return spec_lib.map_with_spec(leaf, spec, params, scale)
 
 
 # The plain (``D = 1``) projection of the STE family, dampening, freezing,
@@ -846,4 +878,9 @@ def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Arra
   ``w`` is a ``jax.ShapeDtypeStruct``, so that a state can be built abstractly)."""
   if isinstance(w, jax.ShapeDtypeStruct):
     return jnp.zeros(w.shape, jnp.int32)
+  return _integer_codes(w, spec, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _integer_codes(w, spec: QuantSpec, scale: str):
   return code_index(scale_and_codes(w, spec, scale)[1], spec)

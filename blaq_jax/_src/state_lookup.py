@@ -26,10 +26,15 @@ def _is_state_field(path, value) -> bool:
   return bool(path) and isinstance(path[-1], otu.NamedTupleKey)
 
 
+# Jitted: called eagerly (export) it compiles once instead of dispatching
+# each leaf's operations.
+_denominator = jax.jit(loss_aware.denominator)
+
+
 def _laq_curvature(s: LAQState):
   """LAQ's ``D``, computed from its second moment (LAQ does not store it), at
   the leaves that have a scale (None elsewhere)."""
-  den = loss_aware.denominator(s.nu, s.count, s.b2, s.eps)
+  den = _denominator(s.nu, s.count, s.b2, s.eps)
   return jax.tree.map(lambda a, d: None if a is None else d, s.scale, den,
                       is_leaf=lambda x: x is None or tree_lib.is_masked(x))
 
