@@ -334,26 +334,20 @@ def check_state_scale(where, name, w, s: QuantSpec, d, alpha) -> None:
   d = jnp.ones_like(w) if d is None else jnp.asarray(d, w.dtype)
   w64, d64 = np.asarray(w, np.float64), np.asarray(d, np.float64)
 
-  def error(w_hat):
-    return float(np.sum(d64 * (w64 - np.asarray(w_hat, np.float64)) ** 2))
+  def error(scale):
+    return float(np.sum(d64 * (w64 - np.asarray(quantize_with_scale(w, s, scale),
+                                                  np.float64)) ** 2))
 
   # One more training step's projection (warm-started at the state's scale)
   # barely improves a scale of this spec; it moves another spec's a long way.
-  state_error, fit_error = map(error, _state_and_refitted(w, d, jnp.asarray(alpha), s))
+  alpha = jnp.asarray(alpha)
+  state_error, fit_error = error(alpha), error(fit_scale(w, s, d, alpha))
   if state_error > STATE_ERROR_RATIO * fit_error + 1e-9 * float(np.sum(d64 * w64 ** 2)):
     raise ValueError(
         f"{where}: the optimizer state's scale for {name!r} does not fit its spec "
         f"({spec_dict(s)}): its projection error is {state_error / max(fit_error, 1e-300):.3g}"
         f" times that of one more projection; the state belongs to another spec (bits, "
         "scheme) or other params, pass the state of the optimizer built with this spec")
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _state_and_refitted(w, d, alpha, s: QuantSpec):
-  """``ŵ`` at the state's scale ``alpha``, and at the scale one more
-  warm-started fit from it gives (one compile per shape and spec)."""
-  return (quantize_with_scale(w, s, alpha),
-          quantize_with_scale(w, s, fit_scale(w, s, d, alpha)))
 
 
 def _pairs(params, spec, curvature, scale, where):

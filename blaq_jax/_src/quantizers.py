@@ -705,7 +705,12 @@ def codes(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
 def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.Array:
   """``ŵ = alpha · code(w / alpha)``: the projection at a given scale (elementwise).
 
-  Computed in the compute dtype and cast to ``w``'s dtype.
+  Computed in the compute dtype and cast to ``w``'s dtype. Called outside
+  ``jit`` it runs as one compiled graph per shape and spec, and its product is
+  ``alpha · b`` exactly, bit for bit what :func:`blaq_jax.dequantize` of the
+  packed leaf gives. Under ``jit`` XLA may fold ``alpha`` into the codes'
+  ``1/n`` (``alpha · (k/n) -> k · (alpha/n)``): the same ``ŵ`` up to one
+  rounding.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -715,8 +720,26 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
     [ 0.  -0.8  0.  -0.8]
   """
   w = jnp.asarray(w)
+  if _traced(w, alpha):
+    return _scaled_codes(w, spec, alpha, hold=lambda b: b)
+  return _eager_quantize_with_scale(w, spec, alpha)
+
+
+def _traced(*xs) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _scaled_codes(w, spec: QuantSpec, alpha, hold):
   alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
-  return (expand_scale(alpha, spec, w.shape) * codes(w, spec, alpha)).astype(w.dtype)
+  return (expand_scale(alpha, spec, w.shape) * hold(codes(w, spec, alpha))).astype(w.dtype)
+
+
+# Eager calls (quantize_params outside jit, init, export, evaluation) run as
+# one small compiled graph per shape and spec instead of dispatching, and
+# compiling for each new shape, every operation; the barrier keeps the fold
+# out of it.
+_eager_quantize_with_scale = jax.jit(
+    functools.partial(_scaled_codes, hold=jax.lax.optimization_barrier), static_argnums=1)
 
 
 def solve(w: jax.Array, spec: QuantSpec, curvature: jax.Array | None = None,
@@ -760,33 +783,7 @@ def quantize(w: jax.Array, spec: QuantSpec,
   if not isinstance(spec, QuantSpec):
     raise TypeError(f"quantize: spec must be a QuantSpec, got {type(spec).__name__}")
   checks.positive_finite("quantize", "curvature", curvature)
-  if _traced(w, curvature):
-    return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
-  return _eager_quantize(w, spec, curvature)
-
-
-# Eager calls (quantize_params outside jit, init, export, evaluation) go
-# through one compiled graph per shape and spec instead of dispatching, and
-# compiling for each new shape, every operation. The barrier keeps XLA from
-# folding alpha into the codes' 1/n (alpha·(k/n) -> k·(alpha/n)), so the
-# result is the eager product alpha·b, bit for bit what `dequantize` gives;
-# traced calls keep the fused product (the same ŵ up to one rounding).
-
-
-def _traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _eager_quantize_with_scale(w, spec: QuantSpec, alpha):
-  alpha = jnp.asarray(alpha, compute_dtype(w.dtype))
-  b = jax.lax.optimization_barrier(codes(w, spec, alpha))
-  return (expand_scale(alpha, spec, w.shape) * b).astype(w.dtype)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _eager_quantize(w, spec: QuantSpec, curvature):
-  return _eager_quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
+  return quantize_with_scale(w, spec, fit_scale(w, spec, curvature))
 
 
 # The projection of a LAQ/BLAQ state: one scale per quantized leaf, fitted
@@ -812,14 +809,8 @@ def next_scales(spec, params, den, scale):
 
 def project(spec, params, scale):
   """``ŵ``: ``alpha · code(w / alpha)`` per quantized leaf, ``w`` elsewhere."""
-  def leaf(s, w, a):
-    if s is None:
-      return w
-    if _traced(w, a):
-      return quantize_with_scale(w, s, a)
-    return _eager_quantize_with_scale(jnp.asarray(w), s, a)
-
-  return spec_lib.map_with_spec(leaf, spec, params, scale)
+  return spec_lib.map_with_spec(
+      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, params, scale)
 
 
 # The plain (``D = 1``) projection of the STE family, dampening, freezing,
@@ -878,9 +869,14 @@ def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Arra
   ``w`` is a ``jax.ShapeDtypeStruct``, so that a state can be built abstractly)."""
   if isinstance(w, jax.ShapeDtypeStruct):
     return jnp.zeros(w.shape, jnp.int32)
-  return _integer_codes(w, spec, scale)
+  if _traced(w):
+    return code_index(scale_and_codes(w, spec, scale)[1], spec)
+  w = jnp.asarray(w)
+  alpha = jnp.ones([], w.dtype) if scale == "none" else fit_scale(w, spec)
+  return _eager_code_index(w, spec, alpha)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _integer_codes(w, spec: QuantSpec, scale: str):
-  return code_index(scale_and_codes(w, spec, scale)[1], spec)
+@functools.partial(jax.jit, static_argnums=1)
+def _eager_code_index(w, spec: QuantSpec, alpha):
+  """:func:`code_index` of ``codes(w, spec, alpha)``, compiled once per shape."""
+  return code_index(codes(w, spec, alpha), spec)
