@@ -20,11 +20,12 @@ what=${1:?"usage: reproduce.sh <target> (the targets are listed in the script)"}
 #   fashion_lenet     paper_fashion_lenet5, the same on Fashion-MNIST
 #   table1            per-weight Table 1 at 2 and 4 bits: laq / blaq / blaq-m (TABLE1_SEEDS)
 #   ablation          blaq-m on a small (m, a) grid on LeNet5 (ABLATION_SEEDS)
-#   table3_mlp512     paper_mnist_mlp at width 512 (the 2048-wide MLP needs a GPU), 50 epochs
+#   table3_mlp512     paper_mnist_mlp at width 512 (a cheaper stand-in for table3_mlp), 50 epochs
 #   appendix_lenet    paper_mnist_lenet5 with the appendix's literal schedule
 #   imagefolder       CIFAR-10 as PNG files through the ResNet18 example's grain pipeline
 #   table3_mlp        paper_mnist_mlp at the paper's width 2048 (METHODS default
-#                     "fp laq blaq-m"); with SCALE=full about an hour a run on one core
+#                     "fp laq blaq-m"); with SCALE=full 1.5-2 hours a run on one core
+#                     (80-155 s an epoch, fp to laq, with a run on each of 2 cores)
 #   gpu_mlp2048       (GPU) paper_mnist_mlp at full width, all methods
 #   gpu_cifar         (GPU) paper_cifar10_vgg
 #   paper_report      the tables of all of the above (and runs/plots/<group>.png)
