@@ -27,6 +27,11 @@ def is_concrete_number(x, *, integer: bool = False) -> bool:
   return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
 
 
+def is_traced(*xs) -> bool:
+  """Whether any of ``xs`` is a tracer (its values cannot be read)."""
+  return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
 def is_array_scalar(x) -> bool:
   """A scalar ``jax.Array`` or numpy array of a numeric dtype (a hyperparameter
   of ``optax.inject_hyperparams``, perhaps traced)."""
@@ -104,7 +109,7 @@ def boolean(where: str, name: str, value) -> None:
 def _value_at_zero(schedule):
   """``schedule(0)`` as a float, or None where it is traced (no host sync)."""
   value = schedule(jnp.zeros([], jnp.int32))
-  if isinstance(value, jax.core.Tracer):
+  if is_traced(value):
     return None
   try:
     return float(np.asarray(value))
@@ -153,7 +158,7 @@ def adam(where: str, b1, b2, eps, clip: float | None) -> None:
 
 def positive_finite(where: str, name: str, value) -> None:
   """A concrete array (not traced) must be finite and > 0 everywhere."""
-  if value is None or isinstance(value, jax.core.Tracer):
+  if value is None or is_traced(value):
     return
   arr = np.asarray(value)
   if not np.issubdtype(arr.dtype, np.number):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blaq_jax._src import checks
 from blaq_jax._src import spec as spec_lib
 from blaq_jax._src import state_lookup as state_lib
 from blaq_jax._src import tree as tree_lib
@@ -282,7 +283,7 @@ def pack_leaf(w, s: QuantSpec, alpha, name: str = "", where: str = "pack_params"
   """Packs ``w`` at scale ``alpha``: the codes of ``ŵ = α · code(w / α)``."""
   w = jnp.asarray(w)
   flat_b, idx, alpha = _leaf_codes(w, alpha, s)
-  if not isinstance(flat_b, jax.core.Tracer):
+  if not checks.is_traced(flat_b):
     book = codebook(s, flat_b.dtype)
     if not np.array_equal(book[np.asarray(idx)], np.asarray(flat_b)):
       raise ValueError(f"{where}: leaf {name!r} has values outside its codebook "
@@ -324,7 +325,7 @@ def check_state_scale(where, name, w, s: QuantSpec, d, alpha) -> None:
   """Refuses a state scale that is not finite and positive, or (up to
   :data:`STATE_CHECK_MAX_BITS` bits) whose projection error is more than
   :data:`STATE_ERROR_RATIO` times that of ``s``'s warm-started fit from it."""
-  if any(isinstance(x, jax.core.Tracer) for x in (w, d, alpha)):
+  if checks.is_traced(w, d, alpha):
     return   # traced: the values cannot be read
   if not (np.all(np.isfinite(np.asarray(alpha))) and np.all(np.asarray(alpha) > 0)):
     raise ValueError(f"{where}: the optimizer state's scale for {name!r} is not finite and "

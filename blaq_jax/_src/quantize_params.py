@@ -113,7 +113,7 @@ def _check_finite(spec, params) -> None:
   ws = treedef.flatten_up_to(tree_lib.unwrap(params))
   quantized = [(p, w) for (p, s), w in zip(flat, ws)
                if s is not None and w is not None and not tree_lib.is_masked(w)]
-  if any(isinstance(w, jax.core.Tracer) or tree_lib.is_abstract(w) for _, w in quantized):
+  if any(checks.is_traced(w) or tree_lib.is_abstract(w) for _, w in quantized):
     return
   if not quantized or bool(all_finite([w for _, w in quantized])):
     return

@@ -720,13 +720,9 @@ def quantize_with_scale(w: jax.Array, spec: QuantSpec, alpha: jax.Array) -> jax.
     [ 0.  -0.8  0.  -0.8]
   """
   w = jnp.asarray(w)
-  if _traced(w, alpha):
+  if checks.is_traced(w, alpha):
     return _scaled_codes(w, spec, alpha, hold=lambda b: b)
   return _eager_quantize_with_scale(w, spec, alpha)
-
-
-def _traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _scaled_codes(w, spec: QuantSpec, alpha, hold):
@@ -827,10 +823,15 @@ def check_scale(scale, where: str) -> None:
 
 def scale_and_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit"):
   """Returns ``(alpha, b)`` of the plain projection (``alpha = 1`` if ``scale="none"``)."""
-  if scale == "none":
-    w = jnp.asarray(w)
+  w = jnp.asarray(w)
+  return _plain_codes(w, spec, None if scale == "none" else fit_scale(w, spec))
+
+
+def _plain_codes(w, spec: QuantSpec, alpha):
+  """``(alpha, code(w / alpha))``; ``alpha`` None: ``(1, code(w))`` in ``w``'s dtype."""
+  if alpha is None:
     return jnp.ones([], w.dtype), nearest_code(w, spec)
-  return solve(w, spec, None)
+  return alpha, codes(w, spec, alpha)
 
 
 def plain_quantize(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Array:
@@ -869,14 +870,15 @@ def integer_codes(w: jax.Array, spec: QuantSpec, scale: str = "fit") -> jax.Arra
   ``w`` is a ``jax.ShapeDtypeStruct``, so that a state can be built abstractly)."""
   if isinstance(w, jax.ShapeDtypeStruct):
     return jnp.zeros(w.shape, jnp.int32)
-  if _traced(w):
-    return code_index(scale_and_codes(w, spec, scale)[1], spec)
   w = jnp.asarray(w)
-  alpha = jnp.ones([], w.dtype) if scale == "none" else fit_scale(w, spec)
-  return _eager_code_index(w, spec, alpha)
+  alpha = None if scale == "none" else fit_scale(w, spec)
+  index = _code_index_at if checks.is_traced(w) else _eager_code_index
+  return index(w, spec, alpha)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _eager_code_index(w, spec: QuantSpec, alpha):
-  """:func:`code_index` of ``codes(w, spec, alpha)``, compiled once per shape."""
-  return code_index(codes(w, spec, alpha), spec)
+def _code_index_at(w, spec: QuantSpec, alpha):
+  return code_index(_plain_codes(w, spec, alpha)[1], spec)
+
+
+# Eager (a state's init): one compiled graph per shape after fit_scale's own.
+_eager_code_index = jax.jit(_code_index_at, static_argnums=1)
