@@ -57,8 +57,9 @@ def laq_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, ok):
   new_params = select(
       ok, loss_aware.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
   den = loss_aware.quantized_curvature(spec, den)
-  applied = loss_aware.as_applied(new_params, params)
-  scale = select(ok, next_scales(spec, applied, den, state.scale), state.scale)
+  applied, fit_den = loss_aware.fit_inputs(spec, loss_aware.as_applied(new_params, params), nu,
+                                           count, hyper)
+  scale = select(ok, next_scales(spec, applied, fit_den, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
   if "curvature" in state._fields:
     new_state = new_state._replace(curvature=select(ok, den, state.curvature))
