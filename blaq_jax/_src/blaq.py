@@ -314,13 +314,25 @@ class ForwardStep(NamedTuple):
 
 def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> ForwardStep:
   """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
-  mu1 = loss_aware.moment(state.mu, g, hyper.b1)
-  nu1 = loss_aware.second_moment(state.nu, g, hyper.b2)
-  den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
-  w_trial = loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
-  trial = spec_lib.map_with_spec(
-      lambda s, w, d, a0: w if s is None else quantize_with_scale(w, s, fit_scale(w, s, d, a0)),
+  def trial_step(mu, nu, g, params):
+    mu1 = loss_aware.moment(mu, g, hyper.b1)
+    nu1 = loss_aware.second_moment(nu, g, hyper.b2)
+    den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
+    return mu1, nu1, den1, loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1,
+                                                  hyper.clip)
+
+  mu1, nu1, den1, w_trial = trial_step(state.mu, state.nu, g, params)
+  scale = spec_lib.map_with_spec(
+      lambda s, w, d, a0: None if s is None else fit_scale(w, s, d, a0),
       spec, w_trial, den1, state.scale)
+  # The codes take the trial weights again, from the step's inputs behind a
+  # barrier with the scales: XLA then computes them inside the codes' loop
+  # instead of keeping D1 and the step as temporaries the size of the
+  # weights (on XLA:CPU those are page-faulted afresh on every call).
+  inputs, scale = jax.lax.optimization_barrier(((state.mu, state.nu, g, params), scale))
+  w_again = trial_step(*inputs)[3]
+  trial = spec_lib.map_with_spec(
+      lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, w_again, scale)
   return ForwardStep(mu1, nu1, den1, trial)
 
 
@@ -342,9 +354,12 @@ def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep,
   nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
   den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
   den_mix = loss_aware.mix(a, stage1.den, den_trial)
-  new_params = select(
-      ok, loss_aware.step_latent(spec, params, mu, den_mix, count, lr, b1, hyper.clip), params)
   curv = select(ok, loss_aware.quantized_curvature(spec, den_mix), state.curvature)
+  # The step reads D_mix from the buffer it is stored in (where the step is
+  # not applied, neither is its result), not from a second temporary.
+  step_den = spec_lib.map_with_spec(lambda s, d, c: d if s is None else c, spec, den_mix, curv)
+  new_params = select(
+      ok, loss_aware.step_latent(spec, params, mu, step_den, count, lr, b1, hyper.clip), params)
   applied = loss_aware.as_applied(new_params, params)
   scale = select(ok, next_scales(spec, applied, curv, state.scale), state.scale)
   new_state = state._replace(count=count, mu=mu, nu=nu, curvature=curv, scale=scale,

@@ -56,13 +56,14 @@ def laq_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, ok):
   den = loss_aware.denominator(nu, count, hyper.b2, hyper.eps)
   new_params = select(
       ok, loss_aware.step_latent(spec, params, mu, den, count, lr, hyper.b1, hyper.clip), params)
-  den = loss_aware.quantized_curvature(spec, den)
   applied, fit_den = loss_aware.fit_inputs(spec, loss_aware.as_applied(new_params, params), nu,
                                            count, hyper)
-  scale = select(ok, next_scales(spec, applied, fit_den, state.scale), state.scale)
-  new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped)
+  extra = {}
   if "curvature" in state._fields:
-    new_state = new_state._replace(curvature=select(ok, den, state.curvature))
+    # A state that keeps D: the fit reads the buffer D is stored in.
+    fit_den = extra["curvature"] = select(ok, fit_den, state.curvature)
+  scale = select(ok, next_scales(spec, applied, fit_den, state.scale), state.scale)
+  new_state = state._replace(count=count, mu=mu, nu=nu, scale=scale, skipped=skipped, **extra)
   new_params, new_state = skip_if_nonfinite(ok, new_params, params, new_state, state, spec,
                                             latent_check_needed(hyper.eps))
   return loss_aware.updates_from(new_params, params), new_state
