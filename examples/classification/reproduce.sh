@@ -13,6 +13,11 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 # Where the loaders look for MNIST / Fashion-MNIST / CIFAR-10 after --data-dir.
 export BLAQ_DATA_DIR=${BLAQ_DATA_DIR:-data}
+# XLA:CPU takes a step's temporaries from malloc; with glibc's mmap off, freed
+# memory is reused instead of being unmapped and page-faulted again on every
+# step (4-29 ms a step on the 2048-wide MLP: benchmarks/README.md). Ignored
+# where the C library is not glibc; set GLIBC_TUNABLES to override.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000}
 what=${1:?"usage: reproduce.sh <target> (the targets are listed in the script)"}
 
 # Targets (CPU unless marked GPU; sizes under SCALE=cpu, below):
