@@ -305,23 +305,31 @@ def blaq(
 
 
 class ForwardStep(NamedTuple):
-  """Stage 1 of BLAQ: moments with ``g_t`` and the trial weights ``ŵ*``."""
+  """Stage 1 of BLAQ: moments with ``g_t`` and the trial weights ``ŵ*``.
+
+  ``g`` is the gradient stage 1 stepped with; ``den`` is computed from
+  ``nu`` (a buffer) wherever it is read.
+  """
   mu: Any
   nu: Any
   den: Any
   trial: Any
+  g: Any
 
 
 def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> ForwardStep:
   """Eq. 5-6: one Adam/LAQ step from ``w_t``, quantized with ``D1`` (not committed)."""
-  def trial_step(mu, nu, g, params):
-    mu1 = loss_aware.moment(mu, g, hyper.b1)
-    nu1 = loss_aware.second_moment(nu, g, hyper.b2)
-    den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
-    return mu1, nu1, den1, loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1,
-                                                  hyper.clip)
+  mu1 = loss_aware.moment(state.mu, g, hyper.b1)
+  # nu1 as a buffer: stage 2 reads it rather than the old nu (which the new
+  # nu then overwrites in place, with no copy kept), and D1 is computed from
+  # it where it is read rather than kept as a second weight-sized buffer.
+  nu1 = jax.lax.optimization_barrier(loss_aware.second_moment(state.nu, g, hyper.b2))
 
-  mu1, nu1, den1, w_trial = trial_step(state.mu, state.nu, g, params)
+  def trial_step(mu1, nu1, params):
+    den1 = loss_aware.denominator(nu1, count, hyper.b2, hyper.eps)
+    return den1, loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
+
+  den1, w_trial = trial_step(mu1, nu1, params)
   scale = spec_lib.map_with_spec(
       lambda s, w, d, a0: None if s is None else fit_scale(w, s, d, a0),
       spec, w_trial, den1, state.scale)
@@ -329,11 +337,12 @@ def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> 
   # barrier with the scales: XLA then computes them inside the codes' loop
   # instead of keeping D1 and the step as temporaries the size of the
   # weights (on XLA:CPU those are page-faulted afresh on every call).
-  inputs, scale = jax.lax.optimization_barrier(((state.mu, state.nu, g, params), scale))
-  w_again = trial_step(*inputs)[3]
+  inputs, scale = jax.lax.optimization_barrier(((state.mu, g, nu1, params), scale))
+  mu0, g0, nu1_again, params0 = inputs
+  w_again = trial_step(loss_aware.moment(mu0, g0, hyper.b1), nu1_again, params0)[1]
   trial = spec_lib.map_with_spec(
       lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, w_again, scale)
-  return ForwardStep(mu1, nu1, den1, trial)
+  return ForwardStep(mu1, nu1, den1, trial, g)
 
 
 def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
@@ -350,7 +359,10 @@ def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep,
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
   # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
   mu = select(ok, loss_aware.mix(a, stage1.mu, loss_aware.moment(state.mu, g_trial, b1)), state.mu)
-  nu_trial = loss_aware.second_moment(state.nu, g_trial, b2)
+  # b2 nu + (1-b2) g*², written from nu1 = b2 nu + (1-b2) g² so that the old
+  # nu is not read again after stage 1.
+  nu_trial = jax.tree.map(lambda n1, g1, g2: (n1 + (1 - b2) * (g2 * g2 - g1 * g1)).astype(n1.dtype),
+                          stage1.nu, stage1.g, g_trial)
   nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
   den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
   den_mix = loss_aware.mix(a, stage1.den, den_trial)
