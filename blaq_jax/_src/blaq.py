@@ -315,6 +315,7 @@ class ForwardStep(NamedTuple):
   den: Any
   trial: Any
   g: Any
+  count: Any
 
 
 def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> ForwardStep:
@@ -330,9 +331,12 @@ def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> 
     return den1, loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
 
   den1, w_trial = trial_step(mu1, nu1, params)
+  # The fit's D1 from nu1 under a second name: each is then computed inside
+  # the fit's loop (one reader each), not kept as a weight-sized temporary.
+  fit_den = loss_aware.denominator(jax.lax.optimization_barrier(nu1), count, hyper.b2, hyper.eps)
   scale = spec_lib.map_with_spec(
       lambda s, w, d, a0: None if s is None else fit_scale(w, s, d, a0),
-      spec, w_trial, den1, state.scale)
+      spec, w_trial, fit_den, state.scale)
   # The codes take the trial weights again, from the step's inputs behind a
   # barrier with the scales: XLA then computes them inside the codes' loop
   # instead of keeping D1 and the step as temporaries the size of the
@@ -342,7 +346,7 @@ def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> 
   w_again = trial_step(loss_aware.moment(mu0, g0, hyper.b1), nu1_again, params0)[1]
   trial = spec_lib.map_with_spec(
       lambda s, w, a: w if s is None else quantize_with_scale(w, s, a), spec, w_again, scale)
-  return ForwardStep(mu1, nu1, den1, trial, g)
+  return ForwardStep(mu1, nu1, den1, trial, g, count)
 
 
 def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep, g_trial, a, lr,
@@ -365,7 +369,10 @@ def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep,
                           stage1.nu, stage1.g, g_trial)
   nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
   den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
-  den_mix = loss_aware.mix(a, stage1.den, den_trial)
+  # D1 from the buffer nu1 under a second name, computed where it is read.
+  den1 = loss_aware.denominator(jax.lax.optimization_barrier(stage1.nu), stage1.count, b2,
+                                hyper.eps)
+  den_mix = loss_aware.mix(a, den1, den_trial)
   curv = select(ok, loss_aware.quantized_curvature(spec, den_mix), state.curvature)
   # The step reads D_mix from the buffer it is stored in (where the step is
   # not applied, neither is its result), not from a second temporary.
