@@ -309,8 +309,8 @@ def blaq(
 class ForwardStep(NamedTuple):
   """Stage 1 of BLAQ: moments with ``g_t`` and the trial weights ``ŵ*``.
 
-  ``g`` is the gradient stage 1 stepped with; ``den`` is computed from
-  ``nu`` (a buffer) wherever it is read.
+  ``g`` and ``count`` are the gradient and step count stage 1 stepped
+  with; ``nu`` is a buffer, from which stage 2 computes ``D1`` again.
   """
   mu: Any
   nu: Any
@@ -333,12 +333,9 @@ def forward_step(spec, hyper: loss_aware.Hyper, state, g, params, lr, count) -> 
     return den1, loss_aware.step_latent(spec, params, mu1, den1, count, lr, hyper.b1, hyper.clip)
 
   den1, w_trial = trial_step(mu1, nu1, params)
-  # The fit's D1 from nu1 under a second name: each is then computed inside
-  # the fit's loop (one reader each), not kept as a weight-sized temporary.
-  fit_den = loss_aware.denominator(jax.lax.optimization_barrier(nu1), count, hyper.b2, hyper.eps)
   scale = spec_lib.map_with_spec(
       lambda s, w, d, a0: None if s is None else fit_scale(w, s, d, a0),
-      spec, w_trial, fit_den, state.scale)
+      spec, w_trial, den1, state.scale)
   # The codes take the trial weights again, from the step's inputs behind a
   # barrier with the scales: XLA then computes them inside the codes' loop
   # instead of keeping D1 and the step as temporaries the size of the
@@ -365,10 +362,8 @@ def backtrack(spec, hyper: loss_aware.Hyper, state, params, stage1: ForwardStep,
   # b1 m + (1-b1) g_mix is linear in g_mix, so it equals a m1 + (1-a) m*;
   # mixing the moments (not the gradients) keeps a = 1 bit-exact with LAQ.
   mu = select(ok, loss_aware.mix(a, stage1.mu, loss_aware.moment(state.mu, g_trial, b1)), state.mu)
-  # b2 nu + (1-b2) g*², written from nu1 = b2 nu + (1-b2) g² so that the old
-  # nu is not read again after stage 1.
-  nu_trial = jax.tree.map(lambda n1, g1, g2: (n1 + (1 - b2) * (g2 * g2 - g1 * g1)).astype(n1.dtype),
-                          stage1.nu, stage1.g, g_trial)
+  # From nu1, so that the old nu is not read again after stage 1.
+  nu_trial = loss_aware.second_moment_instead(stage1.nu, stage1.g, g_trial, b2)
   nu = select(ok, loss_aware.mix(a, stage1.nu, nu_trial), state.nu)
   den_trial = loss_aware.denominator(nu_trial, count, b2, hyper.eps)
   # D1 from the buffer nu1 under a second name, computed where it is read.

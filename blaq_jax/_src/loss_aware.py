@@ -74,6 +74,14 @@ def second_moment(old, g, decay):
   return jax.tree.map(lambda o, x: (o + (1 - decay) * (x * x - o)).astype(o.dtype), old, g)
 
 
+def second_moment_instead(nu1, g_old, g_new, decay):
+  """``second_moment(nu, g_new, decay)`` from ``nu1 = second_moment(nu, g_old,
+  decay)`` without reading ``nu``: ``nu1 + (1-decay)(g_new² - g_old²)``
+  (equal up to rounding)."""
+  return jax.tree.map(lambda n1, x, y: (n1 + (1 - decay) * (y * y - x * x)).astype(n1.dtype),
+                      nu1, g_old, g_new)
+
+
 def as_float(x):
   """``x`` as a scalar array of the default float type (float64 under x64)."""
   return jnp.asarray(x, jnp.result_type(float))
